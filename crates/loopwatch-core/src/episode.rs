@@ -1,0 +1,96 @@
+//! The report model: what one blocking episode says about itself. Serializable so that the
+//! same record can be logged, handed to Python, or written to a recording.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a blocking episode happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EpisodeKind {
+    /// A sync call made from a coroutine step ran over the threshold.
+    Call,
+    /// A sync loop callback (`call_soon`, a done-callback, a protocol method) ran over the threshold.
+    Callback,
+    /// A coroutine step ran over the threshold with no single call over it.
+    Step,
+}
+
+impl EpisodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EpisodeKind::Call => "call",
+            EpisodeKind::Callback => "callback",
+            EpisodeKind::Step => "step",
+        }
+    }
+}
+
+/// What the binding tells the tracker about one frame or C function, on the slow path only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// Module-qualified name: `time.sleep`, `myapp.service.process_data`.
+    pub name: String,
+    /// The module the code belongs to, for filters: `time`, `myapp.service`.
+    pub module: String,
+    /// Source file of Python code; `None` for C functions.
+    pub filename: Option<String>,
+    /// First line of the function's definition.
+    pub def_line: Option<u32>,
+    /// The line executing when the frame returned (or when it was looked at).
+    pub line_now: Option<u32>,
+    /// For a coroutine: the line at which this step resumed it.
+    pub resume_line: Option<u32>,
+}
+
+/// One frame of an episode's stack, outermost first.
+#[allow(clippy::struct_excessive_bools)] // independent facts about one frame
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StackFrame {
+    pub name: String,
+    pub filename: Option<String>,
+    /// The line this frame was on while the loop was blocked: where it called the next frame,
+    /// the line a step started at, or a function's first line when it blocked in its own code.
+    pub lineno: Option<u32>,
+    /// For a coroutine step: the line where the step ended (suspended or returned).
+    pub end_lineno: Option<u32>,
+    pub duration_ns: u64,
+    pub is_c_call: bool,
+    pub is_coroutine: bool,
+    /// Whether the filters let this frame be blamed.
+    pub included: bool,
+}
+
+/// One blocking episode: one continuous stall of the loop by one callback or task step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Episode {
+    pub kind: EpisodeKind,
+    /// How long the loop was blocked: the whole callback or step.
+    pub duration_ns: u64,
+    /// The threshold in force when the episode was found.
+    pub threshold_ns: u64,
+    /// The task's await chain, then the sync chain down to (at least) the culprit.
+    pub stack: Vec<StackFrame>,
+    /// Index of the culprit in `stack`.
+    pub culprit: usize,
+    pub task_name: Option<String>,
+    /// How long ago the episode started, at the moment it was reported.
+    pub started_ns_ago: u64,
+}
+
+impl Episode {
+    pub fn culprit_frame(&self) -> &StackFrame {
+        &self.stack[self.culprit]
+    }
+
+    /// Where a person should look: the culprit's own line, or for a C function the line of
+    /// Python code that called it.
+    pub fn location(&self) -> (Option<&str>, Option<u32>) {
+        self.stack[..=self.culprit]
+            .iter()
+            .rev()
+            .find(|frame| frame.filename.is_some())
+            .map_or((None, None), |frame| {
+                (frame.filename.as_deref(), frame.lineno)
+            })
+    }
+}

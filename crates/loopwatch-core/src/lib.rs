@@ -1,0 +1,12 @@
+//! loopwatch-core: everything loopwatch decides, in pure Rust with no Python in sight.
+//! The binding feeds profile events in and gets blocking episodes out; tests do the same with synthetic events.
+
+pub mod clock;
+pub mod episode;
+pub mod filter;
+pub mod tracker;
+
+pub use clock::Clock;
+pub use episode::{Episode, EpisodeKind, FrameInfo, StackFrame};
+pub use filter::{FilterError, FilterSet};
+pub use tracker::{FrameRef, Resolver, Tag, Ticks, Tracker};

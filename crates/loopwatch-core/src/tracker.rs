@@ -1,0 +1,583 @@
+//! The tracker: a state machine fed with one thread's profile events (`call`, `return`, `c_call`,
+//! `c_return`) that turns them into blocking episodes.
+//!
+//! Every frame is pushed with a role. Frames outside any running loop, and the loop's own machinery
+//! (`run_forever`, `_run_once`, the selector wait), are never timed as blocking. A *dispatcher*
+//! (`Handle._run`, `Context.run`, or a frame under which a C loop such as uvloop runs) calls one
+//! loop callback at a time; the first frame below it starts a *unit*: one callback or one task step,
+//! which is one stall of the loop. Inside a unit the hot path only pushes and pops fixed-size
+//! entries. When an entry returns over the threshold the tracker asks the [`Resolver`] to name it
+//! and links it under its parent; when the unit ends, the chain of longest over-threshold calls
+//! becomes one [`Episode`] with the deepest blameable frame as its culprit.
+
+use crate::episode::{Episode, EpisodeKind, FrameInfo, StackFrame};
+use crate::filter::FilterSet;
+
+/// A raw clock reading; only differences are meaningful.
+pub type Ticks = u64;
+
+/// What the binding knows about a code object or C function before it runs; cached per code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tag(u8);
+
+impl Tag {
+    pub const PLAIN: Tag = Tag(0);
+    /// A coroutine, async generator or iterable coroutine: its call/return pairs are task steps.
+    pub const COROUTINE: Tag = Tag(1);
+    /// A Python event loop's `run_forever`: what it calls directly is loop machinery.
+    pub const LOOP_RUN: Tag = Tag(2);
+    /// Runs exactly one loop callback (`Handle._run`, `Context.run`).
+    pub const DISPATCH: Tag = Tag(4);
+
+    #[must_use]
+    pub const fn union(self, other: Tag) -> Tag {
+        Tag(self.0 | other.0)
+    }
+
+    pub const fn contains(self, other: Tag) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub const fn from_bits(bits: u8) -> Tag {
+        Tag(bits & 7)
+    }
+}
+
+/// How the tracker treats a frame, decided once when it is pushed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// No event loop runs beneath this frame.
+    Outside,
+    /// The loop's own code; nothing below it blocks on its own account.
+    Machinery,
+    /// A frame beneath which a C-implemented loop (uvloop) runs callbacks.
+    Host,
+    /// Runs one callback; the frame below it starts a unit.
+    Dispatcher,
+    /// Part of a callback or task step.
+    Work,
+}
+
+const NO_NODE: u32 = u32::MAX;
+const NO_LINE: u32 = 0;
+
+/// One live frame. Fixed size, no heap: this is all the hot path touches.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    key: u64,
+    start: Ticks,
+    /// Dispatchers: time spent in units and nested dispatchers below, to find invisible callbacks.
+    accounted: Ticks,
+    /// Coroutines: the binding's position hint for the line this step resumed at.
+    resume: i32,
+    /// The line where this frame called its longest over-threshold child (slow path only).
+    call_line: u32,
+    /// Arena index of the longest over-threshold child that has returned.
+    blame: u32,
+    role: Role,
+    is_c: bool,
+    is_coroutine: bool,
+}
+
+/// A frame that returned over the threshold, kept until its unit ends.
+#[derive(Clone, Debug)]
+#[allow(clippy::struct_excessive_bools)] // independent facts about one frame, not a state machine
+struct Node {
+    info: FrameInfo,
+    duration: Ticks,
+    child: u32,
+    call_line: u32,
+    is_c: bool,
+    is_coroutine: bool,
+    included: bool,
+    /// This node or a descendant may be blamed as a (non-coroutine) culprit.
+    has_culprit: bool,
+}
+
+/// Identifies a frame to the [`Resolver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameRef {
+    pub key: u64,
+    pub is_c: bool,
+    pub resume: i32,
+    /// True while the frame's own return event is being handled; false when it is still running.
+    pub returning: bool,
+}
+
+/// Everything the tracker needs from the interpreter, asked only on the slow path.
+pub trait Resolver {
+    /// Names a frame (or C function) that ran over the threshold.
+    fn describe(&mut self, frame: FrameRef) -> FrameInfo;
+    /// The line a still-running Python frame is executing: where it called its child.
+    fn current_line(&mut self, key: u64) -> Option<u32>;
+    /// The callback a dispatcher ran when it was not visible as a frame of its own
+    /// (a C function scheduled with `call_soon`), and whether it is a C function.
+    fn dispatched_callback(&mut self, dispatcher_key: u64) -> Option<(FrameInfo, bool)>;
+    /// The name of the task running now, if any.
+    fn task_name(&mut self) -> Option<String>;
+    /// Whether an event loop is running on this thread now.
+    fn loop_is_running(&mut self) -> bool;
+}
+
+/// One thread's call tracker.
+pub struct Tracker {
+    stack: Vec<Entry>,
+    /// Role of the (virtual) frame below the bottom of the stack.
+    base_role: Role,
+    threshold: Ticks,
+    nanos_per_tick: f64,
+    filters: FilterSet,
+    /// Stack index of the entry that started the current unit.
+    unit_root: Option<usize>,
+    /// The unit runs under a `Host` frame: its loop can stop without a visible return.
+    unit_hosted: bool,
+    /// The running task's name, once asked (at the unit's first slow frame).
+    unit_task: Option<Option<String>>,
+    arena: Vec<Node>,
+    finished: Vec<Episode>,
+}
+
+impl Tracker {
+    /// A tracker reporting episodes of at least `threshold` ticks.
+    pub fn new(threshold: Ticks, nanos_per_tick: f64, filters: FilterSet) -> Self {
+        Self {
+            stack: Vec::with_capacity(256),
+            base_role: Role::Outside,
+            threshold: threshold.max(1),
+            nanos_per_tick,
+            filters,
+            unit_root: None,
+            unit_hosted: false,
+            unit_task: None,
+            arena: Vec::new(),
+            finished: Vec::new(),
+        }
+    }
+
+    /// Changes the threshold and filters; the caller flushes first so nothing is judged twice.
+    pub fn configure(&mut self, threshold: Ticks, filters: FilterSet) {
+        self.threshold = threshold.max(1);
+        self.filters = filters;
+    }
+
+    pub fn threshold(&self) -> Ticks {
+        self.threshold
+    }
+
+    pub fn depth(&self) -> usize {
+        self.stack.len()
+    }
+
+    pub fn in_unit(&self) -> bool {
+        self.unit_root.is_some()
+    }
+
+    /// Episodes finished since the last call, oldest first.
+    pub fn take_episodes(&mut self) -> Vec<Episode> {
+        std::mem::take(&mut self.finished)
+    }
+
+    pub fn has_episodes(&self) -> bool {
+        !self.finished.is_empty()
+    }
+
+    /// Forgets every frame (the hook is being removed).
+    pub fn reset(&mut self) {
+        self.stack.clear();
+        self.base_role = Role::Outside;
+        self.end_unit();
+    }
+
+    /// A Python frame starts (or a generator or coroutine resumes).
+    #[inline]
+    pub fn on_call<R: Resolver>(&mut self, key: u64, tag: Tag, resume: i32, now: Ticks, r: &mut R) {
+        self.push(key, tag, false, resume, now, r);
+    }
+
+    /// A C function starts.
+    #[inline]
+    pub fn on_c_call<R: Resolver>(&mut self, key: u64, tag: Tag, now: Ticks, r: &mut R) {
+        self.push(key, tag, true, 0, now, r);
+    }
+
+    /// A Python frame returns, raises out, or a generator or coroutine suspends.
+    #[inline]
+    pub fn on_return<R: Resolver>(&mut self, key: u64, now: Ticks, r: &mut R) {
+        self.pop_matching(key, false, now, r);
+    }
+
+    /// A C function returns or raises.
+    #[inline]
+    pub fn on_c_return<R: Resolver>(&mut self, key: u64, now: Ticks, r: &mut R) {
+        self.pop_matching(key, true, now, r);
+    }
+
+    /// Pushes frames that were already running when monitoring began, outermost first.
+    /// They are timed from `now`: only what is seen is measured.
+    pub fn seed<R: Resolver>(&mut self, frames: &[(u64, Tag, i32)], now: Ticks, r: &mut R) {
+        for &(key, tag, resume) in frames {
+            self.push(key, tag, false, resume, now, r);
+        }
+    }
+
+    /// Reports what the running unit has blocked so far as if every frame returned `now`,
+    /// then times all live frames afresh from `now`, so nothing is reported twice.
+    pub fn flush<R: Resolver>(&mut self, now: Ticks, r: &mut R) {
+        let running = self.unit_root.map(|root| (root, self.unit_hosted));
+        if let Some((root, _)) = running {
+            let mut below: u32 = NO_NODE;
+            for index in (root..self.stack.len()).rev() {
+                let entry = self.stack[index];
+                let duration = now.saturating_sub(entry.start);
+                if duration < self.threshold {
+                    continue;
+                }
+                let node = self.record_over(entry, duration, false, r);
+                if index > root {
+                    self.attach(index - 1, node, r);
+                } else {
+                    below = node;
+                }
+            }
+            let root_entry = self.stack[root];
+            self.finish_unit(below, &root_entry, now, r);
+        }
+        for entry in &mut self.stack {
+            entry.start = now;
+            entry.accounted = 0;
+            entry.blame = NO_NODE;
+            entry.call_line = NO_LINE;
+        }
+        if let Some((root, hosted)) = running {
+            // The unit goes on, judged only from `now`.
+            self.unit_root = Some(root);
+            self.unit_hosted = hosted;
+        }
+    }
+
+    fn top_role(&self) -> Role {
+        self.stack.last().map_or(self.base_role, |e| e.role)
+    }
+
+    #[inline]
+    fn push<R: Resolver>(
+        &mut self,
+        key: u64,
+        tag: Tag,
+        is_c: bool,
+        resume: i32,
+        now: Ticks,
+        r: &mut R,
+    ) {
+        let role = if self.unit_root.is_some() {
+            Role::Work
+        } else {
+            self.structural_role(tag, r)
+        };
+        if role == Role::Work && self.unit_root.is_none() {
+            self.unit_hosted = self.top_role() == Role::Host;
+            self.unit_root = Some(self.stack.len());
+            self.unit_task = None;
+        }
+        self.stack.push(Entry {
+            key,
+            start: now,
+            accounted: 0,
+            resume,
+            call_line: NO_LINE,
+            blame: NO_NODE,
+            role,
+            is_c,
+            is_coroutine: tag.contains(Tag::COROUTINE),
+        });
+    }
+
+    /// The role of a frame pushed outside any unit.
+    fn structural_role<R: Resolver>(&mut self, tag: Tag, r: &mut R) -> Role {
+        let mut parent = self.top_role();
+        if parent == Role::Outside && tag.contains(Tag::COROUTINE) && r.loop_is_running() {
+            // A task step with no Python loop frame below it: a C loop (uvloop) runs it from
+            // inside the frame below, which is therefore where callbacks are dispatched from.
+            match self.stack.last_mut() {
+                Some(entry) => entry.role = Role::Host,
+                None => self.base_role = Role::Host,
+            }
+            parent = Role::Host;
+        }
+        match parent {
+            Role::Outside if !tag.contains(Tag::LOOP_RUN) => Role::Outside,
+            Role::Machinery | Role::Host | Role::Dispatcher if tag.contains(Tag::DISPATCH) => {
+                Role::Dispatcher
+            }
+            Role::Outside | Role::Machinery => Role::Machinery,
+            Role::Host | Role::Dispatcher | Role::Work => Role::Work,
+        }
+    }
+
+    #[inline]
+    fn pop_matching<R: Resolver>(&mut self, key: u64, is_c: bool, now: Ticks, r: &mut R) {
+        let Some(top) = self.stack.last() else {
+            return;
+        };
+        if top.key == key && top.is_c == is_c {
+            self.pop_top(now, r);
+            return;
+        }
+        // A return for a frame that is not on top: either one we never saw start (monitoring
+        // began inside it), or one whose inner frames lost their returns. Only the latter is
+        // on the stack; its inner frames are dropped unjudged rather than guessed at.
+        if let Some(pos) = self
+            .stack
+            .iter()
+            .rposition(|e| e.key == key && e.is_c == is_c)
+        {
+            self.stack.truncate(pos + 1);
+            if self.unit_root.is_some_and(|root| root > pos) {
+                self.end_unit();
+            }
+            self.pop_top(now, r);
+        }
+    }
+
+    fn pop_top<R: Resolver>(&mut self, now: Ticks, r: &mut R) {
+        let Some(entry) = self.stack.pop() else {
+            return;
+        };
+        let index = self.stack.len();
+        let duration = now.saturating_sub(entry.start);
+        match entry.role {
+            Role::Work => {
+                let is_root = self.unit_root == Some(index);
+                if duration < self.threshold && !is_root {
+                    return;
+                }
+                let node = if duration >= self.threshold {
+                    self.record_over(entry, duration, true, r)
+                } else {
+                    NO_NODE
+                };
+                if is_root {
+                    self.finish_unit(node, &entry, now, r);
+                    self.credit_dispatcher(duration);
+                } else {
+                    self.attach(index - 1, node, r);
+                }
+            }
+            Role::Dispatcher => {
+                let unseen = duration.saturating_sub(entry.accounted);
+                if unseen >= self.threshold {
+                    self.report_invisible_callback(&entry, duration, now, r);
+                }
+                self.credit_dispatcher(duration);
+            }
+            Role::Outside | Role::Machinery | Role::Host => {}
+        }
+    }
+
+    /// Tells the dispatcher below that `duration` of its time is accounted for.
+    fn credit_dispatcher(&mut self, duration: Ticks) {
+        if let Some(parent) = self.stack.last_mut() {
+            if parent.role == Role::Dispatcher {
+                parent.accounted = parent.accounted.saturating_add(duration);
+            }
+        }
+    }
+
+    /// Names an entry that ran over the threshold and keeps it until its unit ends.
+    fn record_over<R: Resolver>(
+        &mut self,
+        entry: Entry,
+        duration: Ticks,
+        returning: bool,
+        r: &mut R,
+    ) -> u32 {
+        if self.unit_task.is_none() {
+            // Asked at the first slow frame, while the task that runs the unit is still current.
+            self.unit_task = Some(r.task_name());
+        }
+        let info = r.describe(FrameRef {
+            key: entry.key,
+            is_c: entry.is_c,
+            resume: entry.resume,
+            returning,
+        });
+        let included = self
+            .filters
+            .allows(&info.name, &info.module, info.filename.as_deref());
+        let child_has_culprit =
+            entry.blame != NO_NODE && self.arena[entry.blame as usize].has_culprit;
+        self.arena.push(Node {
+            info,
+            duration,
+            child: entry.blame,
+            call_line: entry.call_line,
+            is_c: entry.is_c,
+            is_coroutine: entry.is_coroutine,
+            included,
+            has_culprit: (included && !entry.is_coroutine) || child_has_culprit,
+        });
+        (self.arena.len() - 1) as u32
+    }
+
+    /// Links an over-threshold child under its parent if it is the best candidate so far:
+    /// one that holds a culprit beats one that does not, then the longer wins.
+    fn attach<R: Resolver>(&mut self, parent_index: usize, node: u32, r: &mut R) {
+        if node == NO_NODE {
+            return;
+        }
+        let parent = self.stack[parent_index];
+        let candidate = &self.arena[node as usize];
+        let better = parent.blame == NO_NODE || {
+            let current = &self.arena[parent.blame as usize];
+            (candidate.has_culprit, candidate.duration) > (current.has_culprit, current.duration)
+        };
+        if better {
+            let call_line = if parent.is_c {
+                NO_LINE
+            } else {
+                r.current_line(parent.key).unwrap_or(NO_LINE)
+            };
+            let parent = &mut self.stack[parent_index];
+            parent.blame = node;
+            parent.call_line = call_line;
+        }
+    }
+
+    fn end_unit(&mut self) {
+        self.unit_root = None;
+        self.unit_hosted = false;
+        self.unit_task = None;
+        self.arena.clear();
+    }
+
+    /// Turns the unit's chain into an episode, if it has one and the filters leave a culprit.
+    fn finish_unit<R: Resolver>(&mut self, root_node: u32, root: &Entry, now: Ticks, r: &mut R) {
+        if root_node != NO_NODE && (!self.unit_hosted || r.loop_is_running()) {
+            let duration = now.saturating_sub(root.start);
+            if let Some(episode) = self.build_episode(root_node, duration) {
+                self.finished.push(episode);
+            }
+        }
+        self.end_unit();
+    }
+
+    fn build_episode(&self, root_node: u32, duration: Ticks) -> Option<Episode> {
+        let mut chain: Vec<&Node> = Vec::new();
+        let mut next = root_node;
+        while next != NO_NODE {
+            let node = &self.arena[next as usize];
+            chain.push(node);
+            next = node.child;
+        }
+        let culprit = chain
+            .iter()
+            .rposition(|n| n.included && !n.is_coroutine)
+            .or_else(|| chain.iter().rposition(|n| n.included))?;
+        let kind = if chain[culprit].is_coroutine {
+            EpisodeKind::Step
+        } else if chain[..culprit].iter().any(|n| n.is_coroutine) {
+            EpisodeKind::Call
+        } else {
+            EpisodeKind::Callback
+        };
+        let stack = chain[..=culprit]
+            .iter()
+            .enumerate()
+            .map(|(i, node)| self.stack_frame(node, i == culprit))
+            .collect();
+        Some(Episode {
+            kind,
+            duration_ns: self.nanos(duration),
+            threshold_ns: self.nanos(self.threshold),
+            stack,
+            culprit,
+            task_name: self.unit_task.clone().flatten(),
+            started_ns_ago: self.nanos(duration),
+        })
+    }
+
+    fn stack_frame(&self, node: &Node, is_last: bool) -> StackFrame {
+        let line = |l: u32| (l != NO_LINE).then_some(l);
+        let lineno = if !is_last {
+            line(node.call_line).or(node.info.def_line)
+        } else if node.is_coroutine {
+            node.info.resume_line.or(node.info.def_line)
+        } else if node.child != NO_NODE {
+            // The culprit was chosen above deeper (excluded) frames: point at its call into them.
+            line(node.call_line).or(node.info.def_line)
+        } else {
+            node.info.def_line
+        };
+        StackFrame {
+            name: node.info.name.clone(),
+            filename: node.info.filename.clone(),
+            lineno,
+            end_lineno: if node.is_coroutine {
+                node.info.line_now
+            } else {
+                None
+            },
+            duration_ns: self.nanos(node.duration),
+            is_c_call: node.is_c,
+            is_coroutine: node.is_coroutine,
+            included: node.included,
+        }
+    }
+
+    /// A dispatcher spent long in a callback we never saw as a frame (a C function scheduled
+    /// with `call_soon`): ask the binding what it was running.
+    fn report_invisible_callback<R: Resolver>(
+        &mut self,
+        entry: &Entry,
+        duration: Ticks,
+        now: Ticks,
+        r: &mut R,
+    ) {
+        // The Python dispatcher holding the callback: this entry, or the one below a C dispatcher.
+        let holder = if entry.is_c {
+            match self.stack.last() {
+                Some(parent) if parent.role == Role::Dispatcher && !parent.is_c => parent.key,
+                _ => return,
+            }
+        } else {
+            entry.key
+        };
+        let Some((info, is_c)) = r.dispatched_callback(holder) else {
+            return;
+        };
+        let included = self
+            .filters
+            .allows(&info.name, &info.module, info.filename.as_deref());
+        if !included {
+            return;
+        }
+        let unseen = duration.saturating_sub(entry.accounted);
+        let frame = StackFrame {
+            name: info.name,
+            filename: info.filename,
+            lineno: info.def_line,
+            end_lineno: None,
+            duration_ns: self.nanos(unseen),
+            is_c_call: is_c,
+            is_coroutine: false,
+            included,
+        };
+        self.finished.push(Episode {
+            kind: EpisodeKind::Callback,
+            duration_ns: self.nanos(duration),
+            threshold_ns: self.nanos(self.threshold),
+            stack: vec![frame],
+            culprit: 0,
+            task_name: None,
+            started_ns_ago: self.nanos(now.saturating_sub(entry.start)),
+        });
+    }
+
+    fn nanos(&self, ticks: Ticks) -> u64 {
+        (ticks as f64 * self.nanos_per_tick).round() as u64
+    }
+}

@@ -1,0 +1,66 @@
+//! Arbitrary, even nonsensical, event sequences: the tracker never panics, never reports a stall
+//! longer than the time that passed, and never reports anything when every gap is short.
+
+mod sim;
+
+use loopwatch_core::Tag;
+use proptest::prelude::*;
+use sim::*;
+
+#[derive(Clone, Debug)]
+enum Event {
+    Call(u64, u8),
+    CCall(u64),
+    Return(u64),
+    CReturn(u64),
+    Advance(u64),
+    Flush,
+}
+
+fn event(max_advance: u64) -> impl Strategy<Value = Event> {
+    prop_oneof![
+        (1u64..16, 0u8..8).prop_map(|(k, t)| Event::Call(k, t)),
+        (1u64..16).prop_map(Event::CCall),
+        (1u64..16).prop_map(Event::Return),
+        (1u64..16).prop_map(Event::CReturn),
+        (0..max_advance).prop_map(Event::Advance),
+        Just(Event::Flush),
+    ]
+}
+
+fn run(events: &[Event], loop_running: bool) -> Sim {
+    let mut s = Sim::new();
+    s.py.loop_running = loop_running;
+    for e in events {
+        match *e {
+            Event::Call(k, t) => s.call(k, Tag::from_bits(t)),
+            Event::CCall(k) => s.c_call(k, Tag::PLAIN),
+            Event::Return(k) => s.ret(k),
+            Event::CReturn(k) => s.c_ret(k),
+            Event::Advance(t) => s.advance(t),
+            Event::Flush => s.flush(),
+        };
+    }
+    s
+}
+
+proptest! {
+    #[test]
+    fn episodes_are_bounded_by_elapsed_time(events in prop::collection::vec(event(40), 0..200), running: bool) {
+        let s = run(&events, running);
+        for e in &s.episodes {
+            prop_assert!(e.duration_ns <= s.now);
+            prop_assert!(e.duration_ns >= THRESHOLD);
+            prop_assert!(e.culprit < e.stack.len());
+            for frame in &e.stack {
+                prop_assert!(frame.duration_ns <= e.duration_ns);
+            }
+        }
+    }
+
+    #[test]
+    fn short_gaps_never_report(events in prop::collection::vec(event(1), 0..(THRESHOLD as usize - 1)), running: bool) {
+        let s = run(&events, running);
+        prop_assert!(s.episodes.is_empty());
+    }
+}

@@ -1,0 +1,403 @@
+//! The tracker's semantics on scripted event sequences: what is one episode, who is the culprit,
+//! and what is never reported.
+
+mod sim;
+
+use loopwatch_core::{EpisodeKind, FilterSet, Tag};
+use sim::*;
+
+#[test]
+fn nested_sync_calls_make_one_report_naming_the_deepest_call() {
+    let mut s = Sim::new();
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .line(MAIN, 5)
+        .call(A, Tag::PLAIN)
+        .line(A, 91)
+        .call(B, Tag::PLAIN)
+        .line(B, 101)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(50)
+        .c_ret(SLEEP)
+        .advance(2)
+        .ret(B)
+        .ret(A)
+        .advance(1)
+        .ret(MAIN)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    let e = &s.episodes[0];
+    assert_eq!(e.kind, EpisodeKind::Call);
+    assert_eq!(s.names(0), ["app.main", "app.a", "app.b", "time.sleep"]);
+    assert_eq!(e.culprit_frame().name, "time.sleep");
+    assert_eq!(e.duration_ns, 53);
+    let durations: Vec<u64> = e.stack.iter().map(|f| f.duration_ns).collect();
+    assert_eq!(durations, [53, 52, 52, 50]);
+    // Each caller points at the line where it made the call; the C culprit is located at its caller.
+    let lines: Vec<Option<u32>> = e.stack.iter().map(|f| f.lineno).collect();
+    assert_eq!(lines, [Some(5), Some(91), Some(101), None]);
+    assert_eq!(e.location(), (Some("/app/10.py"), Some(101)));
+}
+
+#[test]
+fn the_loops_idle_wait_is_never_reported() {
+    let mut s = Sim::new();
+    s.call(MODULE, Tag::PLAIN)
+        .call(RUN_FOREVER, Tag::LOOP_RUN)
+        .call(RUN_ONCE, Tag::PLAIN)
+        .call(SELECT, Tag::PLAIN)
+        .c_call(EPOLL, Tag::PLAIN)
+        .advance(1000)
+        .c_ret(EPOLL)
+        .ret(SELECT)
+        .ret(RUN_ONCE);
+    assert!(s.episodes.is_empty());
+    assert_eq!(s.py.described, 0, "nothing outside a unit is even named");
+}
+
+#[test]
+fn code_outside_a_running_loop_is_not_reported() {
+    let mut s = Sim::new();
+    s.call(MODULE, Tag::PLAIN)
+        .call(A, Tag::PLAIN)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(100)
+        .c_ret(SLEEP)
+        .ret(A);
+    assert!(s.episodes.is_empty());
+}
+
+#[test]
+fn a_slow_sync_callback_is_a_callback() {
+    let mut s = Sim::new();
+    s.enter_dispatch()
+        .call(A, Tag::PLAIN)
+        .advance(30)
+        .ret(A)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].kind, EpisodeKind::Callback);
+    assert_eq!(s.names(0), ["app.a"]);
+    assert_eq!(
+        s.episodes[0].stack[0].lineno,
+        Some(90),
+        "a blocking function points at its definition"
+    );
+}
+
+#[test]
+fn a_step_with_no_single_slow_call_names_the_coroutine_and_its_lines() {
+    let mut s = Sim::new();
+    s.enter_dispatch().resume(MAIN, 7);
+    for _ in 0..10 {
+        s.call(A, Tag::PLAIN).advance(5).ret(A);
+    }
+    s.line(MAIN, 12).ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    let e = &s.episodes[0];
+    assert_eq!(e.kind, EpisodeKind::Step);
+    assert_eq!(e.culprit_frame().name, "app.main");
+    assert_eq!(e.culprit_frame().lineno, Some(7));
+    assert_eq!(e.culprit_frame().end_lineno, Some(12));
+    assert_eq!(e.duration_ns, 50);
+}
+
+#[test]
+fn an_inner_awaited_coroutine_is_the_step_culprit_and_the_await_chain_is_kept() {
+    let mut s = Sim::new();
+    s.enter_dispatch()
+        .resume(MAIN, 3)
+        .line(MAIN, 4)
+        .resume(INNER, 20)
+        .advance(40)
+        .line(INNER, 22)
+        .ret(INNER)
+        .ret(MAIN)
+        .leave_dispatch();
+    assert_eq!(s.names(0), ["app.main", "app.inner"]);
+    assert_eq!(s.episodes[0].kind, EpisodeKind::Step);
+    assert_eq!(s.episodes[0].stack[0].lineno, Some(4));
+    assert_eq!(s.episodes[0].stack[1].lineno, Some(20));
+}
+
+#[test]
+fn several_slow_calls_in_one_step_make_one_report_blaming_the_longest() {
+    let mut s = Sim::new();
+    s.enter_dispatch().call(MAIN, Tag::COROUTINE);
+    for ticks in [25, 40, 30] {
+        s.c_call(SLEEP, Tag::PLAIN).advance(ticks).c_ret(SLEEP);
+    }
+    s.ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].duration_ns, 95);
+    assert_eq!(s.episodes[0].culprit_frame().duration_ns, 40);
+}
+
+#[test]
+fn each_step_is_its_own_episode() {
+    let mut s = Sim::new();
+    for _ in 0..3 {
+        s.enter_dispatch()
+            .call(MAIN, Tag::COROUTINE)
+            .c_call(SLEEP, Tag::PLAIN)
+            .advance(30)
+            .c_ret(SLEEP)
+            .ret(MAIN)
+            .leave_dispatch()
+            .ret(RUN_ONCE)
+            .ret(RUN_FOREVER)
+            .ret(MODULE);
+    }
+    assert_eq!(s.episodes.len(), 3);
+}
+
+#[test]
+fn a_c_function_scheduled_as_a_callback_is_named_through_its_dispatcher() {
+    let mut s = Sim::new();
+    s.py.dispatched = Some("time.sleep");
+    s.enter_dispatch().advance(60).leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].kind, EpisodeKind::Callback);
+    assert_eq!(s.names(0), ["time.sleep"]);
+    assert!(s.episodes[0].stack[0].is_c_call);
+}
+
+#[test]
+fn a_dispatcher_whose_callback_was_visible_reports_nothing_more() {
+    let mut s = Sim::new();
+    s.py.dispatched = Some("time.sleep");
+    s.enter_dispatch()
+        .call(A, Tag::PLAIN)
+        .advance(60)
+        .ret(A)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.names(0), ["app.a"]);
+}
+
+#[test]
+fn a_c_loop_hosting_task_steps_is_found_from_the_first_step() {
+    let mut s = Sim::new();
+    s.py.loop_running = true;
+    s.call(MODULE, Tag::PLAIN).call(RUNNER, Tag::PLAIN);
+    // uvloop runs the loop inside one invisible C call: steps arrive right under Runner.run.
+    s.call(MAIN, Tag::COROUTINE)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(30)
+        .c_ret(SLEEP)
+        .ret(MAIN);
+    s.call(A, Tag::PLAIN).advance(30).ret(A);
+    assert_eq!(s.episodes.len(), 2);
+    assert_eq!(s.episodes[0].kind, EpisodeKind::Call);
+    assert_eq!(s.episodes[1].kind, EpisodeKind::Callback);
+    // Once the loop has stopped, code under the same frame is no longer a callback.
+    s.py.loop_running = false;
+    s.call(A, Tag::PLAIN).advance(30).ret(A);
+    assert_eq!(s.episodes.len(), 2);
+}
+
+#[test]
+fn a_coroutine_driven_outside_any_loop_is_not_a_step() {
+    let mut s = Sim::new();
+    s.call(MODULE, Tag::PLAIN)
+        .call(MAIN, Tag::COROUTINE)
+        .advance(50)
+        .ret(MAIN);
+    assert!(s.episodes.is_empty());
+}
+
+#[test]
+fn returns_of_frames_never_seen_are_ignored() {
+    let mut s = Sim::new();
+    s.ret(MAIN).c_ret(CONTEXT_RUN).ret(HANDLE_RUN).ret(RUN_ONCE);
+    assert_eq!(s.tracker.depth(), 0);
+    s.enter_dispatch()
+        .call(A, Tag::PLAIN)
+        .advance(30)
+        .ret(A)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+}
+
+#[test]
+fn monitoring_started_inside_a_step_times_from_the_start() {
+    let mut s = Sim::new();
+    s.advance(1000);
+    let seed = [
+        (MODULE, Tag::PLAIN, 0),
+        (RUN_FOREVER, Tag::LOOP_RUN, 0),
+        (RUN_ONCE, Tag::PLAIN, 0),
+        (HANDLE_RUN, Tag::DISPATCH, 0),
+        (MAIN, Tag::COROUTINE, 0),
+    ];
+    s.tracker.seed(&seed, s.now, &mut s.py);
+    s.c_call(SLEEP, Tag::PLAIN)
+        .advance(30)
+        .c_ret(SLEEP)
+        .ret(MAIN);
+    // Context.run was invisible to the frame walk: its return matches nothing and is ignored.
+    s.c_ret(CONTEXT_RUN).ret(HANDLE_RUN);
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].duration_ns, 30);
+    assert_eq!(s.tracker.depth(), 3);
+}
+
+#[test]
+fn flush_reports_the_running_step_once_and_restarts_its_clock() {
+    let mut s = Sim::new();
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(30)
+        .c_ret(SLEEP)
+        .advance(5);
+    s.flush();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].culprit_frame().name, "time.sleep");
+    assert_eq!(s.episodes[0].duration_ns, 35);
+    s.advance(5).ret(MAIN).leave_dispatch();
+    assert_eq!(
+        s.episodes.len(),
+        1,
+        "the rest of the step is short and nothing is repeated"
+    );
+}
+
+#[test]
+fn flush_between_steps_reports_nothing() {
+    let mut s = Sim::new();
+    s.call(MODULE, Tag::PLAIN)
+        .call(RUN_FOREVER, Tag::LOOP_RUN)
+        .advance(100)
+        .flush();
+    assert!(s.episodes.is_empty());
+}
+
+#[test]
+fn excluded_frames_are_never_blamed_and_the_culprit_moves_up() {
+    let filters = FilterSet::new::<[&str; 0], _, &str, _>([], ["time"]).unwrap();
+    let mut s = Sim::with_filters(filters);
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .line(A, 93)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(30)
+        .c_ret(SLEEP)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    assert_eq!(
+        s.names(0),
+        ["app.main", "app.a"],
+        "the stack ends at the culprit"
+    );
+    assert_eq!(s.episodes[0].culprit_frame().lineno, Some(93));
+}
+
+#[test]
+fn a_blameable_call_beats_a_longer_excluded_one() {
+    let mut s = Sim::with_filters(FilterSet::new(["app"], [] as [&str; 0]).unwrap());
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(LIB, Tag::PLAIN)
+        .advance(60)
+        .ret(LIB)
+        .call(A, Tag::PLAIN)
+        .advance(25)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    assert_eq!(s.episodes[0].culprit_frame().name, "app.a");
+}
+
+#[test]
+fn an_episode_with_no_included_frame_is_dropped() {
+    let mut s = Sim::with_filters(FilterSet::new(["nothing_here"], [] as [&str; 0]).unwrap());
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(30)
+        .c_ret(SLEEP)
+        .ret(MAIN);
+    assert!(s.episodes.is_empty());
+}
+
+#[test]
+fn recursion_of_one_c_function_pairs_returns_innermost_first() {
+    let mut s = Sim::new();
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(5)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(25)
+        .c_ret(SLEEP)
+        .c_ret(SLEEP)
+        .ret(MAIN)
+        .leave_dispatch();
+    let durations: Vec<u64> = s.episodes[0].stack.iter().map(|f| f.duration_ns).collect();
+    assert_eq!(durations, [30, 30, 25]);
+}
+
+#[test]
+fn a_missing_c_return_drops_the_lost_frame_without_a_false_report() {
+    let mut s = Sim::new();
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .c_call(SLEEP, Tag::PLAIN);
+    // The C function's return never arrives; the frame that called it returns much later.
+    s.advance(5).ret(A).ret(MAIN).leave_dispatch();
+    assert!(s.episodes.is_empty());
+    assert_eq!(s.tracker.depth(), 3);
+}
+
+#[test]
+fn a_generator_resumed_at_another_depth_is_timed_per_resume() {
+    const GEN: u64 = 40;
+    let mut s = Sim::new();
+    s.enter_dispatch().call(MAIN, Tag::COROUTINE);
+    s.call(GEN, Tag::PLAIN).advance(5).ret(GEN);
+    s.call(A, Tag::PLAIN)
+        .call(B, Tag::PLAIN)
+        .call(GEN, Tag::PLAIN)
+        .advance(25)
+        .ret(GEN)
+        .ret(B)
+        .ret(A);
+    s.ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].stack.last().unwrap().duration_ns, 25);
+    assert_eq!(s.tracker.depth(), 3);
+}
+
+#[test]
+fn task_name_is_taken_while_the_step_runs() {
+    let mut s = Sim::new();
+    s.py.task = Some("Task-7");
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(30)
+        .c_ret(SLEEP);
+    s.py.task = None;
+    s.ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes[0].task_name.as_deref(), Some("Task-7"));
+}
+
+#[test]
+fn fast_units_cost_no_names() {
+    let mut s = Sim::new();
+    for _ in 0..100 {
+        s.enter_dispatch()
+            .call(MAIN, Tag::COROUTINE)
+            .call(A, Tag::PLAIN)
+            .advance(1)
+            .ret(A)
+            .ret(MAIN)
+            .leave_dispatch();
+    }
+    assert!(s.episodes.is_empty());
+    assert_eq!(s.py.described, 0);
+}
