@@ -1,1 +1,28 @@
-//! placeholder
+//! loopwatch._native: the thin binding between CPython's profile hook and loopwatch-core.
+//! It translates events and names frames; every decision is the core's.
+
+mod codes;
+mod errors;
+mod hook;
+mod monitor;
+mod report;
+mod resolve;
+mod threadstate;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    codes::init(py)?;
+    #[cfg(not(Py_3_11))]
+    codes::verify_legacy_lasti(py)?;
+    resolve::init(py)?;
+    m.add_class::<monitor::ThreadMonitor>()?;
+    m.add_class::<monitor::Filters>()?;
+    m.add(
+        "DEFAULT_EXCLUDES",
+        loopwatch_core::filter::DEFAULT_EXCLUDES.to_vec(),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Per-code-object tags (coroutine? the loop's `run_forever`? a dispatcher?) computed once and
+//! cached in the code object's `co_extra` slot, so the hot path reads one pointer per call.
+
+use std::ffi::c_void;
+use std::ptr;
+use std::sync::OnceLock;
+
+use loopwatch_core::Tag;
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::errors::SavedError;
+
+/// Interpreter objects that identify the loop's machinery, found once at import.
+pub struct Known {
+    pub extra_index: ffi::Py_ssize_t,
+    handle_run_code: usize,
+    run_forever_code: usize,
+    /// `Context.run`'s method definition: how C dispatch is recognized at `c_call`.
+    pub context_run_def: usize,
+    // Strong references keep the identities above valid for the life of the process.
+    _keep: Vec<Py<PyAny>>,
+}
+
+// The raw addresses are only compared, never dereferenced without the GIL.
+unsafe impl Send for Known {}
+unsafe impl Sync for Known {}
+
+static KNOWN: OnceLock<Known> = OnceLock::new();
+
+const COROUTINE_FLAGS: std::ffi::c_long = 0x0080 | 0x0100 | 0x0200; // CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR
+
+pub fn known() -> &'static Known {
+    KNOWN.get().expect("loopwatch._native was initialised")
+}
+
+/// Finds the loop's machinery. Called once when the module is imported.
+pub fn init(py: Python<'_>) -> PyResult<()> {
+    if KNOWN.get().is_some() {
+        return Ok(());
+    }
+    let handle_run = py
+        .import("asyncio.events")?
+        .getattr("Handle")?
+        .getattr("_run")?
+        .getattr("__code__")?;
+    let run_forever = py
+        .import("asyncio.base_events")?
+        .getattr("BaseEventLoop")?
+        .getattr("run_forever")?
+        .getattr("__code__")?;
+    let context_run = py
+        .import("contextvars")?
+        .call_method0("copy_context")?
+        .getattr("run")?;
+    let context_run_def = unsafe { method_def(context_run.as_ptr()) }.ok_or_else(|| {
+        pyo3::exceptions::PyRuntimeError::new_err("Context.run is not a builtin method")
+    })?;
+    let extra_index = unsafe { ffi::PyUnstable_Eval_RequestCodeExtraIndex(keep_tag) };
+    if extra_index < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let _ = KNOWN.set(Known {
+        extra_index,
+        handle_run_code: handle_run.as_ptr() as usize,
+        run_forever_code: run_forever.as_ptr() as usize,
+        context_run_def,
+        _keep: vec![
+            handle_run.unbind(),
+            run_forever.unbind(),
+            context_run.unbind(),
+        ],
+    });
+    Ok(())
+}
+
+/// Our `co_extra` values are small integers, not allocations: nothing to free.
+unsafe extern "C" fn keep_tag(_: *mut c_void) {}
+
+/// The `PyMethodDef` of a builtin function or method: a stable key for a C function, where the
+/// callable itself may be a fresh bound-method object at each event (3.12+).
+///
+/// # Safety
+/// `callable` must be a valid object pointer.
+#[inline]
+pub unsafe fn method_def(callable: *mut ffi::PyObject) -> Option<usize> {
+    if callable.is_null() || ffi::PyCFunction_Check(callable) == 0 {
+        return None;
+    }
+    let def = (*callable.cast::<ffi::PyCFunctionObject>()).m_ml;
+    (!def.is_null()).then_some(def as usize)
+}
+
+/// The tag of a code object, from its `co_extra` cache or computed now.
+///
+/// # Safety
+/// GIL held; `code` is a valid code object.
+#[inline]
+pub unsafe fn tag_of(known: &Known, code: *mut ffi::PyCodeObject) -> Tag {
+    let mut cached: *mut c_void = ptr::null_mut();
+    if ffi::PyUnstable_Code_GetExtra(code.cast(), known.extra_index, &raw mut cached) == 0
+        && !cached.is_null()
+    {
+        return Tag::from_bits((cached as usize - 1) as u8);
+    }
+    classify(known, code)
+}
+
+#[cold]
+unsafe fn classify(known: &Known, code: *mut ffi::PyCodeObject) -> Tag {
+    let _saved = SavedError::take();
+    let mut tag = Tag::PLAIN;
+    let flags = ffi::PyObject_GetAttrString(code.cast(), c"co_flags".as_ptr());
+    if flags.is_null() {
+        ffi::PyErr_Clear();
+    } else {
+        if ffi::PyLong_AsLong(flags) & COROUTINE_FLAGS != 0 {
+            tag = tag.union(Tag::COROUTINE);
+        }
+        ffi::Py_DECREF(flags);
+        ffi::PyErr_Clear();
+    }
+    if code as usize == known.run_forever_code {
+        tag = tag.union(Tag::LOOP_RUN);
+    }
+    if code as usize == known.handle_run_code {
+        tag = tag.union(Tag::DISPATCH);
+    }
+    // Stored as tag + 1 so that an empty slot (NULL) means "not computed yet".
+    if ffi::PyUnstable_Code_SetExtra(
+        code.cast(),
+        known.extra_index,
+        (tag.bits() as usize + 1) as *mut c_void,
+    ) != 0
+    {
+        ffi::PyErr_Clear();
+    }
+    tag
+}
+
+/// Offset of `f_lasti` in `PyFrameObject` before 3.11 (from the headers), checked at import.
+#[cfg(not(Py_3_11))]
+const LEGACY_LASTI_OFFSET: usize = if cfg!(Py_3_10) { 96 } else { 104 };
+
+#[cfg(not(Py_3_11))]
+static LEGACY_LASTI_OK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The current instruction's byte offset before 3.11, read from the frame struct.
+///
+/// # Safety
+/// `frame` must be a live frame object.
+#[cfg(not(Py_3_11))]
+#[inline]
+pub unsafe fn legacy_lasti_bytes(frame: *mut ffi::PyFrameObject) -> Option<i32> {
+    if !LEGACY_LASTI_OK.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let raw = frame
+        .cast::<u8>()
+        .add(LEGACY_LASTI_OFFSET)
+        .cast::<i32>()
+        .read();
+    // 3.10 counts instructions (two bytes each); 3.9 counts bytes.
+    Some(if cfg!(Py_3_10) && raw >= 0 {
+        raw * 2
+    } else {
+        raw
+    })
+}
+
+/// Compares the struct read with `frame.f_lasti` on a live frame before trusting it.
+#[cfg(not(Py_3_11))]
+pub fn verify_legacy_lasti(py: Python<'_>) -> PyResult<()> {
+    let frame = py.import("sys")?.call_method0("_getframe")?;
+    let expected: i32 = frame.getattr("f_lasti")?.extract()?;
+    LEGACY_LASTI_OK.store(true, std::sync::atomic::Ordering::Relaxed);
+    let read = unsafe { legacy_lasti_bytes(frame.as_ptr().cast()) };
+    LEGACY_LASTI_OK.store(read == Some(expected), std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}

@@ -1,0 +1,354 @@
+//! The per-thread monitor: installs the hook on the calling thread, seeds the frames already
+//! running, and on removal reports what is pending and restores the previous profile function.
+
+use std::cell::UnsafeCell;
+use std::sync::OnceLock;
+
+use loopwatch_core::{Clock, FilterSet, Tracker};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::codes::{known, tag_of, Known};
+use crate::hook::{deliver, profile_hook, resume_position, Delivery};
+use crate::resolve::PyResolver;
+use crate::threadstate::{self, ProfileSlot};
+
+static CLOCK: OnceLock<Clock> = OnceLock::new();
+
+/// Compiled include/exclude patterns (see `loopwatch` docs for the matching rule).
+#[pyclass(frozen, module = "loopwatch._native")]
+pub struct Filters {
+    set: FilterSet,
+}
+
+#[pymethods]
+impl Filters {
+    #[new]
+    #[pyo3(signature = (include=Vec::new(), exclude=Vec::new()))]
+    fn new(include: Vec<String>, exclude: Vec<String>) -> PyResult<Self> {
+        let set =
+            FilterSet::new(&include, &exclude).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(Self { set })
+    }
+
+    /// Whether a frame with this module-qualified name, module and file may be blamed.
+    #[pyo3(signature = (name, module, filename=None))]
+    fn allows(&self, name: &str, module: &str, filename: Option<&str>) -> bool {
+        self.set.allows(name, module, filename)
+    }
+}
+
+/// What the thread had installed before us.
+enum Previous {
+    /// Read exactly from the thread state; `obj` is a strong reference we own.
+    Slot(ProfileSlot),
+    /// The layout could not be trusted: only `sys.getprofile()` is known.
+    Python(Py<PyAny>),
+}
+
+pub struct State {
+    pub tracker: Option<Tracker>,
+    pub clock: &'static Clock,
+    pub known: &'static Known,
+    sink: Option<Py<PyAny>>,
+    previous: Option<Previous>,
+    thread: u64,
+    /// Set while loopwatch itself runs Python code with the hook in place (delivering outside
+    /// the hook), so that this code is not mistaken for the user's.
+    pub paused: bool,
+}
+
+impl State {
+    /// Takes the finished episodes with what is needed to deliver them.
+    pub fn take_delivery(&mut self) -> Option<Delivery> {
+        let episodes = self.tracker.as_mut()?.take_episodes();
+        if episodes.is_empty() {
+            return None;
+        }
+        let sink = self.sink.as_ref()?;
+        let py = unsafe { Python::assume_attached() };
+        Some(Delivery {
+            episodes,
+            sink: sink.clone_ref(py),
+        })
+    }
+}
+
+/// One thread's hook. Touched only on the thread that installed it, with the GIL held.
+#[pyclass(frozen, module = "loopwatch._native")]
+pub struct ThreadMonitor {
+    state: UnsafeCell<State>,
+}
+
+// SAFETY: the state is only reached from the installing thread (methods check it) under the GIL;
+// the hook runs on that thread only, because profile functions are per thread.
+unsafe impl Sync for ThreadMonitor {}
+unsafe impl Send for ThreadMonitor {}
+
+fn current_thread() -> u64 {
+    u64::from(unsafe { ffi::PyThread_get_thread_ident() })
+}
+
+impl ThreadMonitor {
+    /// # Safety
+    /// `obj` must be a live `ThreadMonitor`; the GIL held on its thread.
+    #[inline]
+    pub unsafe fn state_of(obj: *mut ffi::PyObject) -> *mut State {
+        let py = Python::assume_attached();
+        let monitor: &ThreadMonitor = Borrowed::from_ptr(py, obj)
+            .cast_unchecked::<ThreadMonitor>()
+            .get();
+        monitor.state.get()
+    }
+
+    fn state(&self) -> PyResult<&mut State> {
+        let state = unsafe { &mut *self.state.get() };
+        if state.tracker.is_some() && state.thread != current_thread() {
+            return Err(PyRuntimeError::new_err(
+                "a ThreadMonitor can only be used from the thread that installed it",
+            ));
+        }
+        Ok(state)
+    }
+
+    fn tracker_for(threshold_ms: f64, filters: &Filters) -> PyResult<Tracker> {
+        if !threshold_ms.is_finite() || threshold_ms <= 0.0 {
+            return Err(PyValueError::new_err(format!(
+                "threshold_ms must be > 0, got {threshold_ms}"
+            )));
+        }
+        let clock = CLOCK.get_or_init(Clock::new);
+        Ok(Tracker::new(
+            clock.ticks_for_nanos(threshold_ms * 1e6),
+            clock.nanos_per_tick(),
+            filters.set.clone(),
+        ))
+    }
+
+    /// Pushes the Python frames running now, outermost first, timed from now.
+    unsafe fn seed(py: Python<'_>, state: &mut State) {
+        let Some(tracker) = state.tracker.as_mut() else {
+            return;
+        };
+        let mut frames = Vec::new();
+        let mut frame = ffi::PyEval_GetFrame();
+        if !frame.is_null() {
+            ffi::Py_INCREF(frame.cast());
+        }
+        while !frame.is_null() {
+            let code = ffi::PyFrame_GetCode(frame);
+            let tag = tag_of(state.known, code);
+            ffi::Py_DECREF(code.cast());
+            frames.push((frame as u64, tag, resume_position(frame)));
+            let back = ffi::PyFrame_GetBack(frame);
+            // Frames on the running stack stay alive while they run: the address is enough.
+            ffi::Py_DECREF(frame.cast());
+            frame = back;
+        }
+        frames.reverse();
+        let now = state.clock.now();
+        tracker.seed(&frames, now, &mut PyResolver::new(py, std::ptr::null_mut()));
+    }
+
+    /// Whether our hook is still the thread's profile function.
+    fn is_current_hook(&self, py: Python<'_>, me: *mut ffi::PyObject) -> bool {
+        match unsafe { threadstate::current() } {
+            Some(slot) => slot.obj == me,
+            None => py
+                .import("sys")
+                .and_then(|sys| sys.call_method0("getprofile"))
+                .is_ok_and(|current| current.as_ptr() == me),
+        }
+    }
+
+    /// Reports what the running unit has blocked so far (to the current sink).
+    fn flush_and_deliver(&self, me: *mut ffi::PyObject) -> PyResult<()> {
+        let delivery = {
+            let state = self.state()?;
+            let py = unsafe { Python::assume_attached() };
+            let Some(tracker) = state.tracker.as_mut() else {
+                return Ok(());
+            };
+            let now = state.clock.now();
+            tracker.flush(now, &mut PyResolver::new(py, std::ptr::null_mut()));
+            state.take_delivery()
+        };
+        if let Some(delivery) = delivery {
+            let state = self.state.get();
+            unsafe {
+                (*state).paused = true;
+                deliver(me, delivery);
+                (*state).paused = false;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl ThreadMonitor {
+    #[new]
+    fn new() -> Self {
+        Self {
+            state: UnsafeCell::new(State {
+                tracker: None,
+                clock: CLOCK.get_or_init(Clock::new),
+                known: known(),
+                sink: None,
+                previous: None,
+                thread: 0,
+                paused: false,
+            }),
+        }
+    }
+
+    /// Installs the hook on the calling thread. `sink` receives one dict per episode.
+    fn install(
+        slf: &Bound<'_, Self>,
+        threshold_ms: f64,
+        filters: &Filters,
+        sink: Py<PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.as_ptr();
+        let state = unsafe { &mut *slf.get().state.get() };
+        if state.tracker.is_some() {
+            return Err(PyRuntimeError::new_err(
+                "this ThreadMonitor is already installed",
+            ));
+        }
+        let tracker = Self::tracker_for(threshold_ms, filters)?;
+        // Trust the thread-state read only where it agrees with what sys.getprofile() reports.
+        let from_sys = py.import("sys")?.call_method0("getprofile")?;
+        let previous = match unsafe { threadstate::current() } {
+            Some(slot)
+                if slot.obj == from_sys.as_ptr() || (slot.obj.is_null() && from_sys.is_none()) =>
+            {
+                unsafe { ffi::Py_XINCREF(slot.obj) };
+                Previous::Slot(slot)
+            }
+            _ => Previous::Python(from_sys.unbind()),
+        };
+        state.previous = Some(previous);
+        state.thread = current_thread();
+        state.sink = Some(sink);
+        state.tracker = Some(tracker);
+        unsafe {
+            Self::seed(py, state);
+            ffi::PyEval_SetProfile(Some(profile_hook), me);
+            let installed = ProfileSlot {
+                func: Some(profile_hook),
+                obj: me,
+            };
+            if !threadstate::verify(installed) {
+                // The function pointer cannot be trusted on this build: keep only the object.
+                if let Some(Previous::Slot(slot)) = state.previous.take() {
+                    state.previous = Some(Previous::Python(
+                        Bound::from_owned_ptr_or_opt(py, slot.obj)
+                            .map_or_else(|| py.None(), Bound::unbind),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies new settings. What the running step blocked so far goes to the old sink first,
+    /// and the step is judged afresh from now under the new settings.
+    fn reconfigure(
+        slf: &Bound<'_, Self>,
+        threshold_ms: f64,
+        filters: &Filters,
+        sink: Py<PyAny>,
+    ) -> PyResult<()> {
+        let this = slf.get();
+        let fresh = Self::tracker_for(threshold_ms, filters)?;
+        if this.state()?.tracker.is_none() {
+            return Err(PyRuntimeError::new_err(
+                "this ThreadMonitor is not installed",
+            ));
+        }
+        this.flush_and_deliver(slf.as_ptr())?;
+        let state = this.state()?;
+        // The old sink may have uninstalled us meanwhile; then there is nothing to configure.
+        if let Some(tracker) = state.tracker.as_mut() {
+            tracker.configure(fresh.threshold(), filters.set.clone());
+            state.sink = Some(sink);
+        }
+        Ok(())
+    }
+
+    /// Removes the hook: reports what is pending and restores the previous profile function.
+    /// Returns False (and leaves the profiler alone) if something else replaced our hook.
+    fn uninstall(slf: &Bound<'_, Self>) -> PyResult<bool> {
+        let py = slf.py();
+        let this = slf.get();
+        let me = slf.as_ptr();
+        if this.state()?.tracker.is_none() {
+            return Ok(false);
+        }
+        let ours = this.is_current_hook(py, me);
+        if ours {
+            this.flush_and_deliver(me)?;
+        }
+        let state = this.state()?;
+        if state.tracker.is_none() {
+            // The sink uninstalled us while receiving the last reports: already done.
+            return Ok(ours);
+        }
+        state.tracker = None;
+        state.sink = None;
+        let previous = state.previous.take();
+        if ours {
+            match previous {
+                Some(Previous::Slot(slot)) => unsafe {
+                    ffi::PyEval_SetProfile(slot.func, slot.obj);
+                    ffi::Py_XDECREF(slot.obj);
+                },
+                Some(Previous::Python(function)) if !function.is_none(py) => {
+                    py.import("sys")?.call_method1("setprofile", (function,))?;
+                }
+                _ => unsafe { ffi::PyEval_SetProfile(None, std::ptr::null_mut()) },
+            }
+        } else if let Some(Previous::Slot(slot)) = previous {
+            unsafe { ffi::Py_XDECREF(slot.obj) };
+        }
+        Ok(ours)
+    }
+
+    /// True while installed (even if another profiler has since replaced the hook).
+    #[getter]
+    fn installed(&self) -> bool {
+        unsafe { &*self.state.get() }.tracker.is_some()
+    }
+
+    /// Whether the hook is installed and still the thread's profile function.
+    #[getter]
+    fn hooked(slf: &Bound<'_, Self>) -> bool {
+        slf.get().installed() && slf.get().is_current_hook(slf.py(), slf.as_ptr())
+    }
+
+    /// Called only when code saved `sys.getprofile()` and restored it with `sys.setprofile()`,
+    /// which wraps this object in a Python-level trampoline. Take the C hook back and re-seed,
+    /// since events were missed meanwhile.
+    fn __call__(
+        slf: &Bound<'_, Self>,
+        _frame: &Bound<'_, PyAny>,
+        _event: &Bound<'_, PyAny>,
+        _arg: &Bound<'_, PyAny>,
+    ) {
+        let py = slf.py();
+        let state = unsafe { &mut *slf.get().state.get() };
+        if state.tracker.is_none() || state.thread != current_thread() {
+            return;
+        }
+        if let Some(tracker) = state.tracker.as_mut() {
+            tracker.reset();
+        }
+        unsafe {
+            Self::seed(py, state);
+            ffi::PyEval_SetProfile(Some(profile_hook), slf.as_ptr());
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Hands an episode to Python as a plain dict; `loopwatch._report` turns it into `BlockingCallInfo`.
+
+use loopwatch_core::Episode;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+pub fn episode_to_python<'py>(py: Python<'py>, episode: &Episode) -> PyResult<Bound<'py, PyDict>> {
+    let report = PyDict::new(py);
+    report.set_item("kind", episode.kind.as_str())?;
+    report.set_item("duration_ns", episode.duration_ns)?;
+    report.set_item("threshold_ns", episode.threshold_ns)?;
+    report.set_item("culprit", episode.culprit)?;
+    report.set_item("task_name", episode.task_name.as_deref())?;
+    report.set_item("started_ns_ago", episode.started_ns_ago)?;
+    let frames = episode
+        .stack
+        .iter()
+        .map(|f| {
+            (
+                f.name.as_str(),
+                f.filename.as_deref(),
+                f.lineno,
+                f.end_lineno,
+                f.duration_ns,
+                f.is_c_call,
+                f.is_coroutine,
+                f.included,
+            )
+                .into_pyobject(py)
+        })
+        .collect::<PyResult<Vec<Bound<'py, PyTuple>>>>()?;
+    report.set_item("stack", frames)?;
+    Ok(report)
+}

@@ -1,0 +1,267 @@
+//! The binding's side of the slow path: naming frames and C functions, reading lines, the running
+//! task and the running loop. Runs only for frames already over the threshold, never per call.
+
+use std::ffi::CStr;
+use std::sync::OnceLock;
+
+use loopwatch_core::tracker::FrameRef;
+use loopwatch_core::{FrameInfo, Resolver};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyModule, PyString, PyType};
+
+use crate::codes::method_def;
+use crate::errors::SavedError;
+
+struct AsyncioHooks {
+    get_running_loop: Py<PyAny>,
+    current_task: Py<PyAny>,
+    partial_type: Py<PyAny>,
+}
+
+static HOOKS: OnceLock<AsyncioHooks> = OnceLock::new();
+
+pub fn init(py: Python<'_>) -> PyResult<()> {
+    let asyncio = py.import("asyncio")?;
+    let _ = HOOKS.set(AsyncioHooks {
+        get_running_loop: asyncio.getattr("_get_running_loop")?.unbind(),
+        current_task: asyncio.getattr("current_task")?.unbind(),
+        partial_type: py.import("functools")?.getattr("partial")?.unbind(),
+    });
+    Ok(())
+}
+
+fn hooks() -> &'static AsyncioHooks {
+    HOOKS.get().expect("loopwatch._native was initialised")
+}
+
+/// Answers the tracker's questions for one profile event.
+pub struct PyResolver<'py> {
+    py: Python<'py>,
+    /// The C function of the current `c_call`/`c_return` event, if any.
+    event_callable: *mut ffi::PyObject,
+}
+
+impl<'py> PyResolver<'py> {
+    pub fn new(py: Python<'py>, event_callable: *mut ffi::PyObject) -> Self {
+        Self { py, event_callable }
+    }
+
+    fn running_loop(&self) -> Option<Bound<'py, PyAny>> {
+        let found = hooks().get_running_loop.bind(self.py).call0().ok()?;
+        (!found.is_none()).then_some(found)
+    }
+}
+
+impl Resolver for PyResolver<'_> {
+    fn describe(&mut self, frame: FrameRef) -> FrameInfo {
+        let _saved = unsafe { SavedError::take() };
+        let described = if frame.is_c {
+            let callable = self.event_callable;
+            if frame.returning && unsafe { method_def(callable) } == Some(frame.key as usize) {
+                unsafe { Bound::from_borrowed_ptr(self.py, callable) }
+                    .pipe(|f| describe_c_function(&f))
+            } else {
+                Ok(describe_method_def(frame.key as *mut ffi::PyMethodDef))
+            }
+        } else {
+            unsafe { describe_frame(self.py, frame.key as *mut ffi::PyFrameObject, frame.resume) }
+        };
+        described.unwrap_or_else(|_| FrameInfo {
+            name: "<unknown>".to_owned(),
+            ..FrameInfo::default()
+        })
+    }
+
+    fn current_line(&mut self, key: u64) -> Option<u32> {
+        let line = unsafe { ffi::PyFrame_GetLineNumber(key as *mut ffi::PyFrameObject) };
+        (line > 0).then_some(line as u32)
+    }
+
+    fn dispatched_callback(&mut self, dispatcher_key: u64) -> Option<(FrameInfo, bool)> {
+        let _saved = unsafe { SavedError::take() };
+        let frame =
+            unsafe { Bound::from_borrowed_ptr(self.py, dispatcher_key as *mut ffi::PyObject) };
+        let handle = frame.getattr("f_locals").ok()?.get_item("self").ok()?;
+        let mut callback = handle.getattr("_callback").ok()?;
+        let partial = hooks().partial_type.bind(self.py);
+        while callback.is_instance(partial).unwrap_or(false) {
+            callback = callback.getattr("func").ok()?;
+        }
+        if unsafe { method_def(callback.as_ptr()) }.is_some() {
+            return describe_c_function(&callback).ok().map(|info| (info, true));
+        }
+        describe_python_callable(&callback)
+            .ok()
+            .map(|info| (info, false))
+    }
+
+    fn task_name(&mut self) -> Option<String> {
+        let _saved = unsafe { SavedError::take() };
+        let running = self.running_loop()?;
+        let task = hooks().current_task.bind(self.py).call1((running,)).ok()?;
+        if task.is_none() {
+            return None;
+        }
+        task.call_method0("get_name").ok()?.extract().ok()
+    }
+
+    fn loop_is_running(&mut self) -> bool {
+        let _saved = unsafe { SavedError::take() };
+        self.running_loop().is_some()
+    }
+}
+
+/// Lets a value flow into a function in a chain (`x.pipe(f)` reads as `f(x)`).
+trait Pipe: Sized {
+    fn pipe<T>(self, f: impl FnOnce(Self) -> T) -> T {
+        f(self)
+    }
+}
+impl<T> Pipe for T {}
+
+fn module_of_globals(globals: &Bound<'_, PyAny>) -> String {
+    let name = globals
+        .get_item("__name__")
+        .ok()
+        .and_then(|n| n.extract::<String>().ok())
+        .unwrap_or_else(|| "?".to_owned());
+    if name != "__main__" {
+        return name;
+    }
+    // `python -m pkg.mod` runs as __main__; its spec still knows the real name.
+    globals
+        .get_item("__spec__")
+        .ok()
+        .filter(|spec| !spec.is_none())
+        .and_then(|spec| spec.getattr("name").ok())
+        .and_then(|n| n.extract::<String>().ok())
+        .unwrap_or(name)
+}
+
+fn qualify(module: &str, qualname: &str) -> String {
+    if module.is_empty() || module == "builtins" {
+        qualname.to_owned()
+    } else {
+        format!("{module}.{qualname}")
+    }
+}
+
+/// # Safety
+/// `frame` must be a live frame object and the GIL held.
+unsafe fn describe_frame(
+    py: Python<'_>,
+    frame: *mut ffi::PyFrameObject,
+    resume: i32,
+) -> PyResult<FrameInfo> {
+    let frame_obj = Bound::from_borrowed_ptr(py, frame.cast());
+    let code = frame_obj.getattr("f_code")?;
+    let module = module_of_globals(&frame_obj.getattr("f_globals")?);
+    let qualname = qualname_of(&frame_obj, &code)?;
+    let line_now = ffi::PyFrame_GetLineNumber(frame);
+    let resume_line = (resume > 0).then(|| ffi::PyCode_Addr2Line(code.as_ptr().cast(), resume - 1));
+    Ok(FrameInfo {
+        name: qualify(&module, &qualname),
+        module,
+        filename: Some(code.getattr("co_filename")?.extract()?),
+        def_line: code.getattr("co_firstlineno")?.extract().ok(),
+        line_now: (line_now > 0).then_some(line_now as u32),
+        resume_line: resume_line.filter(|&l| l > 0).map(|l| l as u32),
+    })
+}
+
+/// The function's qualified name. Before 3.11 code objects have no `co_qualname`: a method is
+/// recognised by its first argument being `self` or `cls`.
+fn qualname_of(frame: &Bound<'_, PyAny>, code: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(qualname) = code.getattr("co_qualname") {
+        return qualname.extract();
+    }
+    let name: String = code.getattr("co_name")?.extract()?;
+    let argcount: usize = code.getattr("co_argcount")?.extract()?;
+    if argcount > 0 {
+        let first: String = code.getattr("co_varnames")?.get_item(0)?.extract()?;
+        if first == "self" || first == "cls" {
+            if let Ok(owner) = frame.getattr("f_locals")?.get_item(first.as_str()) {
+                let owner = if first == "cls" {
+                    owner
+                } else {
+                    owner.get_type().into_any()
+                };
+                if let Ok(owner_name) = owner.getattr("__qualname__") {
+                    return Ok(format!("{}.{name}", owner_name.extract::<String>()?));
+                }
+            }
+        }
+    }
+    Ok(name)
+}
+
+/// Names a builtin function or method: `time.sleep`, `dict.get`,
+/// `cryptography.hazmat.bindings._rust.openssl.hashes.Hash.finalize`.
+fn describe_c_function(function: &Bound<'_, PyAny>) -> PyResult<FrameInfo> {
+    let qualname: String = function.getattr("__qualname__")?.extract()?;
+    let owner = function.getattr("__self__").ok().filter(|s| !s.is_none());
+    let module = match owner {
+        Some(owner) if !owner.is_instance_of::<PyModule>() => {
+            let owner_type = if owner.is_instance_of::<PyType>() {
+                owner
+            } else {
+                owner.get_type().into_any()
+            };
+            owner_type.getattr("__module__")?.extract::<String>()?
+        }
+        Some(module) => module.getattr("__name__")?.extract::<String>()?,
+        None => function
+            .getattr("__module__")
+            .ok()
+            .and_then(|m| m.cast_into::<PyString>().ok())
+            .map_or_else(String::new, |m| m.to_string()),
+    };
+    Ok(FrameInfo {
+        name: qualify(&module, &qualname),
+        module,
+        ..FrameInfo::default()
+    })
+}
+
+/// Only the method definition is left (a C call still running when monitoring stops).
+fn describe_method_def(def: *mut ffi::PyMethodDef) -> FrameInfo {
+    let name = unsafe { def.as_ref() }
+        .filter(|d| !d.ml_name.is_null())
+        .map_or_else(
+            || "<C function>".to_owned(),
+            |d| {
+                unsafe { CStr::from_ptr(d.ml_name) }
+                    .to_string_lossy()
+                    .into_owned()
+            },
+        );
+    FrameInfo {
+        name,
+        ..FrameInfo::default()
+    }
+}
+
+fn describe_python_callable(callable: &Bound<'_, PyAny>) -> PyResult<FrameInfo> {
+    let module: String = callable
+        .getattr("__module__")
+        .ok()
+        .and_then(|m| m.extract().ok())
+        .unwrap_or_default();
+    let qualname: String = callable
+        .getattr("__qualname__")
+        .or_else(|_| callable.get_type().getattr("__qualname__"))?
+        .extract()?;
+    let code = callable.getattr("__code__").ok();
+    Ok(FrameInfo {
+        name: qualify(&module, &qualname),
+        module,
+        filename: code
+            .as_ref()
+            .and_then(|c| c.getattr("co_filename").ok()?.extract().ok()),
+        def_line: code
+            .as_ref()
+            .and_then(|c| c.getattr("co_firstlineno").ok()?.extract().ok()),
+        ..FrameInfo::default()
+    })
+}

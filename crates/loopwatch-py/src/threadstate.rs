@@ -1,0 +1,63 @@
+//! Reading the thread's current profile function, so that deactivation restores exactly what was
+//! there (a `sys.setprofile` function, cProfile, another tool's C hook). `PyThreadState` is not in
+//! pyo3-ffi; the offsets below are `offsetof` values from each version's headers, checked at run
+//! time by reading back our own hook after installing it.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pyo3::ffi;
+
+#[cfg(not(Py_3_11))]
+const PROFILE_FUNC_OFFSET: usize = 56;
+#[cfg(all(Py_3_11, not(Py_3_13)))]
+const PROFILE_FUNC_OFFSET: usize = 64;
+#[cfg(Py_3_13)]
+const PROFILE_FUNC_OFFSET: usize = 80;
+/// `c_profileobj` follows `c_profilefunc` and `c_tracefunc` in every supported version.
+const PROFILE_OBJ_OFFSET: usize = PROFILE_FUNC_OFFSET + 16;
+
+static LAYOUT_VERIFIED: AtomicBool = AtomicBool::new(true);
+
+/// A thread's profile function and its argument, as `PyEval_SetProfile` takes them.
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileSlot {
+    pub func: Option<ffi::Py_tracefunc>,
+    pub obj: *mut ffi::PyObject,
+}
+
+/// The profile function installed on the calling thread (borrowed references).
+///
+/// # Safety
+/// The caller must hold the GIL.
+pub unsafe fn current() -> Option<ProfileSlot> {
+    if !LAYOUT_VERIFIED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let tstate = ffi::PyThreadState_Get().cast::<u8>();
+    let func = tstate
+        .add(PROFILE_FUNC_OFFSET)
+        .cast::<Option<ffi::Py_tracefunc>>()
+        .read();
+    let obj = tstate
+        .add(PROFILE_OBJ_OFFSET)
+        .cast::<*mut ffi::PyObject>()
+        .read();
+    Some(ProfileSlot { func, obj })
+}
+
+/// Checks the layout against a profile function we just installed; on a mismatch, stops
+/// trusting it for good (deactivation then falls back to `sys.getprofile()`).
+///
+/// # Safety
+/// The caller must hold the GIL.
+pub unsafe fn verify(expected: ProfileSlot) -> bool {
+    let ok = current().is_some_and(|seen| {
+        seen.obj == expected.obj
+            && seen.func.map(|f| f as *const c_void) == expected.func.map(|f| f as *const c_void)
+    });
+    if !ok {
+        LAYOUT_VERIFIED.store(false, Ordering::Relaxed);
+    }
+    ok
+}
