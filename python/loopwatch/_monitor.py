@@ -1,0 +1,290 @@
+"""The public monitor API: `EventLoopMonitor` and `event_loop_monitor_ctx`. Each thread has one
+native hook; monitors active on a thread form a stack, and the innermost one's settings apply."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import math
+import os
+import threading
+from collections.abc import Awaitable, Iterable
+from types import TracebackType
+from typing import Any, Callable, Optional, TypeVar, cast
+
+from loopwatch import _native
+from loopwatch._report import BlockingCallCallback, BlockingCallInfo
+
+__all__ = ["DEFAULT_EXCLUDES", "EventLoopMonitor", "event_loop_monitor_ctx"]
+
+logger = logging.getLogger("loopwatch")
+
+DEFAULT_THRESHOLD_MS = 50.0
+DEFAULT_EXCLUDES: tuple[str, ...] = tuple(_native.DEFAULT_EXCLUDES)
+"""Modules never blamed, whatever the filters say: loopwatch itself and the loop's machinery."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _check_threshold(threshold_ms: object) -> float:
+    if isinstance(threshold_ms, bool) or not isinstance(threshold_ms, (int, float)):
+        raise TypeError(f"threshold_ms must be a number of milliseconds, got {type(threshold_ms).__name__}")
+    value = float(threshold_ms)
+    if math.isnan(value) or value <= 0 or math.isinf(value):
+        raise ValueError(f"threshold_ms must be > 0 and finite, got {threshold_ms!r}")
+    return value
+
+
+def _check_patterns(name: str, patterns: Optional[Iterable[str]]) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, (str, bytes)):
+        raise TypeError(f"{name} must be a list of strings, not a single string: use [{patterns!r}]")
+    try:
+        items = list(patterns)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of strings, got {type(patterns).__name__}") from None
+    checked = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{name} must hold strings, got {type(item).__name__}: {item!r}")
+        checked.append(_absolute_path_pattern(item))
+    return checked
+
+
+def _absolute_path_pattern(pattern: str) -> str:
+    """Path patterns are matched against absolute file names: anchor relative ones at the current
+    directory now, so that they mean what they meant when the monitor was built."""
+    if ("/" not in pattern and os.sep not in pattern) or pattern.startswith(("*", "?", "[")):
+        return pattern
+    return os.path.abspath(os.path.expanduser(pattern)) + (os.sep if pattern.endswith(("/", os.sep)) else "")
+
+
+class _ThreadHub:
+    """The native hook of one thread and the monitors active on it, innermost last."""
+
+    def __init__(self) -> None:
+        self.native = _native.ThreadMonitor()
+        self.active: list[EventLoopMonitor] = []
+
+
+_local = threading.local()
+
+
+def _hub() -> _ThreadHub:
+    hub: Optional[_ThreadHub] = getattr(_local, "hub", None)
+    if hub is None:
+        hub = _local.hub = _ThreadHub()
+    return hub
+
+
+class EventLoopMonitor:
+    """Reports synchronous code that blocks the event loop on the threads it is activated on.
+
+    Args:
+        threshold_ms: a callback or task step that keeps the loop for at least this long is
+            reported.
+        include_paths: if given, only frames matching one of these patterns may be blamed.
+        exclude_paths: frames matching these patterns are never blamed (in addition to
+            ``DEFAULT_EXCLUDES``).
+        on_blocking_call: called with a ``BlockingCallInfo`` for each episode; by default each
+            episode is logged as a WARNING on the ``loopwatch`` logger.
+
+    A pattern is a module name (``myapp``, ``myapp.db``: the module and everything in it), or a
+    file path if it contains a ``/`` (a directory and everything under it). ``*``, ``?`` and
+    ``[...]`` make a glob over the whole module-qualified name or path (``*/site-packages/*``).
+    The culprit is the deepest frame that may be blamed; an episode with none is dropped.
+    """
+
+    def __init__(
+        self,
+        threshold_ms: float = DEFAULT_THRESHOLD_MS,
+        include_paths: Optional[Iterable[str]] = None,
+        exclude_paths: Optional[Iterable[str]] = None,
+        on_blocking_call: Optional[BlockingCallCallback] = None,
+    ) -> None:
+        self._threshold_ms = _check_threshold(threshold_ms)
+        self._include_paths = _check_patterns("include_paths", include_paths)
+        self._exclude_paths = _check_patterns("exclude_paths", exclude_paths)
+        if on_blocking_call is not None and not callable(on_blocking_call):
+            raise TypeError(f"on_blocking_call must be callable, got {type(on_blocking_call).__name__}")
+        self._on_blocking_call = on_blocking_call
+        self._filters = _native.Filters(self._include_paths, self._exclude_paths)
+        self._threads: set[int] = set()
+        self._callback_failures = 0
+
+    @property
+    def threshold_ms(self) -> float:
+        return self._threshold_ms
+
+    @property
+    def is_active(self) -> bool:
+        """Whether this monitor is active on the calling thread."""
+        return threading.get_ident() in self._threads
+
+    def activate(self) -> None:
+        """Starts monitoring the calling thread (a no-op if already active on it)."""
+        hub = _hub()
+        if self in hub.active:
+            return
+        hub.active.append(self)
+        try:
+            if len(hub.active) == 1:
+                hub.native.install(self._threshold_ms, self._filters, self._deliver)
+            else:
+                hub.native.reconfigure(self._threshold_ms, self._filters, self._deliver)
+        except BaseException:
+            hub.active.remove(self)
+            raise
+        self._threads.add(threading.get_ident())
+
+    def deactivate(self) -> None:
+        """Stops monitoring the calling thread. What the running step blocked so far is reported
+        first; then the enclosing monitor's settings apply again, or the profile function that
+        was there before the first activation is restored."""
+        hub = _hub()
+        self._threads.discard(threading.get_ident())
+        if self not in hub.active:
+            return
+        was_innermost = hub.active[-1] is self
+        hub.active.remove(self)
+        if not hub.active:
+            if not hub.native.uninstall():
+                logger.debug("another profiler replaced loopwatch's hook; left it in place")
+        elif was_innermost:
+            outer = hub.active[-1]
+            hub.native.reconfigure(outer._threshold_ms, outer._filters, outer._deliver)
+        if self._callback_failures > 1:
+            logger.error("on_blocking_call raised %d more times", self._callback_failures - 1)
+        self._callback_failures = 0
+
+    def __enter__(self) -> EventLoopMonitor:
+        self.activate()
+        return self
+
+    def __exit__(
+        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        self.deactivate()
+
+    async def __aenter__(self) -> EventLoopMonitor:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def _deliver(self, raw: dict[str, Any]) -> None:
+        """Receives one episode from the native hook. Never raises."""
+        try:
+            info = BlockingCallInfo._from_native(raw)
+        except Exception:
+            logger.exception("loopwatch could not build a report (this is a loopwatch bug)")
+            return
+        if self._on_blocking_call is None:
+            logger.warning("%s", info.format(max_frames=6), extra={"loopwatch": info})
+            return
+        try:
+            self._on_blocking_call(info)
+        except Exception:
+            self._callback_failures += 1
+            if self._callback_failures == 1:
+                logger.exception(
+                    "on_blocking_call raised; monitoring goes on (further failures are counted, not logged)"
+                )
+
+
+class _MonitorContext:
+    """What `event_loop_monitor_ctx` returns: a sync and async context manager and a decorator.
+    Each entry (or decorated call) activates a monitor of its own, so it nests and re-enters."""
+
+    def __init__(self, enabled: bool, settings: dict[str, Any]) -> None:
+        self._enabled = enabled
+        # Validate now, where the mistake was made; keep the checked values (an iterator of
+        # patterns can only be read once, relative paths are anchored now).
+        checked = EventLoopMonitor(**settings)
+        self._settings = {
+            "threshold_ms": checked._threshold_ms,
+            "include_paths": checked._include_paths,
+            "exclude_paths": checked._exclude_paths,
+            "on_blocking_call": checked._on_blocking_call,
+        }
+        self._entered: list[Optional[EventLoopMonitor]] = []
+
+    def _new_monitor(self) -> Optional[EventLoopMonitor]:
+        return EventLoopMonitor(**self._settings) if self._enabled else None
+
+    def __enter__(self) -> Optional[EventLoopMonitor]:
+        monitor = self._new_monitor()
+        if monitor is not None:
+            monitor.activate()
+        self._entered.append(monitor)
+        return monitor
+
+    def __exit__(
+        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        monitor = self._entered.pop()
+        if monitor is not None:
+            monitor.deactivate()
+
+    async def __aenter__(self) -> Optional[EventLoopMonitor]:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __call__(self, func: F) -> F:
+        """Decorates a function so that each call runs monitored; for an ``async def`` that means
+        the whole coroutine, from its first step to its last."""
+        if inspect.isasyncgenfunction(func):
+            raise TypeError("event_loop_monitor_ctx cannot decorate an async generator function")
+        if asyncio.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def monitored_coroutine(*args: Any, **kwargs: Any) -> Any:
+                monitor = self._new_monitor()
+                if monitor is None:
+                    return await cast(Callable[..., Awaitable[Any]], func)(*args, **kwargs)
+                with monitor:
+                    return await cast(Callable[..., Awaitable[Any]], func)(*args, **kwargs)
+
+            return cast(F, monitored_coroutine)
+
+        @functools.wraps(func)
+        def monitored(*args: Any, **kwargs: Any) -> Any:
+            monitor = self._new_monitor()
+            if monitor is None:
+                return func(*args, **kwargs)
+            with monitor:
+                return func(*args, **kwargs)
+
+        return cast(F, monitored)
+
+
+def event_loop_monitor_ctx(
+    enabled: bool = True,
+    threshold_ms: float = DEFAULT_THRESHOLD_MS,
+    include_paths: Optional[Iterable[str]] = None,
+    exclude_paths: Optional[Iterable[str]] = None,
+    on_blocking_call: Optional[BlockingCallCallback] = None,
+) -> _MonitorContext:
+    """Monitors the event loop of the current thread while the block (or decorated function) runs.
+
+    Use it as ``with``, ``async with``, or as a decorator on a sync or ``async def`` function.
+    ``enabled=False`` turns it into a no-op. See `EventLoopMonitor` for the other arguments.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {type(enabled).__name__}")
+    settings = {
+        "threshold_ms": threshold_ms,
+        "include_paths": include_paths,
+        "exclude_paths": exclude_paths,
+        "on_blocking_call": on_blocking_call,
+    }
+    return _MonitorContext(enabled, settings)

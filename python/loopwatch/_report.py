@@ -1,0 +1,176 @@
+"""What a blocking episode looks like to users: `BlockingCallInfo` and its readable text.
+Built from the plain dict the native hook hands over, on the slow path only."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["BlockingCallCallback", "BlockingCallInfo", "StackFrame"]
+
+
+@dataclass(frozen=True)
+class StackFrame:
+    """One frame of an episode's stack (outermost first)."""
+
+    name: str
+    """Module-qualified name: ``myapp.service.process_data``, ``time.sleep``."""
+    filename: Optional[str]
+    """Source file; ``None`` for C functions."""
+    lineno: Optional[int]
+    """Where this frame was while the loop was blocked: the line that called the next frame, the
+    line a coroutine step started at, or a function's first line when it blocked in its own code."""
+    duration_ms: float
+    """How long this frame ran during the episode."""
+    is_c_call: bool = False
+    is_coroutine: bool = False
+    end_lineno: Optional[int] = None
+    """For a coroutine: the line where the step ended (its next ``await`` or its return)."""
+    included: bool = True
+    """Whether the include/exclude filters let this frame be blamed."""
+
+    @property
+    def is_user_code(self) -> bool:
+        """Code of the user's own project: a file outside the standard library and site-packages."""
+        return self.included and self.filename is not None and not _is_library_file(self.filename)
+
+    def describe(self) -> str:
+        """One line: where, what, how long."""
+        if self.filename is None:
+            return f"{self.name} [C]  {self.duration_ms:.1f} ms"
+        tags = " (coroutine)" if self.is_coroutine else ""
+        return f"{self.filename}:{self.lineno} in {self.name}{tags}  {self.duration_ms:.1f} ms"
+
+
+@dataclass(frozen=True)
+class BlockingCallInfo:
+    """One blocking episode: one continuous stall of the event loop, reported once."""
+
+    method_name: str
+    """The culprit, module-qualified: ``time.sleep``, ``myapp.service.process_data``."""
+    duration_ms: float
+    """How long the loop was blocked by this episode (the whole callback or task step)."""
+    is_c_call: bool = False
+    """Whether the culprit is a C function."""
+    kind: str = "call"
+    """``"call"``: a sync call made by a coroutine step; ``"callback"``: a sync loop callback
+    (``call_soon``, a done-callback, a protocol method); ``"step"``: a coroutine step with no single
+    call over the threshold (an inline loop, many small calls, a call invisible to the hook)."""
+    filename: Optional[str] = None
+    """Where to look: the culprit's file, or for a C function the file of the code that called it."""
+    lineno: Optional[int] = None
+    """The line in ``filename`` (for a step, the line where the step started)."""
+    end_lineno: Optional[int] = None
+    """For a step: the line where it ended."""
+    stack: tuple[StackFrame, ...] = ()
+    """The task's await chain, then the sync chain down to the culprit (the last frame)."""
+    task_name: Optional[str] = None
+    thread_id: int = 0
+    timestamp: float = 0.0
+    """When the episode started, in seconds since the epoch (``time.time()``)."""
+    threshold_ms: float = 0.0
+    culprit_duration_ms: float = field(default=0.0)
+    """How long the culprit itself ran (``duration_ms`` covers the whole episode)."""
+
+    @classmethod
+    def _from_native(cls, raw: dict[str, Any]) -> BlockingCallInfo:
+        stack = tuple(
+            StackFrame(
+                name=name,
+                filename=filename,
+                lineno=lineno,
+                end_lineno=end_lineno,
+                duration_ms=duration_ns / 1e6,
+                is_c_call=is_c,
+                is_coroutine=is_coroutine,
+                included=included,
+            )
+            for (name, filename, lineno, end_lineno, duration_ns, is_c, is_coroutine, included) in raw["stack"]
+        )
+        culprit = stack[raw["culprit"]]
+        located = next((f for f in reversed(stack) if f.filename is not None), None)
+        return cls(
+            method_name=culprit.name,
+            duration_ms=raw["duration_ns"] / 1e6,
+            is_c_call=culprit.is_c_call,
+            kind=raw["kind"],
+            filename=located.filename if located else None,
+            lineno=located.lineno if located else None,
+            end_lineno=culprit.end_lineno,
+            stack=stack,
+            task_name=raw["task_name"],
+            thread_id=threading.get_ident(),
+            timestamp=time.time() - raw["started_ns_ago"] / 1e9,
+            threshold_ms=raw["threshold_ns"] / 1e6,
+            culprit_duration_ms=culprit.duration_ms,
+        )
+
+    @property
+    def location(self) -> str:
+        if self.filename is None:
+            return "<unknown>"
+        return f"{self.filename}:{self.lineno}" if self.lineno else self.filename
+
+    def headline(self) -> str:
+        what = {
+            "call": "blocked the event loop",
+            "callback": "(a loop callback) blocked the event loop",
+            "step": "(a coroutine step with no single slow call) blocked the event loop",
+        }.get(self.kind, "blocked the event loop")
+        task = f" in task {self.task_name!r}" if self.task_name else ""
+        return f"{self.method_name} {what} for {self.duration_ms:.1f} ms{task}"
+
+    def format(self, max_frames: Optional[int] = None) -> str:
+        """A readable report: headline, location, then the stack with the user's frames first."""
+        lines = [self.headline()]
+        where = f"  at {self.location}"
+        if self.kind == "step" and self.end_lineno:
+            where += f" (the step ran from line {self.lineno} to line {self.end_lineno})"
+        lines.append(where)
+        if self.culprit_duration_ms < 0.9 * self.duration_ms:
+            lines.append(f"  {self.method_name} itself ran {self.culprit_duration_ms:.1f} ms of it")
+        innermost_first = list(reversed(self.stack))
+        groups = [
+            ("your code", [f for f in innermost_first if f.is_user_code]),
+            ("libraries and C", [f for f in innermost_first if not f.is_user_code]),
+        ]
+        budget = len(self.stack) if max_frames is None else max_frames
+        for title, frames in groups:
+            if not frames:
+                continue
+            lines.append(f"  {title} (innermost first):")
+            for frame in frames[:budget]:
+                marker = "  <- culprit" if frame is self.stack[-1] else ""
+                lines.append(f"    {frame.describe()}{marker}")
+            if len(frames) > budget:
+                lines.append(f"    ... {len(frames) - budget} more")
+            budget = max(budget - len(frames), 1)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+BlockingCallCallback = Callable[[BlockingCallInfo], None]
+"""What ``on_blocking_call`` receives: one call per blocking episode."""
+
+
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return tuple(os.path.join(os.path.realpath(r), "") for r in roots if r)
+
+
+_LIBRARY_ROOTS = _library_roots()
+
+
+def _is_library_file(filename: str) -> bool:
+    if filename.startswith("<"):
+        return True
+    path = os.path.realpath(filename)
+    return path.startswith(_LIBRARY_ROOTS) or f"{os.sep}site-packages{os.sep}" in path
