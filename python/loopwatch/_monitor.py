@@ -50,6 +50,10 @@ def _check_patterns(name: str, patterns: Optional[Iterable[str]]) -> list[str]:
     for item in items:
         if not isinstance(item, str):
             raise TypeError(f"{name} must hold strings, got {type(item).__name__}: {item!r}")
+        try:
+            _native.Filters([item], [])
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
         checked.append(_absolute_path_pattern(item))
     return checked
 

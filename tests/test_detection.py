@@ -1,0 +1,310 @@
+"""What counts as blocking: one report per episode, the exact culprit and its real duration."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+
+from conftest import BLOCK_S, THRESHOLD_MS, monitor, names, short
+
+
+def helper_b() -> None:
+    time.sleep(BLOCK_S)
+
+
+def helper_a() -> None:
+    helper_b()
+
+
+def test_a_sync_call_in_a_coroutine_is_one_call_report(run):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            time.sleep(BLOCK_S)
+
+    run(main)
+    assert len(reports) == 1
+    info = reports[0]
+    assert info.kind == "call"
+    assert info.method_name == "time.sleep"
+    assert info.is_c_call
+    assert info.filename == __file__
+    assert BLOCK_S * 1000 <= info.duration_ms < BLOCK_S * 1000 + 60
+
+
+def test_nested_sync_calls_make_one_report_with_the_deepest_culprit(run):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            helper_a()
+
+    run(main)
+    assert len(reports) == 1
+    info = reports[0]
+    assert info.method_name == "time.sleep"
+    assert [short(n) for n in names(info)] == ["main", "helper_a", "helper_b", "sleep"]
+    assert info.stack[0].is_coroutine
+    assert all(frame.duration_ms >= BLOCK_S * 1000 for frame in info.stack)
+    # The line of each caller is the line of its call; the C culprit is located at its caller.
+    assert info.stack[2].lineno == helper_b.__code__.co_firstlineno + 1
+    assert info.lineno == info.stack[2].lineno
+
+
+def test_the_duration_is_the_real_stall_not_a_multiple_of_the_threshold(run):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            time.sleep(0.077)
+
+    run(main)
+    assert 77 <= reports[0].duration_ms < 77 + 25
+
+
+def test_a_slow_c_call_holding_the_gil_is_named(run):
+    n = 1_000_000
+    start = time.perf_counter()
+    sum(range(n))
+    per_item = (time.perf_counter() - start) / n
+    big = int(3 * THRESHOLD_MS / 1000 / per_item)
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            sum(range(big))
+
+    run(main)
+    assert [r.method_name for r in reports] == ["sum"]
+
+
+def test_several_steps_make_several_reports(run):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            for _ in range(3):
+                time.sleep(BLOCK_S / 2)
+                await asyncio.sleep(0)
+
+    run(main)
+    assert [r.method_name for r in reports] == ["time.sleep"] * 3
+
+
+def test_a_step_with_no_single_slow_call_names_the_coroutine_and_its_lines(run):
+    ctx, reports = monitor()
+
+    async def crunch():
+        await asyncio.sleep(0)
+        total = 0
+        end = time.perf_counter() + BLOCK_S
+        while time.perf_counter() < end:
+            total += 1
+        await asyncio.sleep(0)
+        return total
+
+    async def main():
+        with ctx:
+            await crunch()
+
+    run(main)
+    assert len(reports) == 1
+    info = reports[0]
+    assert info.kind == "step"
+    assert short(info.method_name) == "crunch"
+    first = crunch.__code__.co_firstlineno
+    assert (info.lineno, info.end_lineno) == (first + 1, first + 6)
+    assert [short(n) for n in names(info)] == ["main", "crunch"]
+
+
+def test_many_small_blocking_calls_between_awaits_are_one_step(run):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            for _ in range(10):
+                time.sleep(BLOCK_S / 10)
+
+    run(main)
+    assert [(r.kind, short(r.method_name)) for r in reports] == [("step", "main")]
+    assert reports[0].duration_ms >= BLOCK_S * 1000
+
+
+def test_an_async_generator_step_is_reported(run):
+    ctx, reports = monitor()
+
+    async def numbers():
+        for i in range(2):
+            end = time.perf_counter() + BLOCK_S
+            while time.perf_counter() < end:
+                pass
+            yield i
+            await asyncio.sleep(0)
+
+    async def main():
+        with ctx:
+            async for _ in numbers():
+                await asyncio.sleep(0.001)
+
+    run(main)
+    assert [(r.kind, short(r.method_name)) for r in reports] == [("step", "numbers")] * 2
+
+
+def test_waiting_for_a_lock_with_a_with_statement_is_a_step(run):
+    lock = threading.Lock()
+    locked = threading.Event()
+
+    def holder():
+        with lock:
+            locked.set()
+            time.sleep(BLOCK_S)
+
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            thread = threading.Thread(target=holder)
+            thread.start()
+            await asyncio.to_thread(locked.wait)
+            with lock:
+                pass
+            thread.join()
+
+    run(main)
+    assert [(r.kind, short(r.method_name)) for r in reports] == [("step", "main")]
+
+
+def test_calls_invisible_to_the_hook_show_as_a_step(run):
+    ctx, reports = monitor()
+    nap = functools.partial(time.sleep, BLOCK_S)
+
+    async def main():
+        with ctx:
+            nap()
+
+    run(main)
+    assert [(r.kind, short(r.method_name)) for r in reports] == [("step", "main")]
+
+
+def test_a_slow_call_soon_callback_is_a_callback(run):
+    ctx, reports = monitor()
+
+    def on_tick():
+        helper_b()
+
+    async def main():
+        with ctx:
+            asyncio.get_running_loop().call_soon(on_tick)
+            await asyncio.sleep(BLOCK_S * 2)
+
+    run(main)
+    assert len(reports) == 1
+    assert reports[0].kind == "callback"
+    assert [short(n) for n in names(reports[0])] == ["on_tick", "helper_b", "sleep"]
+    assert reports[0].task_name is None
+
+
+def test_call_later_and_done_callbacks_are_callbacks(run):
+    ctx, reports = monitor()
+
+    def later():
+        time.sleep(BLOCK_S)
+
+    def done(_future):
+        time.sleep(BLOCK_S)
+
+    async def main():
+        with ctx:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.01, later)
+            future = loop.create_future()
+            future.add_done_callback(done)
+            future.set_result(None)
+            await asyncio.sleep(BLOCK_S * 3)
+
+    run(main)
+    assert sorted(tuple(short(n) for n in names(r)) for r in reports) == [
+        ("done", "sleep"),
+        ("later", "sleep"),
+    ]
+    assert {r.kind for r in reports} == {"callback"}
+
+
+def test_a_c_function_scheduled_as_a_callback_is_named(loop_kind, run):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            asyncio.get_running_loop().call_soon(time.sleep, BLOCK_S)
+            await asyncio.sleep(BLOCK_S * 2)
+
+    run(main)
+    if loop_kind == "uvloop":
+        # uvloop calls a C callback from C: no profile event can see it.
+        assert reports == []
+    else:
+        assert [(r.kind, r.method_name) for r in reports] == [("callback", "time.sleep")]
+
+
+def test_a_slow_protocol_method_is_a_callback(run):
+    import socket
+
+    ctx, reports = monitor()
+    received = asyncio.Event
+
+    class Slow(asyncio.Protocol):
+        def __init__(self, done):
+            self.done = done
+
+        def data_received(self, data):
+            time.sleep(BLOCK_S)
+            self.done.set()
+
+    async def main():
+        done = received()
+        ours, theirs = socket.socketpair()
+        with ctx:
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: Slow(done), ours)
+            theirs.sendall(b"ping")
+            await asyncio.wait_for(done.wait(), 5)
+            transport.close()
+        theirs.close()
+
+    run(main)
+    assert len(reports) == 1
+    assert reports[0].kind == "callback"
+    assert [short(n) for n in names(reports[0])][-2:] == ["data_received", "sleep"]
+
+
+def test_the_running_task_is_named(run):
+    ctx, reports = monitor()
+
+    async def worker():
+        time.sleep(BLOCK_S)
+
+    async def main():
+        with ctx:
+            await asyncio.create_task(worker(), name="ingest-worker")
+
+    run(main)
+    assert [r.task_name for r in reports] == ["ingest-worker"]
+
+
+class Service:
+    def process_data(self):
+        time.sleep(BLOCK_S)
+
+
+def test_method_names_are_module_qualified(run):
+    ctx, reports = monitor(exclude_paths=["time"])
+
+    async def main():
+        with ctx:
+            Service().process_data()
+
+    run(main)
+    assert reports[0].method_name == f"{__name__}.Service.process_data"
+    assert reports[0].lineno == Service.process_data.__code__.co_firstlineno + 1

@@ -1,0 +1,272 @@
+"""Activation and deactivation: mid-coroutine starts, threads, nesting, decorators, and restoring
+whatever profiler was there before."""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import pstats
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import BLOCK_S, monitor, names, new_loop, short
+from loopwatch import EventLoopMonitor, event_loop_monitor_ctx
+
+
+def deep_blocking():
+    time.sleep(BLOCK_S)
+
+
+def test_a_monitor_activated_deep_inside_a_running_coroutine_works(run):
+    ctx, reports = monitor()
+
+    async def level3():
+        with ctx:
+            deep_blocking()
+            await asyncio.sleep(0)
+            deep_blocking()
+
+    async def level2():
+        await level3()
+
+    async def main():
+        await asyncio.sleep(0)
+        await level2()
+        time.sleep(BLOCK_S)  # after deactivation: not reported
+
+    run(main)
+    assert len(reports) == 2
+    assert [short(n) for n in names(reports[1])] == ["main", "level2", "level3", "deep_blocking", "sleep"]
+
+
+def test_loops_in_several_threads_are_monitored_independently(loop_kind):
+    results = {}
+
+    def thread_main(label, seconds):
+        reports = []
+
+        async def main():
+            with EventLoopMonitor(threshold_ms=30, on_blocking_call=reports.append):
+                await asyncio.sleep(0.05)
+                time.sleep(seconds)
+                await asyncio.sleep(0.05)
+
+        loop = new_loop(loop_kind)
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+        results[label] = (threading.get_ident(), reports, sys.getprofile())
+
+    threads = [threading.Thread(target=thread_main, args=(label, s)) for label, s in (("a", 0.08), ("b", 0.16))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for label, expected_ms in (("a", 80), ("b", 160)):
+        ident, reports, profile_after = results[label]
+        assert len(reports) == 1, label
+        assert reports[0].thread_id == ident
+        assert expected_ms <= reports[0].duration_ms < expected_ms + 60
+        assert profile_after is None
+
+
+def test_deactivation_restores_a_python_profile_function():
+    seen = []
+
+    def profiler(frame, event, arg):
+        seen.append(event)
+
+    sys.setprofile(profiler)
+    try:
+        with EventLoopMonitor(threshold_ms=30):
+            assert sys.getprofile() is not profiler
+        assert sys.getprofile() is profiler
+        seen.clear()
+        len([])
+        assert "c_call" in seen
+    finally:
+        sys.setprofile(None)
+
+
+def profiled_after_monitoring():
+    return 1
+
+
+def test_cprofile_keeps_profiling_after_loopwatch_is_done():
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        with EventLoopMonitor(threshold_ms=30):
+            pass
+        profiled_after_monitoring()
+    finally:
+        profile.disable()
+    stats = pstats.Stats(profile)
+    assert any(func[2] == "profiled_after_monitoring" for func in stats.stats)
+
+
+def test_save_and_restore_of_sys_getprofile_inside_monitored_code_keeps_monitoring(run):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            saved = sys.getprofile()
+            sys.setprofile(None)
+            time.sleep(BLOCK_S)  # unmonitored: nothing is reported for it
+            sys.setprofile(saved)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            time.sleep(BLOCK_S)
+
+    run(main)
+    assert [r.method_name for r in reports] == ["time.sleep"]
+
+
+def test_nested_contexts_apply_the_inner_settings_inside_and_the_outer_after(run):
+    outer, outer_reports = monitor(threshold_ms=150)
+    inner, inner_reports = monitor(threshold_ms=30)
+
+    async def main():
+        with outer:
+            with inner:
+                time.sleep(0.06)
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            time.sleep(0.06)  # under the outer threshold
+            await asyncio.sleep(0)
+            time.sleep(0.2)
+
+    run(main)
+    assert [round(r.duration_ms, -1) >= 60 for r in inner_reports] == [True]
+    assert [r.threshold_ms for r in inner_reports] == [30]
+    assert len(outer_reports) == 1 and outer_reports[0].duration_ms >= 200
+
+
+def test_the_decorator_covers_the_whole_coroutine(run):
+    reports = []
+
+    @event_loop_monitor_ctx(threshold_ms=30, on_blocking_call=reports.append)
+    async def handler():
+        await asyncio.sleep(0.01)
+        time.sleep(BLOCK_S)
+        await asyncio.sleep(0.01)
+        time.sleep(BLOCK_S)
+        return "done"
+
+    assert run(handler) == "done"
+    assert len(reports) == 2
+
+
+def test_the_decorator_on_a_sync_function_and_async_with(run):
+    reports = []
+    ctx = event_loop_monitor_ctx(threshold_ms=30, on_blocking_call=reports.append)
+
+    @ctx
+    def start():
+        return run(main)
+
+    async def main():
+        async with ctx:
+            time.sleep(BLOCK_S)
+        await asyncio.sleep(0)
+        time.sleep(BLOCK_S)
+
+    start()
+    assert len(reports) == 2
+
+
+def test_enabled_false_monitors_nothing(run):
+    reports = []
+
+    async def main():
+        with event_loop_monitor_ctx(enabled=False, threshold_ms=30, on_blocking_call=reports.append):
+            time.sleep(BLOCK_S)
+
+    run(main)
+    assert reports == []
+
+
+def test_activate_and_deactivate_by_hand():
+    monitor_ = EventLoopMonitor(threshold_ms=30)
+    assert not monitor_.is_active
+    monitor_.activate()
+    monitor_.activate()
+    assert monitor_.is_active
+    monitor_.deactivate()
+    assert not monitor_.is_active
+    monitor_.deactivate()
+    assert sys.getprofile() is None
+
+
+def test_is_active_is_per_thread():
+    monitor_ = EventLoopMonitor(threshold_ms=30)
+    seen = []
+    with monitor_:
+        thread = threading.Thread(target=lambda: seen.append(monitor_.is_active))
+        thread.start()
+        thread.join()
+        assert monitor_.is_active
+    assert seen == [False]
+
+
+def test_a_thread_that_ends_while_monitored_does_no_harm():
+    def forgetful():
+        EventLoopMonitor(threshold_ms=30).activate()
+
+    thread = threading.Thread(target=forgetful)
+    thread.start()
+    thread.join()
+    assert sys.getprofile() is None
+
+
+def test_a_pending_exception_passes_through_untouched(run):
+    ctx, reports = monitor()
+
+    class Boom(Exception):
+        pass
+
+    def raise_after_blocking():
+        try:
+            raise Boom("original")
+        finally:
+            time.sleep(BLOCK_S)
+
+    async def main():
+        with ctx:
+            with pytest.raises(Boom, match="original"):
+                raise_after_blocking()
+            try:
+                raise KeyError("kept")
+            except KeyError as error:
+                time.sleep(BLOCK_S)
+                assert sys.exc_info()[1] is error
+
+    run(main)
+    assert len(reports) == 1  # both blocks are in one step
+
+
+def test_deep_recursion_is_tracked_without_trouble(run):
+    ctx, reports = monitor()
+
+    def recurse(n):
+        if n == 0:
+            time.sleep(BLOCK_S)
+            return 0
+        return recurse(n - 1) + 1
+
+    async def main():
+        with ctx:
+            assert recurse(600) == 600
+
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(5000)
+    try:
+        run(main)
+    finally:
+        sys.setrecursionlimit(old)
+    assert len(reports) == 1
+    assert len(reports[0].stack) == 603
