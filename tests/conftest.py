@@ -9,7 +9,6 @@ from collections.abc import Awaitable
 from typing import Any, Callable
 
 import pytest
-
 from loopwatch import BlockingCallInfo, event_loop_monitor_ctx
 
 THRESHOLD_MS = 30.0

@@ -10,7 +10,6 @@ import os
 import time
 
 import pytest
-
 from conftest import BLOCK_S, monitor, names, short
 from loopwatch import BlockingCallInfo, EventLoopMonitor, event_loop_monitor_ctx
 

@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import BLOCK_S, monitor, names, new_loop, short
 from loopwatch import EventLoopMonitor, event_loop_monitor_ctx
 
@@ -61,7 +60,9 @@ def test_loops_in_several_threads_are_monitored_independently(loop_kind):
             loop.close()
         results[label] = (threading.get_ident(), reports, sys.getprofile())
 
-    threads = [threading.Thread(target=thread_main, args=(label, s)) for label, s in (("a", 0.08), ("b", 0.16))]
+    threads = [
+        threading.Thread(target=thread_main, args=(label, s)) for label, s in (("a", 0.08), ("b", 0.16))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

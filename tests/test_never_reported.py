@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 
@@ -19,10 +20,8 @@ def test_awaiting_sleep_executors_and_threads_is_not_blocking(run):
             await asyncio.to_thread(time.sleep, BLOCK_S * 2)
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 await asyncio.get_running_loop().run_in_executor(pool, busy, BLOCK_S * 2)
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.Event().wait(), BLOCK_S * 2)
-            except asyncio.TimeoutError:
-                pass
 
     run(main)
     assert reports == []
@@ -72,10 +71,8 @@ def test_a_coroutine_driven_by_hand_outside_a_loop_is_not_reported():
 
     with ctx:
         coroutine = work()
-        try:
+        with contextlib.suppress(StopIteration):
             coroutine.send(None)
-        except StopIteration:
-            pass
     assert reports == []
 
 

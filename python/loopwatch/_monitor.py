@@ -169,7 +169,10 @@ class EventLoopMonitor:
         return self
 
     def __exit__(
-        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
     ) -> None:
         self.deactivate()
 
@@ -177,7 +180,10 @@ class EventLoopMonitor:
         return self.__enter__()
 
     async def __aexit__(
-        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
     ) -> None:
         self.__exit__(exc_type, exc, tb)
 
@@ -210,7 +216,7 @@ class _MonitorContext:
         # Validate now, where the mistake was made; keep the checked values (an iterator of
         # patterns can only be read once, relative paths are anchored now).
         checked = EventLoopMonitor(**settings)
-        self._settings = {
+        self._settings: dict[str, Any] = {
             "threshold_ms": checked._threshold_ms,
             "include_paths": checked._include_paths,
             "exclude_paths": checked._exclude_paths,
@@ -229,7 +235,10 @@ class _MonitorContext:
         return monitor
 
     def __exit__(
-        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
     ) -> None:
         monitor = self._entered.pop()
         if monitor is not None:
@@ -239,7 +248,10 @@ class _MonitorContext:
         return self.__enter__()
 
     async def __aexit__(
-        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
     ) -> None:
         self.__exit__(exc_type, exc, tb)
 
@@ -285,7 +297,7 @@ def event_loop_monitor_ctx(
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be True or False, got {type(enabled).__name__}")
-    settings = {
+    settings: dict[str, Any] = {
         "threshold_ms": threshold_ms,
         "include_paths": include_paths,
         "exclude_paths": exclude_paths,

@@ -90,7 +90,9 @@ class BlockingCallInfo:
                 is_coroutine=is_coroutine,
                 included=included,
             )
-            for (name, filename, lineno, end_lineno, duration_ns, is_c, is_coroutine, included) in raw["stack"]
+            for (name, filename, lineno, end_lineno, duration_ns, is_c, is_coroutine, included) in raw[
+                "stack"
+            ]
         )
         culprit = stack[raw["culprit"]]
         located = next((f for f in reversed(stack) if f.filename is not None), None)

@@ -27,7 +27,7 @@ pub unsafe extern "C" fn profile_hook(
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let state = ThreadMonitor::state_of(obj);
         if let Some(delivery) = handle_event(state, frame, what, arg) {
-            deliver(obj, delivery);
+            deliver(obj, &delivery);
         }
     }));
     if outcome.is_err() {
@@ -113,7 +113,7 @@ pub unsafe fn resume_position(frame: *mut ffi::PyFrameObject) -> i32 {
 /// Calls the sink with each episode. The sink may deactivate the monitor (and so drop the
 /// thread's reference to it), so the monitor is kept alive until delivery is over.
 #[cold]
-pub unsafe fn deliver(obj: *mut ffi::PyObject, delivery: Delivery) {
+pub unsafe fn deliver(obj: *mut ffi::PyObject, delivery: &Delivery) {
     let py = Python::assume_attached();
     let _saved = SavedError::take();
     ffi::Py_INCREF(obj);

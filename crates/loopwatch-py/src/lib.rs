@@ -1,4 +1,4 @@
-//! loopwatch._native: the thin binding between CPython's profile hook and loopwatch-core.
+//! `loopwatch._native`: the thin binding between CPython's profile hook and loopwatch-core.
 //! It translates events and names frames; every decision is the core's.
 
 mod codes;

@@ -26,6 +26,7 @@ pub struct Filters {
 impl Filters {
     #[new]
     #[pyo3(signature = (include=Vec::new(), exclude=Vec::new()))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 hands over owned lists
     fn new(include: Vec<String>, exclude: Vec<String>) -> PyResult<Self> {
         let set =
             FilterSet::new(&include, &exclude).map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -86,6 +87,7 @@ pub struct ThreadMonitor {
 unsafe impl Sync for ThreadMonitor {}
 unsafe impl Send for ThreadMonitor {}
 
+#[allow(clippy::useless_conversion)] // `c_ulong` is not 64 bits everywhere
 fn current_thread() -> u64 {
     u64::from(unsafe { ffi::PyThread_get_thread_ident() })
 }
@@ -102,6 +104,7 @@ impl ThreadMonitor {
         monitor.state.get()
     }
 
+    #[allow(clippy::mut_from_ref)] // interior mutability: one thread, GIL held, no overlapping borrows
     fn state(&self) -> PyResult<&mut State> {
         let state = unsafe { &mut *self.state.get() };
         if state.tracker.is_some() && state.thread != current_thread() {
@@ -152,7 +155,7 @@ impl ThreadMonitor {
     }
 
     /// Whether our hook is still the thread's profile function.
-    fn is_current_hook(&self, py: Python<'_>, me: *mut ffi::PyObject) -> bool {
+    fn is_current_hook(py: Python<'_>, me: *mut ffi::PyObject) -> bool {
         match unsafe { threadstate::current() } {
             Some(slot) => slot.obj == me,
             None => py
@@ -178,7 +181,7 @@ impl ThreadMonitor {
             let state = self.state.get();
             unsafe {
                 (*state).paused = true;
-                deliver(me, delivery);
+                deliver(me, &delivery);
                 (*state).paused = false;
             }
         }
@@ -288,7 +291,7 @@ impl ThreadMonitor {
         if this.state()?.tracker.is_none() {
             return Ok(false);
         }
-        let ours = this.is_current_hook(py, me);
+        let ours = Self::is_current_hook(py, me);
         if ours {
             this.flush_and_deliver(me)?;
         }
@@ -326,7 +329,7 @@ impl ThreadMonitor {
     /// Whether the hook is installed and still the thread's profile function.
     #[getter]
     fn hooked(slf: &Bound<'_, Self>) -> bool {
-        slf.get().installed() && slf.get().is_current_hook(slf.py(), slf.as_ptr())
+        slf.get().installed() && Self::is_current_hook(slf.py(), slf.as_ptr())
     }
 
     /// Called only when code saved `sys.getprofile()` and restored it with `sys.setprofile()`,

@@ -30,6 +30,7 @@ pub struct ProfileSlot {
 ///
 /// # Safety
 /// The caller must hold the GIL.
+#[allow(clippy::cast_ptr_alignment)] // both offsets are 8-aligned pointer fields of the C struct
 pub unsafe fn current() -> Option<ProfileSlot> {
     if !LAYOUT_VERIFIED.load(Ordering::Relaxed) {
         return None;

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds loopwatch and runs its Python tests on each CPython 3.9–3.13 that is installed
+# (through pyenv where present, else the pythonX.Y on PATH). Prints one line per version.
+#   scripts/matrix.sh                 every minor version found
+#   scripts/matrix.sh 3.11 3.12       only these
+#   REQUIRE="3.11 3.12 3.13" ...      fail if one of these is missing
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+minors=("$@")
+[ ${#minors[@]} -gt 0 ] || minors=(3.9 3.10 3.11 3.12 3.13)
+venvs=${LOOPWATCH_VENVS:-$root/.venvs}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+
+find_python() {
+  local minor=$1 version
+  if command -v pyenv >/dev/null 2>&1; then
+    version=$(pyenv versions --bare 2>/dev/null | grep -E "^${minor//./\\.}\.[0-9]+$" | sort -V | tail -n 1)
+    if [ -n "$version" ]; then
+      echo "$(pyenv prefix "$version")/bin/python"
+      return
+    fi
+  fi
+  command -v "python$minor" 2>/dev/null || true
+}
+
+declare -a summary
+status=0
+for minor in "${minors[@]}"; do
+  python=$(find_python "$minor")
+  if [ -z "$python" ]; then
+    summary+=("SKIPPED $minor: not installed on this machine")
+    if [[ " ${REQUIRE:-} " == *" $minor "* ]]; then status=1; fi
+    continue
+  fi
+  echo "=== CPython $minor ($python)"
+  venv="$venvs/$minor"
+  if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv" || { summary+=("FAILED  $minor: could not create a venv"); status=1; continue; }
+  fi
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1
+  if ! "$venv/bin/python" -m pip install -q "$root[test]"; then
+    summary+=("FAILED  $minor: build or install failed"); status=1; continue
+  fi
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests"
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    summary+=("PASSED  $minor ($("$venv/bin/python" -c 'import platform; print(platform.python_version())'))")
+  elif [ $rc -eq 5 ]; then
+    summary+=("FAILED  $minor: pytest collected no tests"); status=1
+  else
+    summary+=("FAILED  $minor: pytest exited $rc"); status=1
+  fi
+done
+
+echo
+echo "Interpreter matrix:"
+printf '  %s\n' "${summary[@]}"
+exit $status

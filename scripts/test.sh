@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything that must pass before a change lands: the Rust core (format, lints, tests), then the
+# extension built and tested on each CPython 3.9–3.13 present, then Python lint and stub checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "=== Rust: format, clippy, core tests"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo test -p loopwatch-core --quiet
+
+echo "=== Python: build and test on each interpreter"
+if [ "${CI:-}" = "true" ]; then
+  export REQUIRE="${REQUIRE:-3.11 3.12 3.13}"
+fi
+scripts/matrix.sh
+
+echo "=== Python: lint and type stubs"
+newest=$(ls -d .venvs/3.* 2>/dev/null | sort -V | tail -n 1)
+"$newest/bin/python" -m pip install -q ruff mypy
+"$newest/bin/python" -m ruff check python tests examples
+"$newest/bin/python" -m ruff format --check python tests examples
+"$newest/bin/python" -m mypy.stubtest loopwatch._native
+"$newest/bin/python" -m mypy
+echo "All checks passed."
