@@ -18,8 +18,8 @@ scripts/matrix.sh
 echo "=== Python: lint and type stubs"
 newest=$(ls -d .venvs/3.* 2>/dev/null | sort -V | tail -n 1)
 "$newest/bin/python" -m pip install -q ruff mypy
-"$newest/bin/python" -m ruff check python tests examples
-"$newest/bin/python" -m ruff format --check python tests examples
+"$newest/bin/python" -m ruff check python tests examples benches
+"$newest/bin/python" -m ruff format --check python tests examples benches
 "$newest/bin/python" -m mypy.stubtest loopwatch._native
 "$newest/bin/python" -m mypy
 echo "All checks passed."

@@ -3,7 +3,13 @@
 from collections.abc import Callable
 from typing import Any, Optional, final
 
-__all__ = ["DEFAULT_EXCLUDES", "Filters", "ThreadMonitor"]
+__all__ = [
+    "DEFAULT_EXCLUDES",
+    "Filters",
+    "ThreadMonitor",
+    "_bench_install_empty_hook",
+    "_bench_uninstall_hook",
+]
 
 DEFAULT_EXCLUDES: list[str]
 
@@ -31,3 +37,9 @@ class ThreadMonitor:
     @property
     def hooked(self) -> bool: ...
     def __call__(self, _frame: Any, _event: Any, _arg: Any) -> None: ...
+
+def _bench_install_empty_hook() -> None:
+    """Installs a profile hook that does nothing (the benchmarks' floor)."""
+
+def _bench_uninstall_hook() -> None:
+    """Removes any profile function from the calling thread."""

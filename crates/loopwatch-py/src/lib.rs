@@ -3,6 +3,7 @@
 
 mod codes;
 mod errors;
+mod floor;
 mod hook;
 mod monitor;
 mod report;
@@ -20,6 +21,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     resolve::init(py)?;
     m.add_class::<monitor::ThreadMonitor>()?;
     m.add_class::<monitor::Filters>()?;
+    m.add_function(wrap_pyfunction!(floor::_bench_install_empty_hook, m)?)?;
+    m.add_function(wrap_pyfunction!(floor::_bench_uninstall_hook, m)?)?;
     m.add(
         "DEFAULT_EXCLUDES",
         loopwatch_core::filter::DEFAULT_EXCLUDES.to_vec(),
