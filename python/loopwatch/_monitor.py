@@ -84,7 +84,34 @@ def _hub() -> _ThreadHub:
     return hub
 
 
-class EventLoopMonitor:
+class _AlsoAsync:
+    """Makes a sync context manager usable with ``async with`` too: entering and leaving never
+    await, so the async forms just call the sync ones."""
+
+    def __enter__(self) -> Any:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Any:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+class EventLoopMonitor(_AlsoAsync):
     """Reports synchronous code that blocks the event loop on the threads it is activated on.
 
     Args:
@@ -176,17 +203,6 @@ class EventLoopMonitor:
     ) -> None:
         self.deactivate()
 
-    async def __aenter__(self) -> EventLoopMonitor:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
-
     def _deliver(self, raw: dict[str, Any]) -> None:
         """Receives one episode from the native hook. Never raises."""
         try:
@@ -207,7 +223,7 @@ class EventLoopMonitor:
                 )
 
 
-class _MonitorContext:
+class _MonitorContext(_AlsoAsync):
     """What `event_loop_monitor_ctx` returns: a sync and async context manager and a decorator.
     Each entry (or decorated call) activates a monitor of its own, so it nests and re-enters."""
 
@@ -243,17 +259,6 @@ class _MonitorContext:
         monitor = self._entered.pop()
         if monitor is not None:
             monitor.deactivate()
-
-    async def __aenter__(self) -> Optional[EventLoopMonitor]:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
     def __call__(self, func: F) -> F:
         """Decorates a function so that each call runs monitored; for an ``async def`` that means
