@@ -59,8 +59,7 @@ impl Resolver for PyResolver<'_> {
         let described = if frame.is_c {
             let callable = self.event_callable;
             if frame.returning && unsafe { method_def(callable) } == Some(frame.key as usize) {
-                unsafe { Bound::from_borrowed_ptr(self.py, callable) }
-                    .pipe(|f| describe_c_function(&f))
+                describe_c_function(&unsafe { Bound::from_borrowed_ptr(self.py, callable) })
             } else {
                 Ok(describe_method_def(frame.key as *mut ffi::PyMethodDef))
             }
@@ -111,14 +110,6 @@ impl Resolver for PyResolver<'_> {
         self.running_loop().is_some()
     }
 }
-
-/// Lets a value flow into a function in a chain (`x.pipe(f)` reads as `f(x)`).
-trait Pipe: Sized {
-    fn pipe<T>(self, f: impl FnOnce(Self) -> T) -> T {
-        f(self)
-    }
-}
-impl<T> Pipe for T {}
 
 fn module_of_globals(globals: &Bound<'_, PyAny>) -> String {
     let name = globals
