@@ -164,10 +164,6 @@ impl Tracker {
         self.filters = filters;
     }
 
-    pub fn threshold(&self) -> Ticks {
-        self.threshold
-    }
-
     pub fn depth(&self) -> usize {
         self.stack.len()
     }

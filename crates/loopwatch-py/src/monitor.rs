@@ -4,7 +4,7 @@
 use std::cell::UnsafeCell;
 use std::sync::OnceLock;
 
-use loopwatch_core::{Clock, FilterSet, Tracker};
+use loopwatch_core::{Clock, FilterSet, Ticks, Tracker};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -115,18 +115,16 @@ impl ThreadMonitor {
         Ok(state)
     }
 
-    fn tracker_for(threshold_ms: f64, filters: &Filters) -> PyResult<Tracker> {
+    /// The threshold in clock ticks, refusing what is not a positive, finite number of ms.
+    fn threshold_ticks(threshold_ms: f64) -> PyResult<Ticks> {
         if !threshold_ms.is_finite() || threshold_ms <= 0.0 {
             return Err(PyValueError::new_err(format!(
                 "threshold_ms must be > 0, got {threshold_ms}"
             )));
         }
-        let clock = CLOCK.get_or_init(Clock::new);
-        Ok(Tracker::new(
-            clock.ticks_for_nanos(threshold_ms * 1e6),
-            clock.nanos_per_tick(),
-            filters.set.clone(),
-        ))
+        Ok(CLOCK
+            .get_or_init(Clock::new)
+            .ticks_for_nanos(threshold_ms * 1e6))
     }
 
     /// Pushes the Python frames running now, outermost first, timed from now.
@@ -221,7 +219,12 @@ impl ThreadMonitor {
                 "this ThreadMonitor is already installed",
             ));
         }
-        let tracker = Self::tracker_for(threshold_ms, filters)?;
+        let clock = CLOCK.get_or_init(Clock::new);
+        let tracker = Tracker::new(
+            Self::threshold_ticks(threshold_ms)?,
+            clock.nanos_per_tick(),
+            filters.set.clone(),
+        );
         // Trust the thread-state read only where it agrees with what sys.getprofile() reports.
         let from_sys = py.import("sys")?.call_method0("getprofile")?;
         let previous = match unsafe { threadstate::current() } {
@@ -266,7 +269,7 @@ impl ThreadMonitor {
         sink: Py<PyAny>,
     ) -> PyResult<()> {
         let this = slf.get();
-        let fresh = Self::tracker_for(threshold_ms, filters)?;
+        let threshold = Self::threshold_ticks(threshold_ms)?;
         if this.state()?.tracker.is_none() {
             return Err(PyRuntimeError::new_err(
                 "this ThreadMonitor is not installed",
@@ -276,7 +279,7 @@ impl ThreadMonitor {
         let state = this.state()?;
         // The old sink may have uninstalled us meanwhile; then there is nothing to configure.
         if let Some(tracker) = state.tracker.as_mut() {
-            tracker.configure(fresh.threshold(), filters.set.clone());
+            tracker.configure(threshold, filters.set.clone());
             state.sink = Some(sink);
         }
         Ok(())
