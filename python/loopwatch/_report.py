@@ -107,7 +107,7 @@ class BlockingCallInfo:
             stack=stack,
             task_name=raw["task_name"],
             thread_id=threading.get_ident(),
-            timestamp=time.time() - raw["started_ns_ago"] / 1e9,
+            timestamp=time.time() - raw["duration_ns"] / 1e9,  # reported as soon as it ends
             threshold_ms=raw["threshold_ns"] / 1e6,
             culprit_duration_ms=culprit.duration_ms,
         )

@@ -64,7 +64,8 @@ pub struct StackFrame {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Episode {
     pub kind: EpisodeKind,
-    /// How long the loop was blocked: the whole callback or step.
+    /// How long the loop was blocked: the whole callback or step. It ended when it was
+    /// reported, so it also says how long ago it started.
     pub duration_ns: u64,
     /// The threshold in force when the episode was found.
     pub threshold_ns: u64,
@@ -73,8 +74,6 @@ pub struct Episode {
     /// Index of the culprit in `stack`.
     pub culprit: usize,
     pub task_name: Option<String>,
-    /// How long ago the episode started, at the moment it was reported.
-    pub started_ns_ago: u64,
 }
 
 impl Episode {

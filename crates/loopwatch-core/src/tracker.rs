@@ -366,7 +366,7 @@ impl Tracker {
             Role::Dispatcher => {
                 let unseen = duration.saturating_sub(entry.accounted);
                 if unseen >= self.threshold {
-                    self.report_invisible_callback(&entry, duration, now, r);
+                    self.report_invisible_callback(&entry, duration, unseen, r);
                 }
                 self.credit_dispatcher(duration);
             }
@@ -492,7 +492,6 @@ impl Tracker {
             stack,
             culprit,
             task_name: self.unit_task.clone().flatten(),
-            started_ns_ago: self.nanos(duration),
         })
     }
 
@@ -530,7 +529,7 @@ impl Tracker {
         &mut self,
         entry: &Entry,
         duration: Ticks,
-        now: Ticks,
+        unseen: Ticks,
         r: &mut R,
     ) {
         // The Python dispatcher holding the callback: this entry, or the one below a C dispatcher.
@@ -551,7 +550,6 @@ impl Tracker {
         if !included {
             return;
         }
-        let unseen = duration.saturating_sub(entry.accounted);
         let frame = StackFrame {
             name: info.name,
             filename: info.filename,
@@ -569,7 +567,6 @@ impl Tracker {
             stack: vec![frame],
             culprit: 0,
             task_name: None,
-            started_ns_ago: self.nanos(now.saturating_sub(entry.start)),
         });
     }
 

@@ -11,7 +11,6 @@ pub fn episode_to_python<'py>(py: Python<'py>, episode: &Episode) -> PyResult<Bo
     report.set_item("threshold_ns", episode.threshold_ns)?;
     report.set_item("culprit", episode.culprit)?;
     report.set_item("task_name", episode.task_name.as_deref())?;
-    report.set_item("started_ns_ago", episode.started_ns_ago)?;
     let frames = episode
         .stack
         .iter()
