@@ -212,6 +212,50 @@ impl Tracker {
         self.pop_matching(key, true, now, r);
     }
 
+    /// The hot path of a call inside a unit: a plain (not coroutine) frame pushed as work, with
+    /// no allocation. Returns false, having done nothing, when the general path must decide.
+    #[inline(always)]
+    pub fn try_push_work(&mut self, key: u64, tag: Tag, is_c: bool, now: Ticks) -> bool {
+        if self.unit_root.is_none()
+            || tag != Tag::PLAIN
+            || self.stack.len() == self.stack.capacity()
+        {
+            return false;
+        }
+        self.stack.push(Entry {
+            key,
+            start: now,
+            accounted: 0,
+            resume: 0,
+            call_line: NO_LINE,
+            blame: NO_NODE,
+            role: Role::Work,
+            is_c,
+            is_coroutine: false,
+        });
+        true
+    }
+
+    /// The hot path of a return: the top entry is the returning work frame, under the threshold
+    /// and not the unit's root, so it is simply dropped. Returns false, having done nothing,
+    /// when the general path must decide.
+    #[inline(always)]
+    pub fn try_pop_work(&mut self, key: u64, is_c: bool, now: Ticks) -> bool {
+        let Some(top) = self.stack.last() else {
+            return false;
+        };
+        if top.key != key
+            || top.is_c != is_c
+            || top.role != Role::Work
+            || now.saturating_sub(top.start) >= self.threshold
+            || self.unit_root == Some(self.stack.len() - 1)
+        {
+            return false;
+        }
+        self.stack.pop();
+        true
+    }
+
     /// Pushes frames that were already running when monitoring began, outermost first.
     /// They are timed from `now`: only what is seen is measured.
     pub fn seed<R: Resolver>(&mut self, frames: &[(u64, Tag, i32)], now: Ticks, r: &mut R) {

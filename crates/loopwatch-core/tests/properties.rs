@@ -1,5 +1,6 @@
 //! Arbitrary, even nonsensical, event sequences: the tracker never panics, never reports a stall
-//! longer than the time that passed, and never reports anything when every gap is short.
+//! longer than the time that passed, never reports anything when every gap is short, and its hot
+//! path decides exactly what the general path would.
 
 mod sim;
 
@@ -29,7 +30,10 @@ fn event(max_advance: u64) -> impl Strategy<Value = Event> {
 }
 
 fn run(events: &[Event], loop_running: bool) -> Sim {
-    let mut s = Sim::new();
+    run_on(Sim::new(), events, loop_running)
+}
+
+fn run_on(mut s: Sim, events: &[Event], loop_running: bool) -> Sim {
     s.py.loop_running = loop_running;
     for e in events {
         match *e {
@@ -56,6 +60,16 @@ proptest! {
                 prop_assert!(frame.duration_ns <= e.duration_ns);
             }
         }
+    }
+
+    #[test]
+    fn the_hot_path_decides_exactly_as_the_general_path(events in prop::collection::vec(event(40), 0..200), running: bool) {
+        let mut general = Sim::new();
+        general.general_only = true;
+        let general = run_on(general, &events, running);
+        let hot = run(&events, running);
+        prop_assert_eq!(&hot.episodes, &general.episodes);
+        prop_assert_eq!(hot.tracker.depth(), general.tracker.depth());
     }
 
     #[test]

@@ -401,3 +401,20 @@ fn fast_units_cost_no_names() {
     assert!(s.episodes.is_empty());
     assert_eq!(s.py.described, 0);
 }
+
+#[test]
+fn short_calls_inside_a_step_never_leave_the_hot_path() {
+    let mut s = Sim::new();
+    s.enter_dispatch().call(MAIN, Tag::COROUTINE);
+    let before = s.hot_hits;
+    for _ in 0..1000 {
+        s.call(A, Tag::PLAIN)
+            .c_call(SLEEP, Tag::PLAIN)
+            .c_ret(SLEEP)
+            .ret(A);
+    }
+    assert_eq!(s.hot_hits - before, 4000);
+    s.ret(MAIN).leave_dispatch();
+    assert!(s.episodes.is_empty());
+    assert_eq!(s.py.described, 0);
+}

@@ -18,6 +18,8 @@ pub struct Known {
     run_forever_code: usize,
     /// `Context.run`'s method definition: how C dispatch is recognized at `c_call`.
     pub context_run_def: usize,
+    /// Where frames keep their code object, when that was confirmed at import.
+    layout: Option<CodeLayout>,
     // Strong references keep the identities above valid for the life of the process.
     _keep: Vec<Py<PyAny>>,
 }
@@ -60,11 +62,17 @@ pub fn init(py: Python<'_>) -> PyResult<()> {
     if extra_index < 0 {
         return Err(PyErr::fetch(py));
     }
+    let layout = if std::env::var_os("LOOPWATCH_PORTABLE_CODE_READS").is_some() {
+        None
+    } else {
+        CodeLayout::confirmed(py)?
+    };
     let _ = KNOWN.set(Known {
         extra_index,
         handle_run_code: handle_run.as_ptr() as usize,
         run_forever_code: run_forever.as_ptr() as usize,
         context_run_def,
+        layout,
         _keep: vec![
             handle_run.unbind(),
             run_forever.unbind(),
@@ -82,7 +90,6 @@ unsafe extern "C" fn keep_tag(_: *mut c_void) {}
 ///
 /// # Safety
 /// `callable` must be a valid object pointer.
-#[inline]
 pub unsafe fn method_def(callable: *mut ffi::PyObject) -> Option<usize> {
     if callable.is_null() || ffi::PyCFunction_Check(callable) == 0 {
         return None;
@@ -91,12 +98,150 @@ pub unsafe fn method_def(callable: *mut ffi::PyObject) -> Option<usize> {
     (!def.is_null()).then_some(def as usize)
 }
 
+/// `method_def` for the two exact builtin types (nearly every C event), without the subtype
+/// check's call into the interpreter; `None` leaves the rest to `method_def`.
+///
+/// # Safety
+/// `callable` must be a valid object pointer.
+#[inline(always)]
+pub unsafe fn exact_method_def(callable: *mut ffi::PyObject) -> Option<usize> {
+    if callable.is_null() {
+        return None;
+    }
+    let kind = ffi::Py_TYPE(callable);
+    if kind != &raw mut ffi::PyCFunction_Type && kind != &raw mut ffi::PyCMethod_Type {
+        return None;
+    }
+    let def = (*callable.cast::<ffi::PyCFunctionObject>()).m_ml;
+    (!def.is_null()).then_some(def as usize)
+}
+
+/// Where a frame keeps its code object and a code object its flags: offsets from each
+/// version's headers, trusted only after `confirmed` compared them with the C API.
+#[derive(Clone, Copy)]
+struct CodeLayout {
+    /// 3.11+: `PyFrameObject.f_frame`, the interpreter frame that holds the code.
+    interpreter_frame: Option<usize>,
+    /// `f_code` (3.9-3.12) or `f_executable` (3.13) in whichever frame holds it.
+    code: usize,
+    /// `PyCodeObject.co_flags`.
+    flags: usize,
+}
+
+const HEADER_LAYOUT: CodeLayout = if cfg!(Py_3_12) {
+    CodeLayout {
+        interpreter_frame: Some(24),
+        code: 0,
+        flags: 48,
+    }
+} else if cfg!(Py_3_11) {
+    CodeLayout {
+        interpreter_frame: Some(24),
+        code: 32,
+        flags: 48,
+    }
+} else {
+    CodeLayout {
+        interpreter_frame: None,
+        code: 32,
+        flags: 36,
+    }
+};
+
+impl CodeLayout {
+    #[inline(always)]
+    unsafe fn code_of(self, frame: *mut ffi::PyFrameObject) -> *mut ffi::PyObject {
+        let mut holder = frame.cast::<u8>();
+        if let Some(offset) = self.interpreter_frame {
+            holder = holder.add(offset).cast::<*mut u8>().read();
+        }
+        holder.add(self.code).cast::<*mut ffi::PyObject>().read()
+    }
+
+    #[inline(always)]
+    unsafe fn flags_of(self, code: *mut ffi::PyObject) -> std::ffi::c_int {
+        code.cast::<u8>()
+            .add(self.flags)
+            .cast::<std::ffi::c_int>()
+            .read()
+    }
+
+    /// The header layout if, on every frame running now and on a coroutine's frame, it reads
+    /// the same code object and flags as the C API does; otherwise `None` (the portable path).
+    fn confirmed(py: Python<'_>) -> PyResult<Option<CodeLayout>> {
+        let layout = HEADER_LAYOUT;
+        let probe = py.eval(c"(lambda: (yield))().gi_frame", None, None)?;
+        let mut frames = vec![probe];
+        let mut frame = Some(py.import("sys")?.call_method0("_getframe")?);
+        while let Some(current) = frame {
+            let back = current.getattr("f_back")?;
+            frames.push(current);
+            frame = (!back.is_none()).then_some(back);
+        }
+        for frame in &frames {
+            let code = frame.getattr("f_code")?;
+            let flags: std::ffi::c_int = code.getattr("co_flags")?.extract()?;
+            let read = unsafe { layout.code_of(frame.as_ptr().cast()) };
+            if read != code.as_ptr() || unsafe { layout.flags_of(read) } != flags {
+                return Ok(None);
+            }
+        }
+        Ok(Some(layout))
+    }
+}
+
+/// The tag of the code a frame runs: read straight from the structs where the layout was
+/// confirmed, through the C API and the `co_extra` cache elsewhere.
+///
+/// # Safety
+/// GIL held; `frame` is a live frame object.
+pub unsafe fn frame_tag(known: &Known, frame: *mut ffi::PyFrameObject) -> Tag {
+    match fast_frame_tag(known, frame) {
+        Some(tag) => tag,
+        None => portable_frame_tag(known, frame),
+    }
+}
+
+/// `frame_tag` read straight from the structs, or `None` where the layout is not confirmed.
+///
+/// # Safety
+/// GIL held; `frame` is a live frame object.
+#[inline(always)]
+pub unsafe fn fast_frame_tag(known: &Known, frame: *mut ffi::PyFrameObject) -> Option<Tag> {
+    let layout = known.layout?;
+    let code = layout.code_of(frame);
+    (ffi::Py_TYPE(code) == &raw mut ffi::PyCode_Type)
+        .then(|| tag_for(known, code as usize, layout.flags_of(code).into()))
+}
+
+unsafe fn portable_frame_tag(known: &Known, frame: *mut ffi::PyFrameObject) -> Tag {
+    let code = ffi::PyFrame_GetCode(frame);
+    let tag = tag_of(known, code);
+    ffi::Py_DECREF(code.cast());
+    tag
+}
+
+#[inline(always)]
+fn tag_for(known: &Known, code: usize, flags: std::ffi::c_long) -> Tag {
+    let mut tag = Tag::PLAIN;
+    if flags & COROUTINE_FLAGS != 0 {
+        tag = tag.union(Tag::COROUTINE);
+    }
+    if code == known.run_forever_code {
+        tag = tag.union(Tag::LOOP_RUN);
+    }
+    if code == known.handle_run_code {
+        tag = tag.union(Tag::DISPATCH);
+    }
+    tag
+}
+
 /// The tag of a code object, from its `co_extra` cache or computed now.
 ///
 /// # Safety
 /// GIL held; `code` is a valid code object.
 #[inline]
-pub unsafe fn tag_of(known: &Known, code: *mut ffi::PyCodeObject) -> Tag {
+unsafe fn tag_of(known: &Known, code: *mut ffi::PyCodeObject) -> Tag {
     let mut cached: *mut c_void = ptr::null_mut();
     if ffi::PyUnstable_Code_GetExtra(code.cast(), known.extra_index, &raw mut cached) == 0
         && !cached.is_null()
@@ -109,23 +254,17 @@ pub unsafe fn tag_of(known: &Known, code: *mut ffi::PyCodeObject) -> Tag {
 #[cold]
 unsafe fn classify(known: &Known, code: *mut ffi::PyCodeObject) -> Tag {
     let _saved = SavedError::take();
-    let mut tag = Tag::PLAIN;
     let flags = ffi::PyObject_GetAttrString(code.cast(), c"co_flags".as_ptr());
-    if flags.is_null() {
-        ffi::PyErr_Clear();
+    let flag_bits = if flags.is_null() {
+        0
     } else {
-        if ffi::PyLong_AsLong(flags) & COROUTINE_FLAGS != 0 {
-            tag = tag.union(Tag::COROUTINE);
-        }
+        // Flags are never negative; -1 is `PyLong_AsLong`'s error value.
+        let bits = ffi::PyLong_AsLong(flags).max(0);
         ffi::Py_DECREF(flags);
-        ffi::PyErr_Clear();
-    }
-    if code as usize == known.run_forever_code {
-        tag = tag.union(Tag::LOOP_RUN);
-    }
-    if code as usize == known.handle_run_code {
-        tag = tag.union(Tag::DISPATCH);
-    }
+        bits
+    };
+    ffi::PyErr_Clear();
+    let tag = tag_for(known, code as usize, flag_bits);
     // Stored as tag + 1 so that an empty slot (NULL) means "not computed yet".
     if ffi::PyUnstable_Code_SetExtra(
         code.cast(),

@@ -1,14 +1,14 @@
-//! The C profile hook: translates CPython's events into tracker calls. The fast path reads the
-//! clock, the code tag and pushes or pops one entry; everything else happens on the cold path.
+//! The C profile hook: translates CPython's events into tracker calls. The hot path reads the
+//! clock and the code's tag and pushes or pops one entry; everything else is the general path.
 
 use std::ffi::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use loopwatch_core::{Episode, Tag};
+use loopwatch_core::{Episode, Tag, Ticks};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::codes::{method_def, tag_of};
+use crate::codes::{exact_method_def, fast_frame_tag, frame_tag, method_def};
 use crate::errors::SavedError;
 use crate::monitor::{State, ThreadMonitor};
 use crate::report::episode_to_python;
@@ -24,9 +24,83 @@ pub unsafe extern "C" fn profile_hook(
     what: c_int,
     arg: *mut ffi::PyObject,
 ) -> c_int {
+    let state = &mut *ThreadMonitor::state_of(obj);
+    let Some(now) = state.clock.counter_now() else {
+        return event_on_portable_clock(obj, frame, what, arg);
+    };
+    if hot_event(state, frame, what, arg, now) {
+        return 0;
+    }
+    // A tail call, so the hot path above saves no registers.
+    general_event(obj, frame, what, arg, now)
+}
+
+/// `profile_hook` where the clock is not a plain counter read (no invariant TSC).
+#[inline(never)]
+unsafe extern "C" fn event_on_portable_clock(
+    obj: *mut ffi::PyObject,
+    frame: *mut ffi::PyFrameObject,
+    what: c_int,
+    arg: *mut ffi::PyObject,
+) -> c_int {
+    let state = &mut *ThreadMonitor::state_of(obj);
+    let now = state.clock.now();
+    if hot_event(state, frame, what, arg, now) {
+        return 0;
+    }
+    general_event(obj, frame, what, arg, now)
+}
+
+/// Handles the events that make up nearly all of a program's run (a short call inside a task
+/// step or callback) with no function call and nothing that can fail. Returns false when the
+/// general path must decide.
+#[inline(always)]
+unsafe fn hot_event(
+    state: &mut State,
+    frame: *mut ffi::PyFrameObject,
+    what: c_int,
+    arg: *mut ffi::PyObject,
+    now: Ticks,
+) -> bool {
+    let known = state.known;
+    let Some(tracker) = state.tracker.as_mut().filter(|_| !state.paused) else {
+        // Not tracking, or loopwatch's own code is running: nothing to do.
+        return true;
+    };
+    match what {
+        ffi::PyTrace_CALL => match fast_frame_tag(known, frame) {
+            Some(tag) => tracker.try_push_work(frame as u64, tag, false, now),
+            None => false,
+        },
+        ffi::PyTrace_RETURN => tracker.try_pop_work(frame as u64, false, now),
+        ffi::PyTrace_C_CALL => match exact_method_def(arg) {
+            Some(def) if def != known.context_run_def => {
+                tracker.try_push_work(def as u64, Tag::PLAIN, true, now)
+            }
+            _ => false,
+        },
+        ffi::PyTrace_C_RETURN | ffi::PyTrace_C_EXCEPTION => match exact_method_def(arg) {
+            Some(def) => tracker.try_pop_work(def as u64, true, now),
+            None => false,
+        },
+        _ => true,
+    }
+}
+
+/// Everything the hot path leaves: loop structure, coroutine steps, calls over the threshold.
+/// Returns the hook's result, always 0: non-zero would raise into the user's code. `extern "C"`
+/// because it never unwinds, which lets the hook jump to it instead of calling it.
+#[inline(never)]
+unsafe extern "C" fn general_event(
+    obj: *mut ffi::PyObject,
+    frame: *mut ffi::PyFrameObject,
+    what: c_int,
+    arg: *mut ffi::PyObject,
+    now: Ticks,
+) -> c_int {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let state = ThreadMonitor::state_of(obj);
-        if let Some(delivery) = handle_event(state, frame, what, arg) {
+        if let Some(delivery) = handle_event(state, frame, what, arg, now) {
             deliver(obj, &delivery);
         }
     }));
@@ -34,7 +108,6 @@ pub unsafe extern "C" fn profile_hook(
         // A bug in loopwatch must not take the program down: stop tracking on this thread.
         (*ThreadMonitor::state_of(obj)).tracker = None;
     }
-    // Never non-zero: that would raise into the user's code.
     0
 }
 
@@ -44,27 +117,21 @@ pub struct Delivery {
     pub sink: Py<PyAny>,
 }
 
-#[inline]
 unsafe fn handle_event(
     state: *mut State,
     frame: *mut ffi::PyFrameObject,
     what: c_int,
     arg: *mut ffi::PyObject,
+    now: Ticks,
 ) -> Option<Delivery> {
     let state = &mut *state;
-    if state.paused {
-        return None;
-    }
     let known = state.known;
     let tracker = state.tracker.as_mut()?;
-    let now = state.clock.now();
     let py = Python::assume_attached();
     let mut resolver = PyResolver::new(py, arg);
     match what {
         ffi::PyTrace_CALL => {
-            let code = ffi::PyFrame_GetCode(frame);
-            let tag = tag_of(known, code);
-            ffi::Py_DECREF(code.cast());
+            let tag = frame_tag(known, frame);
             let resume = if tag.contains(Tag::COROUTINE) {
                 resume_position(frame)
             } else {

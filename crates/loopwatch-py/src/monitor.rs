@@ -2,19 +2,16 @@
 //! running, and on removal reports what is pending and restores the previous profile function.
 
 use std::cell::UnsafeCell;
-use std::sync::OnceLock;
 
 use loopwatch_core::{Clock, FilterSet, Ticks, Tracker};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::codes::{known, tag_of, Known};
+use crate::codes::{frame_tag, known, Known};
 use crate::hook::{deliver, profile_hook, resume_position, Delivery};
 use crate::resolve::PyResolver;
 use crate::threadstate::{self, ProfileSlot};
-
-static CLOCK: OnceLock<Clock> = OnceLock::new();
 
 /// Compiled include/exclude patterns (see `loopwatch` docs for the matching rule).
 #[pyclass(frozen, module = "loopwatch._native")]
@@ -50,7 +47,7 @@ enum Previous {
 
 pub struct State {
     pub tracker: Option<Tracker>,
-    pub clock: &'static Clock,
+    pub clock: Clock,
     pub known: &'static Known,
     sink: Option<Py<PyAny>>,
     previous: Option<Previous>,
@@ -122,9 +119,7 @@ impl ThreadMonitor {
                 "threshold_ms must be > 0, got {threshold_ms}"
             )));
         }
-        Ok(CLOCK
-            .get_or_init(Clock::new)
-            .ticks_for_nanos(threshold_ms * 1e6))
+        Ok(Clock::new().ticks_for_nanos(threshold_ms * 1e6))
     }
 
     /// Pushes the Python frames running now, outermost first, timed from now.
@@ -138,10 +133,11 @@ impl ThreadMonitor {
             ffi::Py_INCREF(frame.cast());
         }
         while !frame.is_null() {
-            let code = ffi::PyFrame_GetCode(frame);
-            let tag = tag_of(state.known, code);
-            ffi::Py_DECREF(code.cast());
-            frames.push((frame as u64, tag, resume_position(frame)));
+            frames.push((
+                frame as u64,
+                frame_tag(state.known, frame),
+                resume_position(frame),
+            ));
             let back = ffi::PyFrame_GetBack(frame);
             // Frames on the running stack stay alive while they run: the address is enough.
             ffi::Py_DECREF(frame.cast());
@@ -194,7 +190,7 @@ impl ThreadMonitor {
         Self {
             state: UnsafeCell::new(State {
                 tracker: None,
-                clock: CLOCK.get_or_init(Clock::new),
+                clock: Clock::new(),
                 known: known(),
                 sink: None,
                 previous: None,
@@ -219,7 +215,7 @@ impl ThreadMonitor {
                 "this ThreadMonitor is already installed",
             ));
         }
-        let clock = CLOCK.get_or_init(Clock::new);
+        let clock = Clock::new();
         let tracker = Tracker::new(
             Self::threshold_ticks(threshold_ms)?,
             clock.nanos_per_tick(),

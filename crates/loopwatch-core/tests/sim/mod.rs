@@ -71,6 +71,10 @@ pub struct Sim {
     pub py: FakeInterpreter,
     pub now: Ticks,
     pub episodes: Vec<Episode>,
+    /// Feed events only to the general path, skipping the hot path the binding tries first.
+    pub general_only: bool,
+    /// Events the hot path handled on its own.
+    pub hot_hits: u64,
 }
 
 // Keys of well-known frames in scripts.
@@ -119,6 +123,8 @@ impl Sim {
             py,
             now: 0,
             episodes: Vec::new(),
+            general_only: false,
+            hot_hits: 0,
         }
     }
 
@@ -127,8 +133,17 @@ impl Sim {
         self
     }
 
+    /// Tries the hot path first, as the binding does.
+    fn hot(&mut self, attempt: impl FnOnce(&mut Tracker, Ticks) -> bool) -> bool {
+        let handled = !self.general_only && attempt(&mut self.tracker, self.now);
+        self.hot_hits += u64::from(handled);
+        handled
+    }
+
     pub fn call(&mut self, key: u64, tag: Tag) -> &mut Self {
-        self.tracker.on_call(key, tag, 0, self.now, &mut self.py);
+        if !self.hot(|t, now| t.try_push_work(key, tag, false, now)) {
+            self.tracker.on_call(key, tag, 0, self.now, &mut self.py);
+        }
         self.collect()
     }
 
@@ -139,17 +154,23 @@ impl Sim {
     }
 
     pub fn c_call(&mut self, key: u64, tag: Tag) -> &mut Self {
-        self.tracker.on_c_call(key, tag, self.now, &mut self.py);
+        if !self.hot(|t, now| t.try_push_work(key, tag, true, now)) {
+            self.tracker.on_c_call(key, tag, self.now, &mut self.py);
+        }
         self.collect()
     }
 
     pub fn ret(&mut self, key: u64) -> &mut Self {
-        self.tracker.on_return(key, self.now, &mut self.py);
+        if !self.hot(|t, now| t.try_pop_work(key, false, now)) {
+            self.tracker.on_return(key, self.now, &mut self.py);
+        }
         self.collect()
     }
 
     pub fn c_ret(&mut self, key: u64) -> &mut Self {
-        self.tracker.on_c_return(key, self.now, &mut self.py);
+        if !self.hot(|t, now| t.try_pop_work(key, true, now)) {
+            self.tracker.on_c_return(key, self.now, &mut self.py);
+        }
         self.collect()
     }
 
