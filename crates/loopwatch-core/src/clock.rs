@@ -93,7 +93,7 @@ fn monotonic_nanos() -> Ticks {
 }
 
 /// The TSC is usable as a clock only if it ticks at a constant rate through frequency changes
-/// and sleep states (CPUID leaf 0x8000_0007, EDX bit 8); otherwise its ticks are not time.
+/// and sleep states (CPUID leaf `0x8000_0007`, EDX bit 8); otherwise its ticks are not time.
 fn invariant_tsc() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
