@@ -148,6 +148,8 @@ const HEADER_LAYOUT: CodeLayout = if cfg!(Py_3_12) {
     }
 };
 
+// Every offset is that of an aligned pointer or `int` field of the C struct.
+#[allow(clippy::cast_ptr_alignment)]
 impl CodeLayout {
     #[inline(always)]
     unsafe fn code_of(self, frame: *mut ffi::PyFrameObject) -> *mut ffi::PyObject {
