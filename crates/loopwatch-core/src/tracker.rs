@@ -212,16 +212,23 @@ impl Tracker {
         self.pop_matching(key, true, now, r);
     }
 
-    /// The hot path of a call inside a unit: a plain (not coroutine) frame pushed as work, with
-    /// no allocation. Returns false, having done nothing, when the general path must decide.
+    /// The hot path of a call: a plain (not coroutine, not loop) frame inside a unit, or one in
+    /// the loop's machinery or outside any loop, pushed with no allocation. Returns false,
+    /// having done nothing, when the general path must decide.
     #[inline(always)]
-    pub fn try_push_work(&mut self, key: u64, tag: Tag, is_c: bool, now: Ticks) -> bool {
-        if self.unit_root.is_none()
-            || tag != Tag::PLAIN
-            || self.stack.len() == self.stack.capacity()
-        {
+    pub fn try_push_plain(&mut self, key: u64, tag: Tag, is_c: bool, now: Ticks) -> bool {
+        if tag != Tag::PLAIN || self.stack.len() == self.stack.capacity() {
             return false;
         }
+        let role = if self.unit_root.is_some() {
+            Role::Work
+        } else {
+            match self.top_role() {
+                // What `structural_role` gives a plain frame under these.
+                role @ (Role::Outside | Role::Machinery) => role,
+                Role::Host | Role::Dispatcher | Role::Work => return false,
+            }
+        };
         self.stack.push(Entry {
             key,
             start: now,
@@ -229,31 +236,37 @@ impl Tracker {
             resume: 0,
             call_line: NO_LINE,
             blame: NO_NODE,
-            role: Role::Work,
+            role,
             is_c,
             is_coroutine: false,
         });
         true
     }
 
-    /// The hot path of a return: the top entry is the returning work frame, under the threshold
-    /// and not the unit's root, so it is simply dropped. Returns false, having done nothing,
-    /// when the general path must decide.
+    /// The hot path of a return: the top entry is the returning frame and nothing is to be
+    /// judged (loop machinery, code outside a loop, or work under the threshold that did not
+    /// start its unit), so it is simply dropped. Returns false, having done nothing, when the
+    /// general path must decide.
     #[inline(always)]
-    pub fn try_pop_work(&mut self, key: u64, is_c: bool, now: Ticks) -> bool {
+    pub fn try_pop_plain(&mut self, key: u64, is_c: bool, now: Ticks) -> bool {
         let Some(top) = self.stack.last() else {
             return false;
         };
-        if top.key != key
-            || top.is_c != is_c
-            || top.role != Role::Work
-            || now.saturating_sub(top.start) >= self.threshold
-            || self.unit_root == Some(self.stack.len() - 1)
-        {
+        if top.key != key || top.is_c != is_c {
             return false;
         }
-        self.stack.pop();
-        true
+        let nothing_to_judge = match top.role {
+            Role::Work => {
+                now.saturating_sub(top.start) < self.threshold
+                    && self.unit_root != Some(self.stack.len() - 1)
+            }
+            Role::Outside | Role::Machinery => true,
+            Role::Host | Role::Dispatcher => false,
+        };
+        if nothing_to_judge {
+            self.stack.pop();
+        }
+        nothing_to_judge
     }
 
     /// Pushes frames that were already running when monitoring began, outermost first.

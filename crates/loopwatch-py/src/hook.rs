@@ -69,18 +69,18 @@ unsafe fn hot_event(
     };
     match what {
         ffi::PyTrace_CALL => match fast_frame_tag(known, frame) {
-            Some(tag) => tracker.try_push_work(frame as u64, tag, false, now),
+            Some(tag) => tracker.try_push_plain(frame as u64, tag, false, now),
             None => false,
         },
-        ffi::PyTrace_RETURN => tracker.try_pop_work(frame as u64, false, now),
+        ffi::PyTrace_RETURN => tracker.try_pop_plain(frame as u64, false, now),
         ffi::PyTrace_C_CALL => match exact_method_def(arg) {
             Some(def) if def != known.context_run_def => {
-                tracker.try_push_work(def as u64, Tag::PLAIN, true, now)
+                tracker.try_push_plain(def as u64, Tag::PLAIN, true, now)
             }
             _ => false,
         },
         ffi::PyTrace_C_RETURN | ffi::PyTrace_C_EXCEPTION => match exact_method_def(arg) {
-            Some(def) => tracker.try_pop_work(def as u64, true, now),
+            Some(def) => tracker.try_pop_plain(def as u64, true, now),
             None => false,
         },
         _ => true,

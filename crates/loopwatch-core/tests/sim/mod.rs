@@ -141,7 +141,7 @@ impl Sim {
     }
 
     pub fn call(&mut self, key: u64, tag: Tag) -> &mut Self {
-        if !self.hot(|t, now| t.try_push_work(key, tag, false, now)) {
+        if !self.hot(|t, now| t.try_push_plain(key, tag, false, now)) {
             self.tracker.on_call(key, tag, 0, self.now, &mut self.py);
         }
         self.collect()
@@ -154,21 +154,21 @@ impl Sim {
     }
 
     pub fn c_call(&mut self, key: u64, tag: Tag) -> &mut Self {
-        if !self.hot(|t, now| t.try_push_work(key, tag, true, now)) {
+        if !self.hot(|t, now| t.try_push_plain(key, tag, true, now)) {
             self.tracker.on_c_call(key, tag, self.now, &mut self.py);
         }
         self.collect()
     }
 
     pub fn ret(&mut self, key: u64) -> &mut Self {
-        if !self.hot(|t, now| t.try_pop_work(key, false, now)) {
+        if !self.hot(|t, now| t.try_pop_plain(key, false, now)) {
             self.tracker.on_return(key, self.now, &mut self.py);
         }
         self.collect()
     }
 
     pub fn c_ret(&mut self, key: u64) -> &mut Self {
-        if !self.hot(|t, now| t.try_pop_work(key, true, now)) {
+        if !self.hot(|t, now| t.try_pop_plain(key, true, now)) {
             self.tracker.on_c_return(key, self.now, &mut self.py);
         }
         self.collect()
