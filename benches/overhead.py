@@ -21,8 +21,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, Callable, Optional
 
 from loopwatch import EventLoopMonitor, _native
 
