@@ -1,7 +1,7 @@
 """Overhead of loopwatch next to the floor every profile-hook tool pays (an empty C hook) and its peers.
 
     python benches/overhead.py [--rounds 5] [--workloads python_calls,c_calls] [--tools none,floor,loopwatch]
-                               [--json results.json]
+                               [--calls 2000000] [--json results.json]
 
 Each workload runs under each tool in one process, interleaved round by round (the order rotates),
 and the medians are compared: ratio to no tool, and overhead_vs_floor = (tool - none) / (floor - none).
@@ -81,7 +81,8 @@ async def handle(request_id: int) -> int:
 
 async def realistic_mix():
     """(c) Hundreds of concurrent tasks doing JSON, small helpers and dict/list work between awaits."""
-    for batch in range(20):
+    # 20 batches of 300 requests at the default size: about as long as (a) without a tool.
+    for batch in range(max(1, round(CALLS / 100_000))):
         await asyncio.gather(*(handle(batch * 300 + i) for i in range(300)))
 
 
@@ -288,7 +289,7 @@ def check_targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
 
 def print_tables(results: dict[str, Any], skipped: dict[str, str], rounds: int) -> None:
     print(
-        f"CPython {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"CPython {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; {CALLS:,} calls; "
         f"median of {rounds} interleaved rounds"
     )
     for workload, by_tool in results.items():
@@ -312,14 +313,19 @@ def print_tables(results: dict[str, Any], skipped: dict[str, str], rounds: int) 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    global CALLS
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per workload")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--tools", default="", help="comma-separated; default: every tool installed")
+    parser.add_argument("--calls", type=int, default=CALLS, help="calls per run of (a), (b) and (d)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.calls < CHUNK:
+        parser.error(f"--calls must be at least {CHUNK}")
+    CALLS = args.calls
     workloads = [w for w in args.workloads.split(",") if w]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:

@@ -1,5 +1,5 @@
 """A real service under load: what an event-loop monitor costs a uvicorn + Starlette JSON API,
-side by side with no monitor and with the peer asyncio-event-loop-monitor ("aelm").
+side by side with no monitor, the empty-hook floor, and the peer asyncio-event-loop-monitor ("aelm").
 
     python benches/service.py [--duration 8] [--warmup 2] [--rounds 3] [--concurrency 32]
                               [--loop asyncio|uvloop] [--json results.json] [--plot service.png]
@@ -39,6 +39,8 @@ SCENARIOS = ["json", "mixed"]
 # tool name -> (module the server imports, distribution a user installs)
 TOOLS = {
     "none": (None, None),
+    # The empty C profile hook built into loopwatch for benchmarks: the floor of any profile hook.
+    "floor": ("loopwatch", "loopwatch"),
     "loopwatch": ("loopwatch", "loopwatch"),
     "aelm": ("asyncio_event_loop_monitor", "asyncio-event-loop-monitor"),
 }
@@ -232,7 +234,7 @@ def plot(results: dict, settings: dict, path: str) -> None:
         return
     scenarios = list(results)
     tools = [tool for tool in TOOLS if any(tool in results[scenario] for scenario in scenarios)]
-    colors = {"none": "#9e9e9e", "loopwatch": "#1f77b4", "aelm": "#ff7f0e"}
+    colors = {"none": "#9e9e9e", "floor": "#d0d0d0", "loopwatch": "#1f77b4", "aelm": "#ff7f0e"}
     panels = [
         ("rps", "requests/s (higher is better)"),
         ("p50_ms", "p50 latency, ms"),

@@ -1,7 +1,7 @@
 """The service that benches/service.py puts under load: a small Starlette JSON API served by uvicorn,
 with one event-loop monitor (or none) active on the loop thread for the whole life of the server.
 
-    python benches/service_app.py --port 8000 --monitor none|loopwatch|aelm [--loop asyncio|uvloop]
+    python benches/service_app.py --port 8000 --monitor none|floor|loopwatch|aelm [--loop asyncio|uvloop]
 
 Endpoints: GET /items/{item_id} and GET /feed/{user_id} decode stored documents, POST /orders decodes
 the request body; all three do small helper calls and dict/list work and encode a JSON response.
@@ -163,15 +163,31 @@ class BlockingReports:
         self.by_culprit[info.method_name] += 1
 
 
+class EmptyHook:
+    """The floor every profile-hook monitor pays: an empty C profile hook on the loop thread."""
+
+    def activate(self) -> None:
+        from loopwatch import _native
+
+        _native._bench_install_empty_hook()
+
+    def deactivate(self) -> None:
+        from loopwatch import _native
+
+        _native._bench_uninstall_hook()
+
+
 def make_monitor(name: str, reports: BlockingReports):
     if name == "none":
         return None
+    if name == "floor":
+        return EmptyHook()
     if name == "loopwatch":
         from loopwatch import EventLoopMonitor
     elif name == "aelm":
         from asyncio_event_loop_monitor import EventLoopMonitor
     else:
-        raise ValueError(f"monitor must be none, loopwatch or aelm, got {name!r}")
+        raise ValueError(f"monitor must be none, floor, loopwatch or aelm, got {name!r}")
     return EventLoopMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=reports)
 
 
@@ -191,7 +207,7 @@ def make_app(monitor_name: str) -> Starlette:
                 monitor.deactivate()
 
     async def stats(request: Request) -> Response:
-        if monitor is None:
+        if monitor is None or isinstance(monitor, EmptyHook):
             return json_response({"monitor": monitor_name, "blocking_reports": None, "culprits": {}})
         culprits = dict(reports.by_culprit.most_common())
         return json_response(
@@ -211,7 +227,7 @@ def make_app(monitor_name: str) -> Starlette:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--monitor", choices=["none", "loopwatch", "aelm"], default="none")
+    parser.add_argument("--monitor", choices=["none", "floor", "loopwatch", "aelm"], default="none")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args()
     uvicorn.run(

@@ -12,17 +12,7 @@ minors=("$@")
 venvs=${LOOPWATCH_VENVS:-$root/.venvs}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 
-find_python() {
-  local minor=$1 version
-  if command -v pyenv >/dev/null 2>&1; then
-    version=$(pyenv versions --bare 2>/dev/null | grep -E "^${minor//./\\.}\.[0-9]+$" | sort -V | tail -n 1)
-    if [ -n "$version" ]; then
-      echo "$(pyenv prefix "$version")/bin/python"
-      return
-    fi
-  fi
-  command -v "python$minor" 2>/dev/null || true
-}
+source scripts/lib.sh
 
 declare -a summary
 status=0
