@@ -289,8 +289,8 @@ def check_targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
 
 def print_tables(results: dict[str, Any], skipped: dict[str, str], rounds: int) -> None:
     print(
-        f"CPython {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; {CALLS:,} calls; "
-        f"median of {rounds} interleaved rounds"
+        f"CPython {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{CALLS:,} calls; median of {rounds} interleaved rounds"
     )
     for workload, by_tool in results.items():
         print(f"\n{workload}: {WORKLOADS[workload].__doc__}")
