@@ -8,6 +8,8 @@ echo "=== Rust: format, clippy, core tests"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test -p loopwatch-core --quiet
+# The criterion benches, each run once: they assert what they measure (hot path taken, episodes made).
+cargo test -p loopwatch-core --benches --quiet
 
 echo "=== Python: build and test on each interpreter"
 if [ "${CI:-}" = "true" ]; then
