@@ -9,6 +9,7 @@ __all__ = [
     "ThreadMonitor",
     "_bench_install_empty_hook",
     "_bench_uninstall_hook",
+    "_code_reads",
 ]
 
 DEFAULT_EXCLUDES: list[str]
@@ -43,3 +44,6 @@ def _bench_install_empty_hook() -> None:
 
 def _bench_uninstall_hook() -> None:
     """Removes any profile function from the calling thread."""
+
+def _code_reads() -> str:
+    """How the hook reads a frame's code: "struct" or "portable"."""

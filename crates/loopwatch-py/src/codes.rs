@@ -192,6 +192,17 @@ impl CodeLayout {
     }
 }
 
+/// How the hook reads a frame's code: `"struct"` (offsets confirmed at import) or `"portable"`
+/// (the C API and the `co_extra` cache). Tests pin the first on every supported version.
+#[pyfunction]
+pub fn _code_reads() -> &'static str {
+    if known().layout.is_some() {
+        "struct"
+    } else {
+        "portable"
+    }
+}
+
 /// The tag of the code a frame runs: read straight from the structs where the layout was
 /// confirmed, through the C API and the `co_extra` cache elsewhere.
 ///

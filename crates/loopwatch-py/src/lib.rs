@@ -21,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     resolve::init(py)?;
     m.add_class::<monitor::ThreadMonitor>()?;
     m.add_class::<monitor::Filters>()?;
+    m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_install_empty_hook, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_uninstall_hook, m)?)?;
     m.add(
