@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import gc
 import pstats
 import sys
 import threading
 import time
+import types
 
 import pytest
 from conftest import BLOCK_S, monitor, names, new_loop, short
@@ -271,3 +273,19 @@ def test_deep_recursion_is_tracked_without_trouble(run):
         sys.setrecursionlimit(old)
     assert len(reports) == 1
     assert len(reports[0].stack) == 603
+
+
+def test_reports_leave_no_reference_behind_while_monitoring_goes_on(run):
+    # A service keeps its monitor active for weeks: each report must release what it used.
+    async def main():
+        monitor = EventLoopMonitor(threshold_ms=1, on_blocking_call=lambda info: None)
+        with monitor:
+            for _ in range(60):
+                time.sleep(0.003)
+                await asyncio.sleep(0)
+            sinks = [r for r in gc.get_referrers(monitor) if isinstance(r, types.MethodType)]
+            return [sys.getrefcount(sink) for sink in sinks]
+
+    refcounts = run(main)
+    assert refcounts, "the monitor's delivery method was not found"
+    assert max(refcounts) < 10, refcounts

@@ -1,7 +1,16 @@
-//! Keeping a pending exception intact: the hook can run while one is being raised, and anything
-//! the slow path does must leave it exactly as it was.
+//! Keeping the interpreter's state intact on the slow path: a pending exception is put back
+//! exactly as it was, and references dropped there are released at once.
 
 use pyo3::ffi;
+use pyo3::Python;
+
+/// Runs `f` with pyo3 told that this thread is attached to the interpreter. The hook is entered
+/// straight from C, where pyo3 does not know it; without this, every reference or error dropped
+/// on the slow path would wait in pyo3's deferred-release pool (a growing list) until the next
+/// call into a pyo3 method. Cheap where pyo3 already knows; used only off the hot path.
+pub fn attached<R>(f: impl FnOnce() -> R) -> R {
+    Python::attach(|_| f())
+}
 
 /// Takes the pending exception (if any) and puts it back when dropped.
 pub struct SavedError {

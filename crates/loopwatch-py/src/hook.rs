@@ -9,7 +9,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::codes::{exact_method_def, fast_frame_tag, frame_tag, method_def};
-use crate::errors::SavedError;
+use crate::errors::{attached, SavedError};
 use crate::monitor::{State, ThreadMonitor};
 use crate::report::episode_to_python;
 use crate::resolve::PyResolver;
@@ -101,7 +101,7 @@ unsafe extern "C" fn general_event(
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let state = ThreadMonitor::state_of(obj);
         if let Some(delivery) = handle_event(state, frame, what, arg, now) {
-            deliver(obj, &delivery);
+            deliver(obj, delivery);
         }
     }));
     if outcome.is_err() {
@@ -178,19 +178,23 @@ pub unsafe fn resume_position(frame: *mut ffi::PyFrameObject) -> i32 {
 }
 
 /// Calls the sink with each episode. The sink may deactivate the monitor (and so drop the
-/// thread's reference to it), so the monitor is kept alive until delivery is over.
+/// thread's reference to it), so the monitor is kept alive until delivery is over. The delivery
+/// (with its reference to the sink) is dropped while attached, so it is released at once.
 #[cold]
-pub unsafe fn deliver(obj: *mut ffi::PyObject, delivery: &Delivery) {
-    let py = Python::assume_attached();
-    let _saved = SavedError::take();
-    ffi::Py_INCREF(obj);
-    let sink = delivery.sink.bind(py);
-    for episode in &delivery.episodes {
-        let outcome = episode_to_python(py, episode).and_then(|report| sink.call1((report,)));
-        if let Err(error) = outcome {
-            // The sink is loopwatch's own dispatcher; should it fail, say so and carry on.
-            error.write_unraisable(py, Some(sink));
+pub unsafe fn deliver(obj: *mut ffi::PyObject, delivery: Delivery) {
+    attached(|| {
+        let py = Python::assume_attached();
+        let _saved = SavedError::take();
+        ffi::Py_INCREF(obj);
+        let sink = delivery.sink.bind(py);
+        for episode in &delivery.episodes {
+            let outcome = episode_to_python(py, episode).and_then(|report| sink.call1((report,)));
+            if let Err(error) = outcome {
+                // The sink is loopwatch's own dispatcher; should it fail, say so and carry on.
+                error.write_unraisable(py, Some(sink));
+            }
         }
-    }
-    ffi::Py_DECREF(obj);
+        drop(delivery);
+        ffi::Py_DECREF(obj);
+    });
 }

@@ -175,7 +175,7 @@ impl ThreadMonitor {
             let state = self.state.get();
             unsafe {
                 (*state).paused = true;
-                deliver(me, &delivery);
+                deliver(me, delivery);
                 (*state).paused = false;
             }
         }

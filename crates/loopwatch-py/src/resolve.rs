@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyModule, PyString, PyType};
 
 use crate::codes::method_def;
-use crate::errors::SavedError;
+use crate::errors::{attached, SavedError};
 
 struct AsyncioHooks {
     get_running_loop: Py<PyAny>,
@@ -53,8 +53,35 @@ impl<'py> PyResolver<'py> {
     }
 }
 
+// Every answer is worked out `attached`, so that what it drops is released at once.
 impl Resolver for PyResolver<'_> {
     fn describe(&mut self, frame: FrameRef) -> FrameInfo {
+        attached(|| self.describe_now(frame))
+    }
+
+    fn current_line(&mut self, key: u64) -> Option<u32> {
+        let line = unsafe { ffi::PyFrame_GetLineNumber(key as *mut ffi::PyFrameObject) };
+        (line > 0).then_some(line as u32)
+    }
+
+    fn dispatched_callback(&mut self, dispatcher_key: u64) -> Option<(FrameInfo, bool)> {
+        attached(|| self.dispatched_callback_now(dispatcher_key))
+    }
+
+    fn task_name(&mut self) -> Option<String> {
+        attached(|| self.task_name_now())
+    }
+
+    fn loop_is_running(&mut self) -> bool {
+        attached(|| {
+            let _saved = unsafe { SavedError::take() };
+            self.running_loop().is_some()
+        })
+    }
+}
+
+impl PyResolver<'_> {
+    fn describe_now(&mut self, frame: FrameRef) -> FrameInfo {
         let _saved = unsafe { SavedError::take() };
         let described = if frame.is_c {
             let callable = self.event_callable;
@@ -72,12 +99,7 @@ impl Resolver for PyResolver<'_> {
         })
     }
 
-    fn current_line(&mut self, key: u64) -> Option<u32> {
-        let line = unsafe { ffi::PyFrame_GetLineNumber(key as *mut ffi::PyFrameObject) };
-        (line > 0).then_some(line as u32)
-    }
-
-    fn dispatched_callback(&mut self, dispatcher_key: u64) -> Option<(FrameInfo, bool)> {
+    fn dispatched_callback_now(&mut self, dispatcher_key: u64) -> Option<(FrameInfo, bool)> {
         let _saved = unsafe { SavedError::take() };
         let frame =
             unsafe { Bound::from_borrowed_ptr(self.py, dispatcher_key as *mut ffi::PyObject) };
@@ -95,7 +117,7 @@ impl Resolver for PyResolver<'_> {
             .map(|info| (info, false))
     }
 
-    fn task_name(&mut self) -> Option<String> {
+    fn task_name_now(&mut self) -> Option<String> {
         let _saved = unsafe { SavedError::take() };
         let running = self.running_loop()?;
         let task = hooks().current_task.bind(self.py).call1((running,)).ok()?;
@@ -103,11 +125,6 @@ impl Resolver for PyResolver<'_> {
             return None;
         }
         task.call_method0("get_name").ok()?.extract().ok()
-    }
-
-    fn loop_is_running(&mut self) -> bool {
-        let _saved = unsafe { SavedError::take() };
-        self.running_loop().is_some()
     }
 }
 
