@@ -260,30 +260,29 @@ PEER_FACTOR = 25.0
 
 
 def check_targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """The issue's targets, each as (what, met, measured)."""
+    """The issue's targets, each as (what, met, measured). Comparisons with peers are made only
+    where the floor costs something: on call-free code every tool is within noise of none."""
     checks = []
     for workload, limit in TARGETS.items():
         ours = results.get(workload, {}).get("loopwatch", {}).get("overhead_vs_floor")
         if ours is not None:
             checks.append((f"{workload}: overhead_vs_floor <= {limit}", ours <= limit, f"{ours:.2f}"))
     for workload, by_tool in results.items():
-        if "loopwatch" in by_tool and "cProfile" in by_tool:
+        if by_tool.get("loopwatch", {}).get("overhead_vs_floor") is None:
+            continue
+        if "cProfile" in by_tool:
             ours, theirs = by_tool["loopwatch"]["median_s"], by_tool["cProfile"]["median_s"]
             checks.append((f"{workload}: below cProfile", ours < theirs, f"{ours / theirs:.2f}x cProfile"))
-    for workload, by_tool in results.items():
-        if "loopwatch" in by_tool and "aelm" in by_tool:
-            none = by_tool["none"]["median_s"]
-            ours = by_tool["loopwatch"]["median_s"] - none
-            theirs = by_tool["aelm"]["median_s"] - none
-            if ours > 0.02 * none:
-                factor = theirs / ours
-                checks.append(
-                    (
-                        f"{workload}: overhead {PEER_FACTOR:g}x below asyncio-event-loop-monitor's",
-                        factor >= PEER_FACTOR,
-                        f"{factor:.1f}x",
-                    )
+        if "aelm" in by_tool:
+            ours, theirs = by_tool["loopwatch"]["overhead_vs_floor"], by_tool["aelm"]["overhead_vs_floor"]
+            checks.append(
+                (
+                    f"{workload}: overhead {PEER_FACTOR:g}x below asyncio-event-loop-monitor's",
+                    theirs / ours >= PEER_FACTOR,
+                    # What even a hook costing nothing beyond the floor would reach.
+                    f"{theirs / ours:.1f}x (the empty hook's own: {theirs:.1f}x)",
                 )
+            )
     return checks
 
 

@@ -201,7 +201,9 @@ def print_table(results: dict, settings: dict) -> None:
     for scenario, by_tool in results.items():
         for tool, summary in by_tool.items():
             m, r = summary["median"], summary["ratio_to_none"]
-            reports = "-" if tool == "none" else str(sum(summary["blocking_reports"]))
+            # No monitor and the empty hook report nothing: their count is None.
+            counts = summary["blocking_reports"]
+            reports = "-" if None in counts else str(sum(counts))
             print(
                 f"{scenario:<9}{tool:<11}{m['rps']:>8.0f}{ratio(r['rps']):>8}{m['p50_ms']:>9.2f}"
                 f"{ratio(r['p50_ms']):>8}{m['p90_ms']:>9.2f}{m['p99_ms']:>9.2f}{ratio(r['p99_ms']):>8}"

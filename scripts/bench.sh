@@ -38,3 +38,5 @@ echo "=== service under load ($("$newest/bin/python" -V))"
 "$newest/bin/python" benches/service.py --json "$results/service.json" --plot docs/service-benchmark.png || exit 1
 echo "=== memory ($("$newest/bin/python" -V))"
 "$newest/bin/python" benches/memory.py --json "$results/memory.json" || exit 1
+echo "=== the README's tables"
+"$newest/bin/python" benches/tables.py "$results"
