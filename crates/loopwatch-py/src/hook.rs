@@ -24,18 +24,14 @@ pub unsafe extern "C" fn profile_hook(
     what: c_int,
     arg: *mut ffi::PyObject,
 ) -> c_int {
-    let state = &mut *ThreadMonitor::state_of(obj);
-    let Some(now) = state.clock.counter_now() else {
-        return event_on_portable_clock(obj, frame, what, arg);
-    };
-    if hot_event(state, frame, what, arg, now) {
-        return 0;
+    match (*ThreadMonitor::state_of(obj)).clock.counter_now() {
+        Some(now) => event_at(obj, frame, what, arg, now),
+        None => event_on_portable_clock(obj, frame, what, arg),
     }
-    // A tail call, so the hot path above saves no registers.
-    general_event(obj, frame, what, arg, now)
 }
 
-/// `profile_hook` where the clock is not a plain counter read (no invariant TSC).
+/// `profile_hook` where the clock is not a plain counter read (no invariant TSC): kept out of
+/// line so that the clock call costs the usual case nothing.
 #[inline(never)]
 unsafe extern "C" fn event_on_portable_clock(
     obj: *mut ffi::PyObject,
@@ -43,9 +39,21 @@ unsafe extern "C" fn event_on_portable_clock(
     what: c_int,
     arg: *mut ffi::PyObject,
 ) -> c_int {
-    let state = &mut *ThreadMonitor::state_of(obj);
-    let now = state.clock.now();
-    if hot_event(state, frame, what, arg, now) {
+    let now = (*ThreadMonitor::state_of(obj)).clock.now();
+    event_at(obj, frame, what, arg, now)
+}
+
+/// One event read at `now`: the hot path, else the general path. `general_event` cannot unwind
+/// (it is `extern "C"`), so the hot path needs no landing pad and saves few registers.
+#[inline(always)]
+unsafe fn event_at(
+    obj: *mut ffi::PyObject,
+    frame: *mut ffi::PyFrameObject,
+    what: c_int,
+    arg: *mut ffi::PyObject,
+    now: Ticks,
+) -> c_int {
+    if hot_event(&mut *ThreadMonitor::state_of(obj), frame, what, arg, now) {
         return 0;
     }
     general_event(obj, frame, what, arg, now)
