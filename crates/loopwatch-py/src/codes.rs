@@ -1,5 +1,5 @@
-//! Per-code-object tags (coroutine? the loop's `run_forever`? a dispatcher?) computed once and
-//! cached in the code object's `co_extra` slot, so the hot path reads one pointer per call.
+//! Per-code-object tags (coroutine? the loop's `run_forever`? a dispatcher?), read on the hot
+//! path straight from the interpreter's structs, or through the C API and a `co_extra` cache.
 
 use std::ffi::c_void;
 use std::ptr;
@@ -168,9 +168,14 @@ impl CodeLayout {
             .read()
     }
 
-    /// The header layout if, on every frame running now and on a coroutine's frame, it reads
-    /// the same code object and flags as the C API does; otherwise `None` (the portable path).
+    /// The header layout if, on every frame running now and on a suspended generator's frame,
+    /// it reads the same code object and flags as the C API does; otherwise `None` (the
+    /// portable path). Versions whose headers were not read get the portable path outright:
+    /// the check itself follows a pointer at the assumed offset.
     fn confirmed(py: Python<'_>) -> PyResult<Option<CodeLayout>> {
+        if cfg!(Py_3_14) || cfg!(Py_GIL_DISABLED) {
+            return Ok(None);
+        }
         let layout = HEADER_LAYOUT;
         let probe = py.eval(c"(lambda: (yield))().gi_frame", None, None)?;
         let mut frames = vec![probe];
