@@ -12,6 +12,7 @@ the exact culprit, how long the loop was blocked, and the stack that led there.
 
 from loopwatch._monitor import DEFAULT_EXCLUDES, EventLoopMonitor, event_loop_monitor_ctx
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo, StackFrame
+from loopwatch._scope import TaskScope, monitor_current_task
 
 __all__ = [
     "DEFAULT_EXCLUDES",
@@ -19,7 +20,9 @@ __all__ = [
     "BlockingCallInfo",
     "EventLoopMonitor",
     "StackFrame",
+    "TaskScope",
     "event_loop_monitor_ctx",
+    "monitor_current_task",
 ]
 
 try:

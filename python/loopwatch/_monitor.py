@@ -210,6 +210,10 @@ class EventLoopMonitor(_AlsoAsync):
         except Exception:
             logger.exception("loopwatch could not build a report (this is a loopwatch bug)")
             return
+        self._dispatch(info)
+
+    def _dispatch(self, info: BlockingCallInfo) -> None:
+        """Hands a report to the callback, or logs it. Never raises."""
         if self._on_blocking_call is None:
             logger.warning("%s", info.format(max_frames=6), extra={"loopwatch": info})
             return

@@ -1,10 +1,12 @@
 """The compiled core of loopwatch (private: use the `loopwatch` package)."""
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, Optional, final
 
 __all__ = [
     "DEFAULT_EXCLUDES",
+    "SCOPE",
     "Filters",
     "ThreadMonitor",
     "_bench_install_empty_hook",
@@ -13,6 +15,7 @@ __all__ = [
 ]
 
 DEFAULT_EXCLUDES: list[str]
+SCOPE: ContextVar[Any]
 
 @final
 class Filters:

@@ -7,7 +7,7 @@ import os
 import sysconfig
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -76,6 +76,10 @@ class BlockingCallInfo:
     threshold_ms: float = 0.0
     culprit_duration_ms: float = field(default=0.0)
     """How long the culprit itself ran (``duration_ms`` covers the whole episode)."""
+    context: Optional[Mapping[str, Any]] = None
+    """What the monitoring scope the episode happened in says about itself: for a request
+    monitored by ``LoopwatchMiddleware``, its ``method``, ``path`` and ``request_id``."""
+    _scope: Optional[int] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def _from_native(cls, raw: dict[str, Any]) -> BlockingCallInfo:
@@ -110,6 +114,7 @@ class BlockingCallInfo:
             timestamp=time.time() - raw["duration_ns"] / 1e9,  # reported as soon as it ends
             threshold_ms=raw["threshold_ns"] / 1e6,
             culprit_duration_ms=culprit.duration_ms,
+            _scope=raw.get("scope"),
         )
 
     @property
@@ -125,7 +130,10 @@ class BlockingCallInfo:
             "step": "(a coroutine step with no single slow call) blocked the event loop",
         }.get(self.kind, "blocked the event loop")
         task = f" in task {self.task_name!r}" if self.task_name else ""
-        return f"{self.method_name} {what} for {self.duration_ms:.1f} ms{task}"
+        scope = ""
+        if self.context:
+            scope = " (" + ", ".join(f"{key}={value}" for key, value in self.context.items()) + ")"
+        return f"{self.method_name} {what} for {self.duration_ms:.1f} ms{task}{scope}"
 
     def format(self, max_frames: Optional[int] = None) -> str:
         """A readable report: headline, location, then the stack with the user's frames first."""

@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use loopwatch_core::{FilterSet, FrameInfo, FrameRef, Resolver, Tag, Ticks, Tracker};
+use loopwatch_core::{FilterSet, FrameInfo, FrameRef, Resolver, Tag, TaskInfo, Ticks, Tracker};
 
 /// Far above anything a fast benchmark step lasts: only the slow step crosses it, on purpose.
 const THRESHOLD: Ticks = 1_000;
@@ -54,8 +54,11 @@ impl Resolver for CheapResolver {
         None
     }
 
-    fn task_name(&mut self) -> Option<String> {
-        Some("Task-1".to_owned())
+    fn task(&mut self) -> TaskInfo {
+        TaskInfo {
+            name: Some("Task-1".to_owned()),
+            scope: None,
+        }
     }
 
     fn loop_is_running(&mut self) -> bool {

@@ -74,6 +74,17 @@ pub struct Episode {
     /// Index of the culprit in `stack`.
     pub culprit: usize,
     pub task_name: Option<String>,
+    /// The binding's token for the monitoring scope the task ran in (per-request monitoring).
+    pub scope: Option<u64>,
+}
+
+/// What the tracker learns about the task that runs a unit, asked once at its first slow frame.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub name: Option<String>,
+    /// An opaque token for the monitoring scope the task runs in, if any: episodes carry it so
+    /// the binding can hand each one to the scope (say, the request) it belongs to.
+    pub scope: Option<u64>,
 }
 
 impl Episode {

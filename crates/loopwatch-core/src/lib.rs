@@ -7,6 +7,6 @@ pub mod filter;
 pub mod tracker;
 
 pub use clock::Clock;
-pub use episode::{Episode, EpisodeKind, FrameInfo, StackFrame};
+pub use episode::{Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
 pub use filter::{FilterError, FilterSet};
 pub use tracker::{FrameRef, Resolver, Tag, Ticks, Tracker};

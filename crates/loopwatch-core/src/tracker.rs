@@ -10,7 +10,7 @@
 //! and links it under its parent; when the unit ends, the chain of longest over-threshold calls
 //! becomes one [`Episode`] with the deepest blameable frame as its culprit.
 
-use crate::episode::{Episode, EpisodeKind, FrameInfo, StackFrame};
+use crate::episode::{Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
 use crate::filter::FilterSet;
 
 /// A raw clock reading; only differences are meaningful.
@@ -117,8 +117,8 @@ pub trait Resolver {
     /// The callback a dispatcher ran when it was not visible as a frame of its own
     /// (a C function scheduled with `call_soon`), and whether it is a C function.
     fn dispatched_callback(&mut self, dispatcher_key: u64) -> Option<(FrameInfo, bool)>;
-    /// The name of the task running now, if any.
-    fn task_name(&mut self) -> Option<String>;
+    /// The task running now: its name and monitoring scope, if any.
+    fn task(&mut self) -> TaskInfo;
     /// Whether an event loop is running on this thread now.
     fn loop_is_running(&mut self) -> bool;
 }
@@ -136,7 +136,7 @@ pub struct Tracker {
     /// The unit runs under a `Host` frame: its loop can stop without a visible return.
     unit_hosted: bool,
     /// The running task's name, once asked (at the unit's first slow frame).
-    unit_task: Option<Option<String>>,
+    unit_task: Option<TaskInfo>,
     arena: Vec<Node>,
     finished: Vec<Episode>,
 }
@@ -450,7 +450,7 @@ impl Tracker {
     ) -> u32 {
         if self.unit_task.is_none() {
             // Asked at the first slow frame, while the task that runs the unit is still current.
-            self.unit_task = Some(r.task_name());
+            self.unit_task = Some(r.task());
         }
         let info = r.describe(FrameRef {
             key: entry.key,
@@ -548,7 +548,8 @@ impl Tracker {
             threshold_ns: self.nanos(self.threshold),
             stack,
             culprit,
-            task_name: self.unit_task.clone().flatten(),
+            task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
+            scope: self.unit_task.as_ref().and_then(|task| task.scope),
         })
     }
 
@@ -623,7 +624,9 @@ impl Tracker {
             threshold_ns: self.nanos(self.threshold),
             stack: vec![frame],
             culprit: 0,
+            // By its return, `Context.run` has left the callback's context: no task or scope.
             task_name: None,
+            scope: None,
         });
     }
 

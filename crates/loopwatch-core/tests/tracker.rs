@@ -373,17 +373,37 @@ fn a_generator_resumed_at_another_depth_is_timed_per_resume() {
 }
 
 #[test]
-fn task_name_is_taken_while_the_step_runs() {
+fn task_name_and_scope_are_taken_while_the_step_runs() {
     let mut s = Sim::new();
     s.py.task = Some("Task-7");
+    s.py.scope = Some(42);
     s.enter_dispatch()
         .call(MAIN, Tag::COROUTINE)
         .c_call(SLEEP, Tag::PLAIN)
         .advance(30)
         .c_ret(SLEEP);
     s.py.task = None;
+    s.py.scope = None;
     s.ret(MAIN).leave_dispatch();
     assert_eq!(s.episodes[0].task_name.as_deref(), Some("Task-7"));
+    assert_eq!(s.episodes[0].scope, Some(42));
+}
+
+#[test]
+fn each_step_carries_the_scope_of_its_own_task() {
+    let mut s = Sim::new();
+    for scope in [Some(1), None, Some(2)] {
+        s.py.scope = scope;
+        s.enter_dispatch()
+            .call(MAIN, Tag::COROUTINE)
+            .c_call(SLEEP, Tag::PLAIN)
+            .advance(30)
+            .c_ret(SLEEP)
+            .ret(MAIN)
+            .leave_dispatch();
+    }
+    let scopes: Vec<Option<u64>> = s.episodes.iter().map(|e| e.scope).collect();
+    assert_eq!(scopes, [Some(1), None, Some(2)]);
 }
 
 #[test]

@@ -18,7 +18,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codes::init(py)?;
     #[cfg(not(Py_3_11))]
     codes::verify_legacy_lasti(py)?;
-    resolve::init(py)?;
+    let scope_var = resolve::init(py)?;
+    m.add("SCOPE", scope_var)?;
     m.add_class::<monitor::ThreadMonitor>()?;
     m.add_class::<monitor::Filters>()?;
     m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;

@@ -11,6 +11,7 @@ pub fn episode_to_python<'py>(py: Python<'py>, episode: &Episode) -> PyResult<Bo
     report.set_item("threshold_ns", episode.threshold_ns)?;
     report.set_item("culprit", episode.culprit)?;
     report.set_item("task_name", episode.task_name.as_deref())?;
+    report.set_item("scope", episode.scope)?;
     let frames = episode
         .stack
         .iter()

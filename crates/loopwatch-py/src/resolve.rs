@@ -5,7 +5,7 @@ use std::ffi::CStr;
 use std::sync::OnceLock;
 
 use loopwatch_core::tracker::FrameRef;
-use loopwatch_core::{FrameInfo, Resolver};
+use loopwatch_core::{FrameInfo, Resolver, TaskInfo};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyModule, PyString, PyType};
@@ -17,18 +17,28 @@ struct AsyncioHooks {
     get_running_loop: Py<PyAny>,
     current_task: Py<PyAny>,
     partial_type: Py<PyAny>,
+    scope_var: Py<PyAny>,
 }
 
 static HOOKS: OnceLock<AsyncioHooks> = OnceLock::new();
 
-pub fn init(py: Python<'_>) -> PyResult<()> {
+/// Finds asyncio's helpers and makes the scope variable, `loopwatch._native.SCOPE`: a context
+/// variable that per-request monitoring sets in a task, so that each episode says which scope
+/// (request) it belongs to. Tasks inherit it, so work a request spawns is its own too.
+pub fn init(py: Python<'_>) -> PyResult<Py<PyAny>> {
     let asyncio = py.import("asyncio")?;
+    let scope_var = py
+        .import("contextvars")?
+        .getattr("ContextVar")?
+        .call1(("loopwatch_scope",))?
+        .unbind();
     let _ = HOOKS.set(AsyncioHooks {
         get_running_loop: asyncio.getattr("_get_running_loop")?.unbind(),
         current_task: asyncio.getattr("current_task")?.unbind(),
         partial_type: py.import("functools")?.getattr("partial")?.unbind(),
+        scope_var: scope_var.clone_ref(py),
     });
-    Ok(())
+    Ok(hooks().scope_var.clone_ref(py))
 }
 
 fn hooks() -> &'static AsyncioHooks {
@@ -68,8 +78,11 @@ impl Resolver for PyResolver<'_> {
         attached(|| self.dispatched_callback_now(dispatcher_key))
     }
 
-    fn task_name(&mut self) -> Option<String> {
-        attached(|| self.task_name_now())
+    fn task(&mut self) -> TaskInfo {
+        attached(|| TaskInfo {
+            name: self.task_name_now(),
+            scope: self.scope_now(),
+        })
     }
 
     fn loop_is_running(&mut self) -> bool {
@@ -115,6 +128,18 @@ impl PyResolver<'_> {
         describe_python_callable(&callback)
             .ok()
             .map(|info| (info, false))
+    }
+
+    /// The scope set in the running context, by its address: the scope object is kept alive
+    /// (and its address unique) by whoever set it, for as long as it is set.
+    fn scope_now(&mut self) -> Option<u64> {
+        let _saved = unsafe { SavedError::take() };
+        let scope = hooks()
+            .scope_var
+            .bind(self.py)
+            .call_method1("get", (self.py.None(),))
+            .ok()?;
+        (!scope.is_none()).then(|| scope.as_ptr() as u64)
     }
 
     fn task_name_now(&mut self) -> Option<String> {

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use loopwatch_core::{Episode, FilterSet, FrameInfo, FrameRef, Resolver, Tag, Ticks, Tracker};
+use loopwatch_core::{
+    Episode, FilterSet, FrameInfo, FrameRef, Resolver, Tag, TaskInfo, Ticks, Tracker,
+};
 
 pub const THRESHOLD: Ticks = 20;
 
@@ -13,6 +15,7 @@ pub struct FakeInterpreter {
     pub lines: HashMap<u64, u32>,
     pub loop_running: bool,
     pub task: Option<&'static str>,
+    pub scope: Option<u64>,
     pub dispatched: Option<&'static str>,
     pub described: usize,
 }
@@ -58,8 +61,11 @@ impl Resolver for FakeInterpreter {
             )
         })
     }
-    fn task_name(&mut self) -> Option<String> {
-        self.task.map(str::to_owned)
+    fn task(&mut self) -> TaskInfo {
+        TaskInfo {
+            name: self.task.map(str::to_owned),
+            scope: self.scope,
+        }
     }
     fn loop_is_running(&mut self) -> bool {
         self.loop_running

@@ -1,0 +1,143 @@
+"""LoopwatchMiddleware on a real uvicorn server on loopback, driven by a real HTTP client: only
+selected requests are monitored, each report names its own request, and the hook is off between."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import pytest
+import uvicorn
+from conftest import BLOCK_S, LOOPS, THRESHOLD_MS, short
+from loopwatch import BlockingCallInfo
+from loopwatch.asgi import LoopwatchMiddleware
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+TOKEN = "s3cret-token"
+
+
+def render_invoice():
+    time.sleep(BLOCK_S)  # the sync call a selected request must be blamed for
+
+
+async def block(request: Request) -> JSONResponse:
+    await asyncio.sleep(0.05)  # let concurrent requests all be in flight
+    render_invoice()
+    return JSONResponse({"ok": True})
+
+
+async def hook_state(request: Request) -> JSONResponse:
+    return JSONResponse({"profiling": sys.getprofile() is not None})
+
+
+def make_app(reports: list[BlockingCallInfo], **options: Any) -> LoopwatchMiddleware:
+    app = Starlette(routes=[Route("/block", block), Route("/hook", hook_state)])
+    return LoopwatchMiddleware(app, threshold_ms=THRESHOLD_MS, on_blocking_call=reports.append, **options)
+
+
+class Server:
+    """uvicorn serving `app` on a free loopback port, in a thread of its own (its loop thread)."""
+
+    def __init__(self, app: Any, loop: str) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, loop=loop, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def get(self, path: str, headers: Optional[dict[str, str]] = None) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
+
+@pytest.fixture(params=LOOPS)
+def server_loop(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_a_request_with_the_token_is_reported_with_its_context(server_loop):
+    reports: list[BlockingCallInfo] = []
+    with Server(make_app(reports, token=TOKEN), server_loop) as server:
+        server.get("/block", {"x-loopwatch": TOKEN, "x-request-id": "req-1"})
+        assert server.get("/hook") == {"profiling": False}
+    assert len(reports) == 1
+    report = reports[0]
+    assert report.method_name == "time.sleep"
+    assert short(report.stack[-2].name) == "render_invoice"
+    assert report.duration_ms >= BLOCK_S * 1000
+    assert report.context == {"method": "GET", "path": "/block", "request_id": "req-1"}
+
+
+def test_a_wrong_token_or_none_never_reports(server_loop):
+    reports: list[BlockingCallInfo] = []
+    with Server(make_app(reports, token=TOKEN), server_loop) as server:
+        server.get("/block", {"x-loopwatch": "guess"})
+        server.get("/block", {"x-loopwatch": TOKEN[:-1]})
+        server.get("/block")
+    assert reports == []
+
+
+def test_without_a_configured_token_the_header_selects_nothing(server_loop):
+    reports: list[BlockingCallInfo] = []
+    with Server(make_app(reports), server_loop) as server:
+        server.get("/block", {"x-loopwatch": TOKEN})
+        server.get("/block", {"x-loopwatch": ""})
+    assert reports == []
+
+
+def test_sampling_selects_requests_without_a_token(server_loop):
+    reports: list[BlockingCallInfo] = []
+    with Server(make_app(reports, sample_rate=1.0), server_loop) as server:
+        server.get("/block")
+    assert len(reports) == 1
+    request_id = reports[0].context["request_id"]
+    assert len(request_id) == 32 and int(request_id, 16) >= 0  # made up: the client sent none
+
+
+def test_concurrent_requests_on_one_loop_are_reported_to_their_own_request(server_loop):
+    reports: list[BlockingCallInfo] = []
+    with Server(make_app(reports, token=TOKEN), server_loop) as server:
+        calls = [
+            ("/block", {"x-loopwatch": TOKEN, "x-request-id": "first"}),
+            ("/block", {}),  # not selected: blocks the same loop, must never be reported
+            ("/block", {"x-loopwatch": TOKEN, "x-request-id": "second"}),
+        ]
+        with ThreadPoolExecutor(len(calls)) as pool:
+            list(pool.map(lambda call: server.get(*call), calls))
+        assert server.get("/hook") == {"profiling": False}
+    assert sorted(r.context["request_id"] for r in reports) == ["first", "second"]
+    for report in reports:
+        assert short(report.stack[-2].name) == "render_invoice"
+        assert report.duration_ms >= BLOCK_S * 1000
+
+
+def test_bad_settings_are_refused_when_the_app_is_built():
+    app = Starlette()
+    with pytest.raises(ValueError, match=r"sample_rate must be between 0\.0 and 1\.0"):
+        LoopwatchMiddleware(app, sample_rate=2)
+    with pytest.raises(ValueError, match="token must be a non-empty string"):
+        LoopwatchMiddleware(app, token="")
+    with pytest.raises(ValueError, match="threshold_ms must be > 0"):
+        LoopwatchMiddleware(app, threshold_ms=-1)
