@@ -184,11 +184,14 @@ def make_monitor(name: str, reports: BlockingReports):
         return EmptyHook()
     if name == "loopwatch":
         from loopwatch import EventLoopMonitor
-    elif name == "aelm":
-        from asyncio_event_loop_monitor import EventLoopMonitor
-    else:
-        raise ValueError(f"monitor must be none, floor, loopwatch or aelm, got {name!r}")
-    return EventLoopMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=reports)
+
+        # Every report counts here: the sanity check compares them with the /block requests.
+        return EventLoopMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=reports, reports_per_minute=None)
+    if name == "aelm":
+        from asyncio_event_loop_monitor import EventLoopMonitor as PeerMonitor
+
+        return PeerMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=reports)
+    raise ValueError(f"monitor must be none, floor, loopwatch or aelm, got {name!r}")
 
 
 def make_app(monitor_name: str) -> Starlette:

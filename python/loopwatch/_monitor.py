@@ -4,6 +4,7 @@ native hook; monitors active on a thread form a stack, and the innermost one's s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import logging
@@ -15,6 +16,7 @@ from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, cast
 
 from loopwatch import _native
+from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE, CulpritRateLimit, check_reports_per_minute
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo
 
 __all__ = ["DEFAULT_EXCLUDES", "EventLoopMonitor", "event_loop_monitor_ctx"]
@@ -122,6 +124,8 @@ class EventLoopMonitor(_AlsoAsync):
             ``DEFAULT_EXCLUDES``).
         on_blocking_call: called with a ``BlockingCallInfo`` for each episode; by default each
             episode is logged as a WARNING on the ``loopwatch`` logger.
+        reports_per_minute: at most this many reports per culprit per minute; the rest are
+            held back and counted in the next report's ``suppressed``. ``None``: no limit.
 
     A pattern is a module name (``myapp``, ``myapp.db``: the module and everything in it), or a
     file path if it contains a ``/`` (a directory and everything under it). ``*``, ``?`` and
@@ -135,8 +139,11 @@ class EventLoopMonitor(_AlsoAsync):
         include_paths: Optional[Iterable[str]] = None,
         exclude_paths: Optional[Iterable[str]] = None,
         on_blocking_call: Optional[BlockingCallCallback] = None,
+        reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
     ) -> None:
         self._threshold_ms = _check_threshold(threshold_ms)
+        self._reports_per_minute = check_reports_per_minute(reports_per_minute)
+        self._rate_limit = CulpritRateLimit(reports_per_minute) if reports_per_minute is not None else None
         self._include_paths = _check_patterns("include_paths", include_paths)
         self._exclude_paths = _check_patterns("exclude_paths", exclude_paths)
         if on_blocking_call is not None and not callable(on_blocking_call):
@@ -213,7 +220,13 @@ class EventLoopMonitor(_AlsoAsync):
         self._dispatch(info)
 
     def _dispatch(self, info: BlockingCallInfo) -> None:
-        """Hands a report to the callback, or logs it. Never raises."""
+        """Hands a report to the callback, or logs it, within the rate limit. Never raises."""
+        if self._rate_limit is not None:
+            held_back = self._rate_limit.admit((info.method_name, info.kind))
+            if held_back is None:
+                return
+            if held_back:
+                info = dataclasses.replace(info, suppressed=held_back)
         if self._on_blocking_call is None:
             logger.warning("%s", info.format(max_frames=6), extra={"loopwatch": info})
             return
@@ -241,6 +254,7 @@ class _MonitorContext(_AlsoAsync):
             "include_paths": checked._include_paths,
             "exclude_paths": checked._exclude_paths,
             "on_blocking_call": checked._on_blocking_call,
+            "reports_per_minute": checked._reports_per_minute,
         }
         self._entered: list[Optional[EventLoopMonitor]] = []
 
@@ -298,6 +312,7 @@ def event_loop_monitor_ctx(
     include_paths: Optional[Iterable[str]] = None,
     exclude_paths: Optional[Iterable[str]] = None,
     on_blocking_call: Optional[BlockingCallCallback] = None,
+    reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
 ) -> _MonitorContext:
     """Monitors the event loop of the current thread while the block (or decorated function) runs.
 
@@ -311,5 +326,6 @@ def event_loop_monitor_ctx(
         "include_paths": include_paths,
         "exclude_paths": exclude_paths,
         "on_blocking_call": on_blocking_call,
+        "reports_per_minute": reports_per_minute,
     }
     return _MonitorContext(enabled, settings)

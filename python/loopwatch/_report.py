@@ -79,6 +79,9 @@ class BlockingCallInfo:
     context: Optional[Mapping[str, Any]] = None
     """What the monitoring scope the episode happened in says about itself: for a request
     monitored by ``LoopwatchMiddleware``, its ``method``, ``path`` and ``request_id``."""
+    suppressed: int = 0
+    """How many reports of the same culprit the rate limit held back since the last one
+    delivered (see ``reports_per_minute``)."""
     _scope: Optional[int] = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -133,7 +136,8 @@ class BlockingCallInfo:
         scope = ""
         if self.context:
             scope = " (" + ", ".join(f"{key}={value}" for key, value in self.context.items()) + ")"
-        return f"{self.method_name} {what} for {self.duration_ms:.1f} ms{task}{scope}"
+        held_back = f"; {self.suppressed} more like it held back" if self.suppressed else ""
+        return f"{self.method_name} {what} for {self.duration_ms:.1f} ms{task}{scope}{held_back}"
 
     def format(self, max_frames: Optional[int] = None) -> str:
         """A readable report: headline, location, then the stack with the user's frames first."""

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Optional
 
 from loopwatch import _native
+from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE
 from loopwatch._monitor import DEFAULT_THRESHOLD_MS, EventLoopMonitor, _AlsoAsync
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo
 
@@ -66,6 +67,7 @@ class _ScopeHub:
             include_paths=paths._include_paths,
             exclude_paths=paths._exclude_paths,
             on_blocking_call=self._route,
+            reports_per_minute=None,  # each scope applies its own
         )
 
     def _route(self, info: BlockingCallInfo) -> None:
@@ -135,6 +137,7 @@ def monitor_current_task(
     exclude_paths: Optional[Iterable[str]] = None,
     on_blocking_call: Optional[BlockingCallCallback] = None,
     context: Optional[Mapping[str, Any]] = None,
+    reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
 ) -> TaskScope:
     """Monitors only the current task (and tasks it creates inside the block), for one request or
     job in a busy service: other tasks on the same loop are never reported, even while the hook is
@@ -152,5 +155,6 @@ def monitor_current_task(
         include_paths=include_paths,
         exclude_paths=exclude_paths,
         on_blocking_call=on_blocking_call,
+        reports_per_minute=reports_per_minute,
     )
     return TaskScope(settings, context)

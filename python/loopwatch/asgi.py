@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Iterable, MutableMapping
 from typing import Any, Callable, Optional
 
+from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE
 from loopwatch._monitor import EventLoopMonitor
 from loopwatch._report import BlockingCallCallback
 from loopwatch._scope import monitor_current_task
@@ -41,6 +42,7 @@ class LoopwatchMiddleware:
         include_paths, exclude_paths: see `EventLoopMonitor`.
         request_id_header: where a request id is taken from when the client sent one; otherwise
             one is made up.
+        reports_per_minute: see `EventLoopMonitor`.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class LoopwatchMiddleware:
         include_paths: Optional[Iterable[str]] = None,
         exclude_paths: Optional[Iterable[str]] = None,
         request_id_header: str = "x-request-id",
+        reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
     ) -> None:
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string, or None to select by sampling only")
@@ -72,12 +75,15 @@ class LoopwatchMiddleware:
         self._sample_rate = float(sample_rate)
         # Checked now, where a mistake is made, rather than at the first selected request; the
         # checked values are kept (an iterator of patterns can only be read once).
-        checked = EventLoopMonitor(threshold_ms, include_paths, exclude_paths, on_blocking_call)
+        checked = EventLoopMonitor(
+            threshold_ms, include_paths, exclude_paths, on_blocking_call, reports_per_minute
+        )
         self._settings: dict[str, Any] = {
             "threshold_ms": checked._threshold_ms,
             "include_paths": checked._include_paths,
             "exclude_paths": checked._exclude_paths,
             "on_blocking_call": checked._on_blocking_call,
+            "reports_per_minute": checked._reports_per_minute,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

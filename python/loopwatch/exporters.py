@@ -56,7 +56,9 @@ class CulpritLabels:
 class PrometheusExporter:
     """A histogram of blocking seconds and a counter of episodes, both labelled by culprit and
     kind: ``event_loop_blocking_seconds`` and ``event_loop_blocking_total`` (with ``namespace``
-    as a prefix when given), registered in ``registry`` (the default registry otherwise)."""
+    as a prefix when given), registered in ``registry`` (the default registry otherwise). The
+    counter includes episodes the monitor's rate limit held back; for every duration in the
+    histogram, give the monitor ``reports_per_minute=None``."""
 
     def __init__(
         self,
@@ -83,7 +85,8 @@ class PrometheusExporter:
     def __call__(self, info: BlockingCallInfo) -> None:
         culprit, kind = self._labels(info.method_name), info.kind
         self.seconds.labels(culprit, kind).observe(info.duration_ms / 1000)
-        self.episodes.labels(culprit, kind).inc()
+        # Episodes the rate limit held back still count (their durations are not known here).
+        self.episodes.labels(culprit, kind).inc(1 + info.suppressed)
 
 
 class OpenTelemetryExporter:
