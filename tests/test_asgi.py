@@ -18,6 +18,7 @@ from conftest import BLOCK_S, LOOPS, THRESHOLD_MS, short
 from loopwatch import BlockingCallInfo
 from loopwatch.asgi import LoopwatchMiddleware
 from starlette.applications import Starlette
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -131,6 +132,49 @@ def test_concurrent_requests_on_one_loop_are_reported_to_their_own_request(serve
     for report in reports:
         assert short(report.stack[-2].name) == "render_invoice"
         assert report.duration_ms >= BLOCK_S * 1000
+
+
+def test_an_endpoint_run_in_a_child_task_by_inner_middleware_is_still_the_request(server_loop):
+    # Starlette's BaseHTTPMiddleware (FastAPI's @app.middleware("http")) runs the endpoint in a
+    # task of its own: it inherits the request's scope.
+    reports: list[BlockingCallInfo] = []
+
+    async def passthrough(request: Request, call_next: Any) -> Any:
+        return await call_next(request)
+
+    inner = Starlette(routes=[Route("/block", block)])
+    inner.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+    app = LoopwatchMiddleware(inner, threshold_ms=THRESHOLD_MS, on_blocking_call=reports.append, token=TOKEN)
+    with Server(app, server_loop) as server:
+        server.get("/block", {"x-loopwatch": TOKEN, "x-request-id": "inner"})
+        server.get("/block")
+    assert [report.context["request_id"] for report in reports] == ["inner"]
+    assert short(reports[0].stack[-2].name) == "render_invoice"
+
+
+def test_a_plain_asgi_app_is_monitored_too(server_loop):
+    reports: list[BlockingCallInfo] = []
+
+    async def plain_app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        render_invoice()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = LoopwatchMiddleware(
+        plain_app, threshold_ms=THRESHOLD_MS, on_blocking_call=reports.append, sample_rate=1.0
+    )
+    with Server(app, server_loop) as server:
+        server.get("/anything?x=1")
+    assert len(reports) == 1
+    assert reports[0].context["path"] == "/anything"
+    assert short(reports[0].stack[-2].name) == "render_invoice"
 
 
 def test_bad_settings_are_refused_when_the_app_is_built():
