@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Iterable
 from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, cast
@@ -24,6 +26,8 @@ __all__ = ["DEFAULT_EXCLUDES", "EventLoopMonitor", "event_loop_monitor_ctx"]
 logger = logging.getLogger("loopwatch")
 
 DEFAULT_THRESHOLD_MS = 50.0
+MAX_PENDING_REPORTS = 1000
+"""Reports waiting for the callbacks at most; more are dropped, counted and logged."""
 DEFAULT_EXCLUDES: tuple[str, ...] = tuple(_native.DEFAULT_EXCLUDES)
 """Modules never blamed, whatever the filters say: loopwatch itself and the loop's machinery."""
 
@@ -152,6 +156,10 @@ class EventLoopMonitor(_AlsoAsync):
         self._filters = _native.Filters(self._include_paths, self._exclude_paths)
         self._threads: set[int] = set()
         self._callback_failures = 0
+        # Reports wait here (with the time they were found) between the hook and the callbacks.
+        self._pending: deque[tuple[dict[str, Any], float]] = deque()
+        self._dropped = 0
+        self._drain_scheduled = False
 
     @property
     def threshold_ms(self) -> float:
@@ -194,6 +202,8 @@ class EventLoopMonitor(_AlsoAsync):
         elif was_innermost:
             outer = hub.active[-1]
             hub.native.reconfigure(outer._threshold_ms, outer._filters, outer._deliver)
+        # Whatever is still waiting is delivered before deactivate() returns.
+        self._drain()
         if self._callback_failures > 1:
             logger.error("on_blocking_call raised %d more times", self._callback_failures - 1)
         self._callback_failures = 0
@@ -211,13 +221,52 @@ class EventLoopMonitor(_AlsoAsync):
         self.deactivate()
 
     def _deliver(self, raw: dict[str, Any]) -> None:
-        """Receives one episode from the native hook. Never raises."""
-        try:
-            info = BlockingCallInfo._from_native(raw)
-        except Exception:
-            logger.exception("loopwatch could not build a report (this is a loopwatch bug)")
+        """Receives one episode from the native hook, at the end of the blocking step. The
+        callbacks run right after, as a loop callback of their own (in the blocked task's
+        context), so that a slow one never lengthens the step it reports; where no loop runs
+        they run at once. At most `MAX_PENDING_REPORTS` wait. Never raises."""
+        if len(self._pending) >= MAX_PENDING_REPORTS:
+            self._dropped += 1
             return
-        self._dispatch(info)
+        self._pending.append((raw, time.time()))
+        if self._drain_scheduled:
+            return
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            try:
+                loop.call_soon(self._drain)
+                self._drain_scheduled = True
+                return
+            except RuntimeError:  # the loop is closing
+                pass
+        self._drain()
+
+    def _drain(self) -> None:
+        """Hands every waiting report to the callbacks, with the hook paused: the callbacks are
+        loopwatch's work, not the program's. Never raises."""
+        self._drain_scheduled = False
+        if not self._pending and not self._dropped:
+            return
+        native = _hub().native
+        was_paused = native.set_paused(True)
+        try:
+            while self._pending:
+                raw, found_at = self._pending.popleft()
+                try:
+                    info = BlockingCallInfo._from_native(raw, found_at)
+                except Exception:
+                    logger.exception("loopwatch could not build a report (this is a loopwatch bug)")
+                    continue
+                self._dispatch(info)
+            if self._dropped:
+                logger.warning(
+                    "loopwatch dropped %d reports: more than %d were waiting for on_blocking_call",
+                    self._dropped,
+                    MAX_PENDING_REPORTS,
+                )
+                self._dropped = 0
+        finally:
+            native.set_paused(was_paused)
 
     def _dispatch(self, info: BlockingCallInfo) -> None:
         """Hands a report to the callback, or logs it, within the rate limit. Never raises."""

@@ -85,7 +85,8 @@ class BlockingCallInfo:
     _scope: Optional[int] = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def _from_native(cls, raw: dict[str, Any]) -> BlockingCallInfo:
+    def _from_native(cls, raw: dict[str, Any], found_at: Optional[float] = None) -> BlockingCallInfo:
+        """A report from the hook's dict; `found_at` is the ``time.time()`` when the episode ended."""
         stack = tuple(
             StackFrame(
                 name=name,
@@ -114,7 +115,7 @@ class BlockingCallInfo:
             stack=stack,
             task_name=raw["task_name"],
             thread_id=threading.get_ident(),
-            timestamp=time.time() - raw["duration_ns"] / 1e9,  # reported as soon as it ends
+            timestamp=(found_at if found_at is not None else time.time()) - raw["duration_ns"] / 1e9,
             threshold_ms=raw["threshold_ns"] / 1e6,
             culprit_duration_ms=culprit.duration_ms,
             _scope=raw.get("scope"),

@@ -56,7 +56,14 @@ class _ScopeHub:
         # The hook stays on for the other scopes: this step's episode arrives when the step
         # ends, before the loop runs anything else.
         self.closing[id(scope)] = scope
-        asyncio.get_running_loop().call_soon(self.closing.pop, id(scope), None)
+        # Two hops: the step's reports are delivered by a loop callback that the step's end
+        # schedules, after this one.
+        loop = asyncio.get_running_loop()
+
+        def forget() -> None:
+            self.closing.pop(id(scope), None)
+
+        loop.call_soon(loop.call_soon, forget)
 
     def _new_monitor(
         self, settings: EventLoopMonitor, like: Optional[EventLoopMonitor] = None

@@ -174,9 +174,9 @@ impl ThreadMonitor {
         if let Some(delivery) = delivery {
             let state = self.state.get();
             unsafe {
-                (*state).paused = true;
+                let was_paused = std::mem::replace(&mut (*state).paused, true);
                 deliver(me, delivery);
-                (*state).paused = false;
+                (*state).paused = was_paused;
             }
         }
         Ok(())
@@ -317,6 +317,13 @@ impl ThreadMonitor {
             unsafe { ffi::Py_XDECREF(slot.obj) };
         }
         Ok(ours)
+    }
+
+    /// Ignores (True) or watches again (False) what this thread runs, and returns the previous
+    /// setting. For loopwatch's own work with the hook in place: the reports' callbacks.
+    fn set_paused(&self, paused: bool) -> PyResult<bool> {
+        let state = self.state()?;
+        Ok(std::mem::replace(&mut state.paused, paused))
     }
 
     /// True while installed (even if another profiler has since replaced the hook).
