@@ -164,6 +164,9 @@ def make_app(source: str) -> LoopwatchMiddleware:
         # One pooled async client for the app, as a real service keeps one.
         limits = httpx.Limits(max_connections=100)
         with ProcessPoolExecutor(max_workers=2) as parsers:
+            # Start the workers now: forking them at the first request would stall the loop.
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(parsers, int) for _ in range(2)))
             async with httpx.AsyncClient(limits=limits, timeout=30) as client:
                 app.state.client, app.state.parsers = client, parsers
                 yield
