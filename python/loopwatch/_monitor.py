@@ -81,13 +81,20 @@ class _ThreadHub:
 
 
 _local = threading.local()
+T = TypeVar("T")
+
+
+def per_thread(name: str, make: Callable[[], T]) -> T:
+    """The calling thread's `name` object, made on first use."""
+    found: Optional[T] = getattr(_local, name, None)
+    if found is None:
+        found = make()
+        setattr(_local, name, found)
+    return found
 
 
 def _hub() -> _ThreadHub:
-    hub: Optional[_ThreadHub] = getattr(_local, "hub", None)
-    if hub is None:
-        hub = _local.hub = _ThreadHub()
-    return hub
+    return per_thread("hub", _ThreadHub)
 
 
 class _AlsoAsync:
@@ -268,6 +275,17 @@ class EventLoopMonitor(_AlsoAsync):
         finally:
             native.set_paused(was_paused)
 
+    def _checked_settings(self) -> dict[str, Any]:
+        """This monitor's arguments as checked: what makes more monitors like it. (An iterator of
+        patterns can only be read once, and relative paths were anchored when it was built.)"""
+        return {
+            "threshold_ms": self._threshold_ms,
+            "include_paths": self._include_paths,
+            "exclude_paths": self._exclude_paths,
+            "on_blocking_call": self._on_blocking_call,
+            "reports_per_minute": self._reports_per_minute,
+        }
+
     def _dispatch(self, info: BlockingCallInfo) -> None:
         """Hands a report to the callback, or logs it, within the rate limit. Never raises."""
         if self._rate_limit is not None:
@@ -297,14 +315,7 @@ class _MonitorContext(_AlsoAsync):
         self._enabled = enabled
         # Validate now, where the mistake was made; keep the checked values (an iterator of
         # patterns can only be read once, relative paths are anchored now).
-        checked = EventLoopMonitor(**settings)
-        self._settings: dict[str, Any] = {
-            "threshold_ms": checked._threshold_ms,
-            "include_paths": checked._include_paths,
-            "exclude_paths": checked._exclude_paths,
-            "on_blocking_call": checked._on_blocking_call,
-            "reports_per_minute": checked._reports_per_minute,
-        }
+        self._settings = EventLoopMonitor(**settings)._checked_settings()
         self._entered: list[Optional[EventLoopMonitor]] = []
 
     def _new_monitor(self) -> Optional[EventLoopMonitor]:

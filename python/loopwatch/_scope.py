@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 from collections.abc import Iterable, Mapping
 from contextvars import Token
 from types import TracebackType
@@ -17,7 +16,7 @@ from typing import Any, Optional
 
 from loopwatch import _native
 from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE
-from loopwatch._monitor import DEFAULT_THRESHOLD_MS, EventLoopMonitor, _AlsoAsync
+from loopwatch._monitor import DEFAULT_THRESHOLD_MS, EventLoopMonitor, _AlsoAsync, per_thread
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo
 
 
@@ -86,14 +85,8 @@ class _ScopeHub:
         scope._settings._dispatch(dataclasses.replace(info, context=scope.context))
 
 
-_local = threading.local()
-
-
 def _hub() -> _ScopeHub:
-    hub: Optional[_ScopeHub] = getattr(_local, "scope_hub", None)
-    if hub is None:
-        hub = _local.scope_hub = _ScopeHub()
-    return hub
+    return per_thread("scope_hub", _ScopeHub)
 
 
 class TaskScope(_AlsoAsync):

@@ -73,18 +73,10 @@ class LoopwatchMiddleware:
         self._header = header.lower().encode("latin-1")
         self._request_id_header = request_id_header.lower().encode("latin-1")
         self._sample_rate = float(sample_rate)
-        # Checked now, where a mistake is made, rather than at the first selected request; the
-        # checked values are kept (an iterator of patterns can only be read once).
-        checked = EventLoopMonitor(
+        # Checked now, where a mistake is made, rather than at the first selected request.
+        self._settings = EventLoopMonitor(
             threshold_ms, include_paths, exclude_paths, on_blocking_call, reports_per_minute
-        )
-        self._settings: dict[str, Any] = {
-            "threshold_ms": checked._threshold_ms,
-            "include_paths": checked._include_paths,
-            "exclude_paths": checked._exclude_paths,
-            "on_blocking_call": checked._on_blocking_call,
-            "reports_per_minute": checked._reports_per_minute,
-        }
+        )._checked_settings()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") not in ("http", "websocket") or not self._selected(scope):
