@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional, cast
 
 from loopwatch._report import BlockingCallInfo
 
@@ -135,9 +135,9 @@ class StatsdExporter:
         tags: Optional[Iterable[str]] = None,
         max_culprits: int = 50,
     ) -> None:
-        self._distribution = getattr(client, "distribution", None)
-        self._timing = getattr(client, "timing", None)
-        if not callable(self._distribution) and not callable(self._timing):
+        distribution = getattr(client, "distribution", None)
+        timing = getattr(client, "timing", None)
+        if not callable(distribution) and not callable(timing):
             raise TypeError(
                 "client must have distribution() (DogStatsD) or timing() (statsd), "
                 f"got {type(client).__name__}"
@@ -147,11 +147,16 @@ class StatsdExporter:
         self.metric = metric
         self._tags = list(tags) if tags is not None else []
         self._labels = CulpritLabels(max_culprits)
+        # DogStatsD's tagged distribution where the client has one, else a plain timing.
+        self._send: Callable[[BlockingCallInfo], None]
+        if callable(distribution):
+            self._send = lambda info: distribution(self.metric, info.duration_ms, tags=self._tags_of(info))
+        else:
+            plain = cast(Callable[[str, float], Any], timing)  # checked above: one of the two is there
+            self._send = lambda info: plain(self.metric, info.duration_ms)
+
+    def _tags_of(self, info: BlockingCallInfo) -> list[str]:
+        return [*self._tags, f"method:{self._labels(info.method_name)}", f"kind:{info.kind}"]
 
     def __call__(self, info: BlockingCallInfo) -> None:
-        if callable(self._distribution):
-            tags = [*self._tags, f"method:{self._labels(info.method_name)}", f"kind:{info.kind}"]
-            self._distribution(self.metric, info.duration_ms, tags=tags)
-        else:
-            assert callable(self._timing)
-            self._timing(self.metric, info.duration_ms)
+        self._send(info)

@@ -45,11 +45,6 @@ impl Clock {
         }
     }
 
-    /// Whether this clock reads the time-stamp counter.
-    pub fn is_tsc(&self) -> bool {
-        self.tsc
-    }
-
     /// The time-stamp counter, if this clock reads it: one instruction, no call.
     #[inline(always)]
     pub fn counter_now(&self) -> Option<Ticks> {
@@ -63,12 +58,7 @@ impl Clock {
 
     #[inline(always)]
     pub fn now(&self) -> Ticks {
-        #[cfg(target_arch = "x86_64")]
-        if self.tsc {
-            // SAFETY: only chosen when CPUID reported the instruction (see `invariant_tsc`).
-            return unsafe { std::arch::x86_64::_rdtsc() };
-        }
-        monotonic_nanos()
+        self.counter_now().unwrap_or_else(monotonic_nanos)
     }
 
     pub fn nanos_per_tick(&self) -> f64 {

@@ -83,6 +83,31 @@ struct Entry {
     is_coroutine: bool,
 }
 
+impl Entry {
+    /// A frame that starts `now`, with nothing measured below it yet.
+    #[inline(always)]
+    fn started(
+        key: u64,
+        now: Ticks,
+        role: Role,
+        is_c: bool,
+        resume: i32,
+        is_coroutine: bool,
+    ) -> Self {
+        Entry {
+            key,
+            start: now,
+            accounted: 0,
+            resume,
+            call_line: NO_LINE,
+            blame: NO_NODE,
+            role,
+            is_c,
+            is_coroutine,
+        }
+    }
+}
+
 /// A frame that returned over the threshold, kept until its unit ends.
 #[derive(Clone, Debug)]
 #[allow(clippy::struct_excessive_bools)] // independent facts about one frame, not a state machine
@@ -229,17 +254,8 @@ impl Tracker {
                 Role::Host | Role::Dispatcher | Role::Work => return false,
             }
         };
-        self.stack.push(Entry {
-            key,
-            start: now,
-            accounted: 0,
-            resume: 0,
-            call_line: NO_LINE,
-            blame: NO_NODE,
-            role,
-            is_c,
-            is_coroutine: false,
-        });
+        self.stack
+            .push(Entry::started(key, now, role, is_c, 0, false));
         true
     }
 
@@ -336,17 +352,9 @@ impl Tracker {
             self.unit_root = Some(self.stack.len());
             self.unit_task = None;
         }
-        self.stack.push(Entry {
-            key,
-            start: now,
-            accounted: 0,
-            resume,
-            call_line: NO_LINE,
-            blame: NO_NODE,
-            role,
-            is_c,
-            is_coroutine: tag.contains(Tag::COROUTINE),
-        });
+        let is_coroutine = tag.contains(Tag::COROUTINE);
+        self.stack
+            .push(Entry::started(key, now, role, is_c, resume, is_coroutine));
     }
 
     /// The role of a frame pushed outside any unit.
