@@ -124,6 +124,36 @@ class _AlsoAsync:
         self.__exit__(exc_type, exc, tb)
 
 
+class _StarvedSteps:
+    """Steps over the threshold only because the loop's thread waited for a CPU: no code is to
+    blame, so they reach no callback; they are counted and logged at most once a minute."""
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.longest_wait_ms = 0.0
+        self._logged_at = -math.inf
+
+    def add(self, raw: dict[str, Any]) -> None:
+        self.count += 1
+        self.longest_wait_ms = max(self.longest_wait_ms, raw["cpu_wait_ns"] / 1e6)
+
+    def log_now_and_then(self, threshold_ms: float) -> None:
+        if not self.count or time.monotonic() - self._logged_at < self.LOG_EVERY_S:
+            return
+        logger.warning(
+            "the event loop's thread got no CPU: %d steps ran over %g ms only because they waited "
+            "for one (up to %.1f ms); the machine is busy, no code is blamed",
+            self.count,
+            threshold_ms,
+            self.longest_wait_ms,
+        )
+        self._logged_at = time.monotonic()
+        self.count = 0
+        self.longest_wait_ms = 0.0
+
+
 class EventLoopMonitor(_AlsoAsync):
     """Reports synchronous code that blocks the event loop on the threads it is activated on.
 
@@ -167,6 +197,7 @@ class EventLoopMonitor(_AlsoAsync):
         self._pending: deque[tuple[dict[str, Any], float]] = deque()
         self._dropped = 0
         self._drain_scheduled = False
+        self._starved = _StarvedSteps()
 
     @property
     def threshold_ms(self) -> float:
@@ -259,6 +290,9 @@ class EventLoopMonitor(_AlsoAsync):
         try:
             while self._pending:
                 raw, found_at = self._pending.popleft()
+                if raw.get("starved"):
+                    self._starved.add(raw)
+                    continue
                 try:
                     info = BlockingCallInfo._from_native(raw, found_at)
                 except Exception:
@@ -272,6 +306,7 @@ class EventLoopMonitor(_AlsoAsync):
                     MAX_PENDING_REPORTS,
                 )
                 self._dropped = 0
+            self._starved.log_now_and_then(self._threshold_ms)
         finally:
             native.set_paused(was_paused)
 

@@ -76,6 +76,10 @@ class BlockingCallInfo:
     threshold_ms: float = 0.0
     culprit_duration_ms: float = field(default=0.0)
     """How long the culprit itself ran (``duration_ms`` covers the whole episode)."""
+    cpu_wait_ms: float = 0.0
+    """Of ``duration_ms``, how long (at least) the loop's thread was ready to run but had no CPU:
+    a busy machine, not the code. A report's ``duration_ms - cpu_wait_ms`` is always at least the
+    threshold. 0.0 where the OS does not say (outside Linux)."""
     context: Optional[Mapping[str, Any]] = None
     """What the monitoring scope the episode happened in says about itself: for a request
     monitored by ``LoopwatchMiddleware``, its ``method``, ``path`` and ``request_id``."""
@@ -118,6 +122,7 @@ class BlockingCallInfo:
             timestamp=(found_at if found_at is not None else time.time()) - raw["duration_ns"] / 1e9,
             threshold_ms=raw["threshold_ns"] / 1e6,
             culprit_duration_ms=culprit.duration_ms,
+            cpu_wait_ms=raw["cpu_wait_ns"] / 1e6,
             _scope=raw.get("scope"),
         )
 
@@ -149,6 +154,10 @@ class BlockingCallInfo:
         lines.append(where)
         if self.culprit_duration_ms < 0.9 * self.duration_ms:
             lines.append(f"  {self.method_name} itself ran {self.culprit_duration_ms:.1f} ms of it")
+        if self.cpu_wait_ms >= 0.1 * self.duration_ms:
+            lines.append(
+                f"  {self.cpu_wait_ms:.1f} ms of it the loop's thread waited for a CPU (a busy machine)"
+            )
         innermost_first = list(reversed(self.stack))
         groups = [
             ("your code", [f for f in innermost_first if f.is_user_code]),

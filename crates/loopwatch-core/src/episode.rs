@@ -69,6 +69,9 @@ pub struct Episode {
     pub duration_ns: u64,
     /// The threshold in force when the episode was found.
     pub threshold_ns: u64,
+    /// Of `duration_ns`, how long (at least) the thread was ready to run but had no CPU: the
+    /// machine was busy, the code did not run. 0 where the OS does not say.
+    pub cpu_wait_ns: u64,
     /// The task's await chain, then the sync chain down to (at least) the culprit.
     pub stack: Vec<StackFrame>,
     /// Index of the culprit in `stack`.
@@ -88,6 +91,17 @@ pub struct TaskInfo {
 }
 
 impl Episode {
+    /// The time the code itself held the loop: the duration less the wait for a CPU.
+    pub fn own_time_ns(&self) -> u64 {
+        self.duration_ns.saturating_sub(self.cpu_wait_ns)
+    }
+
+    /// Whether the loop stalled only because its thread got no CPU: without the wait, the
+    /// episode would be under the threshold. Such an episode blames no code.
+    pub fn starved(&self) -> bool {
+        self.own_time_ns() < self.threshold_ns
+    }
+
     pub fn culprit_frame(&self) -> &StackFrame {
         &self.stack[self.culprit]
     }

@@ -2,6 +2,7 @@
 //! The binding feeds profile events in and gets blocking episodes out; tests do the same with synthetic events.
 
 pub mod clock;
+pub mod cpu_wait;
 pub mod episode;
 pub mod filter;
 pub mod tracker;

@@ -146,7 +146,23 @@ pub trait Resolver {
     fn task(&mut self) -> TaskInfo;
     /// Whether an event loop is running on this thread now.
     fn loop_is_running(&mut self) -> bool;
+    /// How long this thread has waited so far, ready to run, for a CPU (nanoseconds, cumulative),
+    /// where the OS says. Asked at most about once a millisecond, and once per episode.
+    fn cpu_wait_ns(&mut self) -> Option<u64> {
+        None
+    }
 }
+
+/// A reading of the thread's cumulative wait for a CPU, and when it was taken.
+#[derive(Clone, Copy, Debug)]
+struct CpuWaitMark {
+    at: Ticks,
+    waited_ns: u64,
+}
+
+/// The oldest a CPU-wait reading may be when a unit starts: whatever the thread waited between
+/// the reading and the start is, at worst, counted as the unit's own time.
+const CPU_WAIT_MARK_MAX_AGE_NS: f64 = 1e6;
 
 /// One thread's call tracker.
 pub struct Tracker {
@@ -164,15 +180,19 @@ pub struct Tracker {
     unit_task: Option<TaskInfo>,
     arena: Vec<Node>,
     finished: Vec<Episode>,
+    cpu_wait_mark: Option<CpuWaitMark>,
+    /// Cleared when the OS cannot say how long the thread waited for a CPU: not asked again.
+    cpu_wait_known: bool,
+    cpu_wait_mark_max_age: Ticks,
 }
 
 impl Tracker {
     /// A tracker reporting episodes of at least `threshold` ticks.
     pub fn new(threshold: Ticks, nanos_per_tick: f64, filters: FilterSet) -> Self {
-        Self {
+        let mut tracker = Self {
             stack: Vec::with_capacity(256),
             base_role: Role::Outside,
-            threshold: threshold.max(1),
+            threshold: 1,
             nanos_per_tick,
             filters,
             unit_root: None,
@@ -180,13 +200,25 @@ impl Tracker {
             unit_task: None,
             arena: Vec::new(),
             finished: Vec::new(),
-        }
+            cpu_wait_mark: None,
+            cpu_wait_known: true,
+            cpu_wait_mark_max_age: 0,
+        };
+        tracker.set_threshold(threshold);
+        tracker
     }
 
     /// Changes the threshold and filters; the caller flushes first so nothing is judged twice.
     pub fn configure(&mut self, threshold: Ticks, filters: FilterSet) {
-        self.threshold = threshold.max(1);
+        self.set_threshold(threshold);
         self.filters = filters;
+    }
+
+    fn set_threshold(&mut self, threshold: Ticks) {
+        self.threshold = threshold.max(1);
+        // Never more than an eighth of the threshold, so that the error stays small beside it.
+        let max_age = (CPU_WAIT_MARK_MAX_AGE_NS / self.nanos_per_tick) as Ticks;
+        self.cpu_wait_mark_max_age = max_age.min(self.threshold / 8);
     }
 
     pub fn depth(&self) -> usize {
@@ -351,6 +383,9 @@ impl Tracker {
             self.unit_hosted = self.top_role() == Role::Host;
             self.unit_root = Some(self.stack.len());
             self.unit_task = None;
+            self.refresh_cpu_wait_mark(now, r);
+        } else if role == Role::Dispatcher {
+            self.refresh_cpu_wait_mark(now, r);
         }
         let is_coroutine = tag.contains(Tag::COROUTINE);
         self.stack
@@ -508,6 +543,43 @@ impl Tracker {
         }
     }
 
+    /// Keeps a recent reading of the thread's CPU wait for the unit that starts `now`. Reading
+    /// costs a system call, so a reading under the maximum age is reused.
+    #[inline]
+    fn refresh_cpu_wait_mark<R: Resolver>(&mut self, now: Ticks, r: &mut R) {
+        let fresh = self
+            .cpu_wait_mark
+            .is_some_and(|mark| now.saturating_sub(mark.at) <= self.cpu_wait_mark_max_age);
+        if !fresh && self.cpu_wait_known {
+            self.read_cpu_wait(now, r);
+        }
+    }
+
+    fn read_cpu_wait<R: Resolver>(&mut self, now: Ticks, r: &mut R) -> Option<CpuWaitMark> {
+        let reading = r
+            .cpu_wait_ns()
+            .map(|waited_ns| CpuWaitMark { at: now, waited_ns });
+        self.cpu_wait_known = reading.is_some();
+        std::mem::replace(&mut self.cpu_wait_mark, reading)
+    }
+
+    /// How long, at least, the thread waited for a CPU between `start` and `now`. Whatever it
+    /// waited between the last reading and `start` cannot be told apart, so that whole stretch
+    /// is taken off: the result is never more than the true wait.
+    fn cpu_wait_between<R: Resolver>(&mut self, start: Ticks, now: Ticks, r: &mut R) -> u64 {
+        if !self.cpu_wait_known {
+            return 0;
+        }
+        let (Some(mark), Some(latest)) = (self.read_cpu_wait(now, r), self.cpu_wait_mark) else {
+            return 0;
+        };
+        let before_start = self.nanos(start.saturating_sub(mark.at));
+        let within = self.nanos(now.saturating_sub(start));
+        (latest.waited_ns.saturating_sub(mark.waited_ns))
+            .saturating_sub(before_start)
+            .min(within)
+    }
+
     fn end_unit(&mut self) {
         self.unit_root = None;
         self.unit_hosted = false;
@@ -519,14 +591,15 @@ impl Tracker {
     fn finish_unit<R: Resolver>(&mut self, root_node: u32, root: &Entry, now: Ticks, r: &mut R) {
         if root_node != NO_NODE && (!self.unit_hosted || r.loop_is_running()) {
             let duration = now.saturating_sub(root.start);
-            if let Some(episode) = self.build_episode(root_node, duration) {
+            let cpu_wait_ns = self.cpu_wait_between(root.start, now, r);
+            if let Some(episode) = self.build_episode(root_node, duration, cpu_wait_ns) {
                 self.finished.push(episode);
             }
         }
         self.end_unit();
     }
 
-    fn build_episode(&self, root_node: u32, duration: Ticks) -> Option<Episode> {
+    fn build_episode(&self, root_node: u32, duration: Ticks, cpu_wait_ns: u64) -> Option<Episode> {
         let mut chain: Vec<&Node> = Vec::new();
         let mut next = root_node;
         while next != NO_NODE {
@@ -554,6 +627,7 @@ impl Tracker {
             kind,
             duration_ns: self.nanos(duration),
             threshold_ns: self.nanos(self.threshold),
+            cpu_wait_ns,
             stack,
             culprit,
             task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
@@ -616,6 +690,8 @@ impl Tracker {
         if !included {
             return;
         }
+        let cpu_wait_ns =
+            self.cpu_wait_between(entry.start, entry.start.saturating_add(duration), r);
         let frame = StackFrame {
             name: info.name,
             filename: info.filename,
@@ -630,6 +706,7 @@ impl Tracker {
             kind: EpisodeKind::Callback,
             duration_ns: self.nanos(duration),
             threshold_ns: self.nanos(self.threshold),
+            cpu_wait_ns,
             stack: vec![frame],
             culprit: 0,
             // By its return, `Context.run` has left the callback's context: no task or scope.

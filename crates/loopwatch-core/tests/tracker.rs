@@ -438,3 +438,111 @@ fn short_calls_inside_a_step_never_leave_the_hot_path() {
     assert!(s.episodes.is_empty());
     assert_eq!(s.py.described, 0);
 }
+
+fn sim_with_cpu_wait() -> Sim {
+    let mut s = Sim::new();
+    s.py.cpu_wait = Some(1_000);
+    s
+}
+
+#[test]
+fn a_step_over_the_threshold_only_by_waiting_for_a_cpu_is_starved_not_blamed() {
+    let mut s = sim_with_cpu_wait();
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .advance(2)
+        .wait_for_cpu(25)
+        .advance(3)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    let e = &s.episodes[0];
+    assert_eq!((e.duration_ns, e.cpu_wait_ns, e.own_time_ns()), (30, 25, 5));
+    assert!(e.starved());
+}
+
+#[test]
+fn a_real_block_keeps_its_wall_time_and_says_how_much_was_waiting() {
+    let mut s = sim_with_cpu_wait();
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(30)
+        .wait_for_cpu(10)
+        .c_ret(SLEEP)
+        .ret(MAIN)
+        .leave_dispatch();
+    let e = &s.episodes[0];
+    assert_eq!(e.culprit_frame().name, "time.sleep");
+    assert_eq!((e.duration_ns, e.cpu_wait_ns), (40, 10));
+    assert!(!e.starved());
+}
+
+#[test]
+fn waiting_for_a_cpu_before_a_step_is_not_taken_off_it() {
+    let mut s = sim_with_cpu_wait();
+    // A first callback leaves a fresh reading behind; then the thread waits in the loop's own
+    // machinery, between callbacks.
+    s.enter_dispatch()
+        .call(A, Tag::PLAIN)
+        .advance(1)
+        .ret(A)
+        .leave_dispatch()
+        .wait_for_cpu(50)
+        .call(HANDLE_RUN, Tag::DISPATCH)
+        .c_call(CONTEXT_RUN, Tag::DISPATCH)
+        .call(B, Tag::PLAIN)
+        .advance(25)
+        .ret(B)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].cpu_wait_ns, 0);
+    assert!(!s.episodes[0].starved());
+}
+
+#[test]
+fn the_cpu_wait_is_read_at_most_once_per_mark_age_and_once_per_episode() {
+    let mut s = sim_with_cpu_wait();
+    s.enter_dispatch().leave_dispatch();
+    let first = s.py.cpu_wait_reads;
+    assert_eq!(first, 1);
+    // Twenty quick callbacks within the mark's age (an eighth of the threshold): no new read.
+    for _ in 0..20 {
+        s.call(HANDLE_RUN, Tag::DISPATCH)
+            .c_call(CONTEXT_RUN, Tag::DISPATCH)
+            .call(A, Tag::PLAIN)
+            .ret(A)
+            .leave_dispatch();
+    }
+    assert_eq!(s.py.cpu_wait_reads, first);
+    // One slow one: a fresh mark at its start, and one read when it becomes an episode.
+    s.advance(10)
+        .call(HANDLE_RUN, Tag::DISPATCH)
+        .c_call(CONTEXT_RUN, Tag::DISPATCH)
+        .call(A, Tag::PLAIN)
+        .advance(30)
+        .ret(A)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.py.cpu_wait_reads, first + 2);
+}
+
+#[test]
+fn where_the_os_does_not_say_nothing_is_taken_off_and_it_is_asked_once() {
+    let mut s = Sim::new();
+    for _ in 0..3 {
+        s.enter_dispatch()
+            .call(A, Tag::PLAIN)
+            .wait_for_cpu(30)
+            .ret(A)
+            .leave_dispatch();
+    }
+    assert_eq!(s.episodes.len(), 3);
+    assert!(s
+        .episodes
+        .iter()
+        .all(|e| e.cpu_wait_ns == 0 && !e.starved()));
+    assert_eq!(s.py.cpu_wait_reads, 1);
+}

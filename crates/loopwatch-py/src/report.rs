@@ -9,6 +9,8 @@ pub fn episode_to_python<'py>(py: Python<'py>, episode: &Episode) -> PyResult<Bo
     report.set_item("kind", episode.kind.as_str())?;
     report.set_item("duration_ns", episode.duration_ns)?;
     report.set_item("threshold_ns", episode.threshold_ns)?;
+    report.set_item("cpu_wait_ns", episode.cpu_wait_ns)?;
+    report.set_item("starved", episode.starved())?;
     report.set_item("culprit", episode.culprit)?;
     report.set_item("task_name", episode.task_name.as_deref())?;
     report.set_item("scope", episode.scope)?;

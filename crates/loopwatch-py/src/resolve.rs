@@ -91,6 +91,10 @@ impl Resolver for PyResolver<'_> {
             self.running_loop().is_some()
         })
     }
+
+    fn cpu_wait_ns(&mut self) -> Option<u64> {
+        loopwatch_core::cpu_wait::thread_cpu_wait_ns()
+    }
 }
 
 impl PyResolver<'_> {

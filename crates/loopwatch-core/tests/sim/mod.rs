@@ -18,6 +18,9 @@ pub struct FakeInterpreter {
     pub scope: Option<u64>,
     pub dispatched: Option<&'static str>,
     pub described: usize,
+    /// The thread's cumulative wait for a CPU, if the fake OS says.
+    pub cpu_wait: Option<u64>,
+    pub cpu_wait_reads: usize,
 }
 
 impl FakeInterpreter {
@@ -69,6 +72,10 @@ impl Resolver for FakeInterpreter {
     }
     fn loop_is_running(&mut self) -> bool {
         self.loop_running
+    }
+    fn cpu_wait_ns(&mut self) -> Option<u64> {
+        self.cpu_wait_reads += 1;
+        self.cpu_wait
     }
 }
 
@@ -182,6 +189,15 @@ impl Sim {
 
     pub fn advance(&mut self, ticks: Ticks) -> &mut Self {
         self.now += ticks;
+        self
+    }
+
+    /// Time passes with the thread ready to run but given no CPU.
+    pub fn wait_for_cpu(&mut self, ticks: Ticks) -> &mut Self {
+        self.now += ticks;
+        if let Some(waited) = self.py.cpu_wait.as_mut() {
+            *waited += ticks;
+        }
         self
     }
 
