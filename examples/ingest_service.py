@@ -93,7 +93,7 @@ def setup_database() -> None:
     with sqlite3.connect(DATABASE) as db:
         db.execute("CREATE TABLE IF NOT EXISTS chunks (doc TEXT, body TEXT)")
         db.executemany(
-            "INSERT INTO chunks VALUES (?, ?)", ((f"d{i}", f"chunk {i} " * 20) for i in range(40_000))
+            "INSERT INTO chunks VALUES (?, ?)", ((f"d{i}", f"chunk {i} " * 20) for i in range(80_000))
         )
 
 
@@ -105,7 +105,7 @@ def count_similar_chunks(word: str) -> int:
 
 def fingerprint(text: str) -> str:
     """Key derivation over the document: CPU work in C."""
-    return hashlib.pbkdf2_hmac("sha256", text.encode(), b"ingest", 60_000).hex()
+    return hashlib.pbkdf2_hmac("sha256", text.encode(), b"ingest", 150_000).hex()
 
 
 def split_into_chunks(text: str, sentences_per_chunk: int = 8) -> list[dict[str, Any]]:
@@ -169,6 +169,7 @@ def keep_report(info: BlockingCallInfo) -> None:
     REPORTS.append(
         {
             "path": info.context["path"] if info.context else None,
+            "request_id": info.context["request_id"] if info.context else None,
             "culprit": info.method_name,
             "kind": info.kind,
             "duration_ms": round(info.duration_ms, 1),

@@ -143,9 +143,9 @@ class _StarvedSteps:
         if not self.count or time.monotonic() - self._logged_at < self.LOG_EVERY_S:
             return
         logger.warning(
-            "the event loop's thread got no CPU: %d steps ran over %g ms only because they waited "
-            "for one (up to %.1f ms); the machine is busy, no code is blamed",
-            self.count,
+            "the event loop's thread got no CPU: %s over %g ms only for want of one (waits up to "
+            "%.1f ms); the machine is busy, no code is blamed",
+            "1 step ran" if self.count == 1 else f"{self.count} steps ran",
             threshold_ms,
             self.longest_wait_ms,
         )
@@ -172,6 +172,8 @@ class EventLoopMonitor(_AlsoAsync):
     file path if it contains a ``/`` (a directory and everything under it). ``*``, ``?`` and
     ``[...]`` make a glob over the whole module-qualified name or path (``*/site-packages/*``).
     The culprit is the deepest frame that may be blamed; an episode with none is dropped.
+    A step over the threshold only because the thread waited for a CPU (Linux) blames no code:
+    it is counted and logged at most once a minute instead.
     """
 
     def __init__(
