@@ -11,6 +11,7 @@ the exact culprit, how long the loop was blocked, and the stack that led there.
 """
 
 from loopwatch._monitor import DEFAULT_EXCLUDES, EventLoopMonitor, event_loop_monitor_ctx
+from loopwatch._recording import Recording, RecordingError, Session, read_recording
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo, StackFrame
 from loopwatch._scope import TaskScope, monitor_current_task
 
@@ -19,10 +20,14 @@ __all__ = [
     "BlockingCallCallback",
     "BlockingCallInfo",
     "EventLoopMonitor",
+    "Recording",
+    "RecordingError",
+    "Session",
     "StackFrame",
     "TaskScope",
     "event_loop_monitor_ctx",
     "monitor_current_task",
+    "read_recording",
 ]
 
 try:

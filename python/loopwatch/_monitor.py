@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 
 from loopwatch import _native
 from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE, CulpritRateLimit, check_reports_per_minute
+from loopwatch._recording import PathArg, Recorder, open_recorder
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo
 
 __all__ = ["DEFAULT_EXCLUDES", "EventLoopMonitor", "event_loop_monitor_ctx"]
@@ -167,6 +168,9 @@ class EventLoopMonitor(_AlsoAsync):
             episode is logged as a WARNING on the ``loopwatch`` logger.
         reports_per_minute: at most this many reports per culprit per minute; the rest are
             held back and counted in the next report's ``suppressed``. ``None``: no limit.
+        record_to: a file that every report is added to, rate limit or not, for
+            ``loopwatch report`` (see `loopwatch._recording`). Created if missing; added to if it
+            is already a recording; `RecordingError` if it cannot be written.
 
     A pattern is a module name (``myapp``, ``myapp.db``: the module and everything in it), or a
     file path if it contains a ``/`` (a directory and everything under it). ``*``, ``?`` and
@@ -183,6 +187,7 @@ class EventLoopMonitor(_AlsoAsync):
         exclude_paths: Optional[Iterable[str]] = None,
         on_blocking_call: Optional[BlockingCallCallback] = None,
         reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
+        record_to: Optional[PathArg] = None,
     ) -> None:
         self._threshold_ms = _check_threshold(threshold_ms)
         self._reports_per_minute = check_reports_per_minute(reports_per_minute)
@@ -192,6 +197,7 @@ class EventLoopMonitor(_AlsoAsync):
         if on_blocking_call is not None and not callable(on_blocking_call):
             raise TypeError(f"on_blocking_call must be callable, got {type(on_blocking_call).__name__}")
         self._on_blocking_call = on_blocking_call
+        self._recorder: Optional[Recorder] = open_recorder(record_to) if record_to is not None else None
         self._filters = _native.Filters(self._include_paths, self._exclude_paths)
         self._threads: set[int] = set()
         self._callback_failures = 0
@@ -321,10 +327,14 @@ class EventLoopMonitor(_AlsoAsync):
             "exclude_paths": self._exclude_paths,
             "on_blocking_call": self._on_blocking_call,
             "reports_per_minute": self._reports_per_minute,
+            "record_to": self._recorder.path if self._recorder is not None else None,
         }
 
     def _dispatch(self, info: BlockingCallInfo) -> None:
-        """Hands a report to the callback, or logs it, within the rate limit. Never raises."""
+        """Records a report, then hands it to the callback, or logs it, within the rate limit.
+        Never raises."""
+        if self._recorder is not None:
+            self._recorder.write(info)
         if self._rate_limit is not None:
             held_back = self._rate_limit.admit((info.method_name, info.kind))
             if held_back is None:
@@ -410,6 +420,7 @@ def event_loop_monitor_ctx(
     exclude_paths: Optional[Iterable[str]] = None,
     on_blocking_call: Optional[BlockingCallCallback] = None,
     reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
+    record_to: Optional[PathArg] = None,
 ) -> _MonitorContext:
     """Monitors the event loop of the current thread while the block (or decorated function) runs.
 
@@ -424,5 +435,6 @@ def event_loop_monitor_ctx(
         "exclude_paths": exclude_paths,
         "on_blocking_call": on_blocking_call,
         "reports_per_minute": reports_per_minute,
+        "record_to": record_to,
     }
     return _MonitorContext(enabled, settings)

@@ -8,6 +8,8 @@ __all__ = [
     "DEFAULT_EXCLUDES",
     "SCOPE",
     "Filters",
+    "RecordingReader",
+    "RecordingWriter",
     "ThreadMonitor",
     "_bench_install_empty_hook",
     "_bench_uninstall_hook",
@@ -51,3 +53,25 @@ def _bench_uninstall_hook() -> None:
 
 def _code_reads() -> str:
     """How the hook reads a frame's code: "struct" or "portable"."""
+
+@final
+class RecordingWriter:
+    """Adds records to a recording file, each in one write."""
+
+    def __new__(cls, path: str, truncate: bool = False) -> RecordingWriter: ...
+    def write_session(
+        self, process_id: int, argv: list[str], started_at: float, python_version: str, loopwatch_version: str
+    ) -> None: ...
+    def write_episode(self, episode: dict[str, Any]) -> None: ...
+
+@final
+class RecordingReader:
+    """Reads a recording record by record: ("session", dict), ("episode", dict) or ("damage", str)."""
+
+    def __new__(cls, path: str) -> RecordingReader: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    def __iter__(self) -> RecordingReader: ...
+    def __next__(self) -> tuple[str, Any]: ...

@@ -86,6 +86,8 @@ class BlockingCallInfo:
     suppressed: int = 0
     """How many reports of the same culprit the rate limit held back since the last one
     delivered (see ``reports_per_minute``)."""
+    process_id: int = 0
+    """The process the episode happened in (``os.getpid()``)."""
     _scope: Optional[int] = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -119,12 +121,66 @@ class BlockingCallInfo:
             stack=stack,
             task_name=raw["task_name"],
             thread_id=threading.get_ident(),
+            process_id=os.getpid(),
             timestamp=(found_at if found_at is not None else time.time()) - raw["duration_ns"] / 1e9,
             threshold_ms=raw["threshold_ns"] / 1e6,
             culprit_duration_ms=culprit.duration_ms,
             cpu_wait_ms=raw["cpu_wait_ns"] / 1e6,
             _scope=raw.get("scope"),
         )
+
+    def _to_record(self) -> dict[str, Any]:
+        """The fields a recording keeps (`loopwatch._recording`); frames as tuples in field order."""
+        return {
+            "timestamp": self.timestamp,
+            "process_id": self.process_id,
+            "thread_id": self.thread_id,
+            "kind": self.kind,
+            "method_name": self.method_name,
+            "duration_ms": self.duration_ms,
+            "culprit_duration_ms": self.culprit_duration_ms,
+            "threshold_ms": self.threshold_ms,
+            "cpu_wait_ms": self.cpu_wait_ms,
+            "is_c_call": self.is_c_call,
+            "filename": self.filename,
+            "lineno": self.lineno,
+            "end_lineno": self.end_lineno,
+            "task_name": self.task_name,
+            "context": {str(k): str(v) for k, v in self.context.items()} if self.context else None,
+            "stack": [
+                (
+                    f.name,
+                    f.filename,
+                    f.lineno,
+                    f.end_lineno,
+                    f.duration_ms,
+                    f.is_c_call,
+                    f.is_coroutine,
+                    f.included,
+                )
+                for f in self.stack
+            ],
+        }
+
+    @classmethod
+    def _from_record(cls, record: dict[str, Any]) -> BlockingCallInfo:
+        fields = dict(record)
+        fields["stack"] = tuple(
+            StackFrame(
+                name=name,
+                filename=filename,
+                lineno=lineno,
+                end_lineno=end_lineno,
+                duration_ms=duration_ms,
+                is_c_call=is_c,
+                is_coroutine=is_coroutine,
+                included=included,
+            )
+            for (name, filename, lineno, end_lineno, duration_ms, is_c, is_coroutine, included) in record[
+                "stack"
+            ]
+        )
+        return cls(**fields)
 
     @property
     def location(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from loopwatch import _native
 from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE
 from loopwatch._monitor import DEFAULT_THRESHOLD_MS, EventLoopMonitor, _AlsoAsync, per_thread
+from loopwatch._recording import PathArg
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo
 
 
@@ -138,6 +139,7 @@ def monitor_current_task(
     on_blocking_call: Optional[BlockingCallCallback] = None,
     context: Optional[Mapping[str, Any]] = None,
     reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
+    record_to: Optional[PathArg] = None,
 ) -> TaskScope:
     """Monitors only the current task (and tasks it creates inside the block), for one request or
     job in a busy service: other tasks on the same loop are never reported, even while the hook is
@@ -156,5 +158,6 @@ def monitor_current_task(
         exclude_paths=exclude_paths,
         on_blocking_call=on_blocking_call,
         reports_per_minute=reports_per_minute,
+        record_to=record_to,
     )
     return TaskScope(settings, context)

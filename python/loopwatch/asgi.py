@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE
 from loopwatch._monitor import EventLoopMonitor
+from loopwatch._recording import PathArg
 from loopwatch._report import BlockingCallCallback
 from loopwatch._scope import monitor_current_task
 
@@ -42,7 +43,8 @@ class LoopwatchMiddleware:
         include_paths, exclude_paths: see `EventLoopMonitor`.
         request_id_header: where a request id is taken from when the client sent one; otherwise
             one is made up.
-        reports_per_minute: see `EventLoopMonitor`.
+        reports_per_minute, record_to: see `EventLoopMonitor`; each recorded report keeps
+            its request's ``context``.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class LoopwatchMiddleware:
         exclude_paths: Optional[Iterable[str]] = None,
         request_id_header: str = "x-request-id",
         reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
+        record_to: Optional[PathArg] = None,
     ) -> None:
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string, or None to select by sampling only")
@@ -75,7 +78,7 @@ class LoopwatchMiddleware:
         self._sample_rate = float(sample_rate)
         # Checked now, where a mistake is made, rather than at the first selected request.
         self._settings = EventLoopMonitor(
-            threshold_ms, include_paths, exclude_paths, on_blocking_call, reports_per_minute
+            threshold_ms, include_paths, exclude_paths, on_blocking_call, reports_per_minute, record_to
         )._checked_settings()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

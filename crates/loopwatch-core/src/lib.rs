@@ -5,6 +5,7 @@ pub mod clock;
 pub mod cpu_wait;
 pub mod episode;
 pub mod filter;
+pub mod recording;
 pub mod tracker;
 
 pub use clock::Clock;

@@ -6,6 +6,7 @@ mod errors;
 mod floor;
 mod hook;
 mod monitor;
+mod recording;
 mod report;
 mod resolve;
 mod threadstate;
@@ -22,6 +23,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SCOPE", scope_var)?;
     m.add_class::<monitor::ThreadMonitor>()?;
     m.add_class::<monitor::Filters>()?;
+    m.add_class::<recording::RecordingWriter>()?;
+    m.add_class::<recording::RecordingReader>()?;
     m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_install_empty_hook, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_uninstall_hook, m)?)?;
