@@ -607,6 +607,15 @@ impl Tracker {
             chain.push(node);
             next = node.child;
         }
+        // A frame is blamed only if it is over the threshold even with all of the unit's wait
+        // for a CPU inside it: a tiny call preempted on a busy machine is not a culprit.
+        let own_time_over = |n: &&&Node| {
+            self.nanos(n.duration).saturating_sub(cpu_wait_ns) >= self.nanos(self.threshold)
+        };
+        let blamable = chain.iter().take_while(own_time_over).count();
+        if blamable > 0 {
+            chain.truncate(blamable);
+        }
         let culprit = chain
             .iter()
             .rposition(|n| n.included && !n.is_coroutine)

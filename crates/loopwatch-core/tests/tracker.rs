@@ -481,6 +481,27 @@ fn a_real_block_keeps_its_wall_time_and_says_how_much_was_waiting() {
 }
 
 #[test]
+fn a_quick_call_that_waited_for_a_cpu_is_not_the_culprit() {
+    let mut s = sim_with_cpu_wait();
+    // A runs 25 ticks of its own, then a tiny C call inside it waits 25 for a CPU: the call is
+    // over the threshold by wall time only; A is what really held the loop.
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .advance(25)
+        .c_call(SLEEP, Tag::PLAIN)
+        .wait_for_cpu(25)
+        .c_ret(SLEEP)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    let e = &s.episodes[0];
+    assert_eq!(e.culprit_frame().name, "app.a");
+    assert_eq!((e.duration_ns, e.cpu_wait_ns), (50, 25));
+    assert!(!e.starved());
+}
+
+#[test]
 fn waiting_for_a_cpu_before_a_step_is_not_taken_off_it() {
     let mut s = sim_with_cpu_wait();
     // A first callback leaves a fresh reading behind; then the thread waits in the loop's own
