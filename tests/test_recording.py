@@ -11,14 +11,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import BLOCK_S, THRESHOLD_MS, monitor
 from loopwatch import RecordingError, monitor_current_task, read_recording
-from loopwatch._recording import open_recorder
 
 FILE_START = b"\xb3loopwatch-recording\x01"
 
@@ -175,41 +173,50 @@ def test_a_damaged_record_is_skipped_and_the_rest_read(run, tmp_path: Path) -> N
 
 
 def test_threads_and_forked_processes_share_one_file_without_mixing_records(tmp_path: Path) -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
     path = tmp_path / "shared.lwrec"
     per_writer = 40
+    # In a fresh interpreter, so that the fork happens while it has one thread only.
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, threading, time
+        from loopwatch import event_loop_monitor_ctx
+        from loopwatch._recording import open_recorder
 
-    def record_episodes() -> None:
-        async def main() -> None:
-            ctx, _ = monitor(threshold_ms=2, record_to=path, reports_per_minute=None)
-            with ctx:
-                for _ in range(per_writer):
-                    time.sleep(0.003)
-                    await asyncio.sleep(0)
+        def record_episodes():
+            async def main():
+                with event_loop_monitor_ctx(threshold_ms=2, record_to={str(path)!r},
+                                            on_blocking_call=lambda info: None,
+                                            reports_per_minute=None):
+                    for _ in range({per_writer}):
+                        time.sleep(0.003)
+                        await asyncio.sleep(0)
+            asyncio.run(main())
 
-        asyncio.run(main())
-
-    open_recorder(path)  # opened before the fork: the child shares the file and its recorder
-    child = os.fork() if hasattr(os, "fork") else -1
-    if child == 0:  # pragma: no cover - the child's own exit code is checked below
-        try:
+        open_recorder({str(path)!r})  # before the fork: the child inherits the open recorder
+        child = os.fork()
+        if child == 0:
             record_episodes()
-        finally:
             os._exit(0)
-    threads = [threading.Thread(target=record_episodes) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if child > 0:
+        threads = [threading.Thread(target=record_episodes) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         assert os.waitpid(child, 0)[1] == 0
+        print(os.getpid(), child)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    parent, child = (int(pid) for pid in done.stdout.split())
     recording = read_recording(path)
     assert recording.problem is None
-    writers = 3 + (child > 0)
-    assert len(recording.episodes) == writers * per_writer
-    assert len({e.thread_id for e in recording.episodes if e.process_id == os.getpid()}) == 3
-    if child > 0:
-        assert {s.process_id for s in recording.sessions} == {os.getpid(), child}
-        assert sum(e.process_id == child for e in recording.episodes) == per_writer
+    assert len(recording.episodes) == 4 * per_writer
+    assert {s.process_id for s in recording.sessions} == {parent, child}
+    assert sum(e.process_id == child for e in recording.episodes) == per_writer
+    assert len({e.thread_id for e in recording.episodes if e.process_id == parent}) == 3
 
 
 def test_the_file_is_a_plain_messagepack_stream(run, tmp_path: Path) -> None:

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use loopwatch_core::recording::{
-    encode, starts_recording, Record, RecordReader, RecordedEpisode, RecordedFrame, SessionRecord,
-    FILE_START,
+    encode, starts_recording, OpenError, Record, RecordReader, RecordedEpisode, RecordedFrame,
+    SessionRecord, FILE_START,
 };
 use loopwatch_core::EpisodeKind;
-use pyo3::exceptions::{PyStopIteration, PyValueError};
+use pyo3::exceptions::{PyOSError, PyStopIteration, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -45,20 +45,22 @@ impl RecordingWriter {
     #[allow(clippy::needless_pass_by_value)] // pyo3 hands over an owned path
     fn new(path: PathBuf, truncate: bool) -> PyResult<Self> {
         if truncate {
-            File::create(&path)?;
+            File::create(&path).map_err(os_error)?;
         }
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
-            .open(&path)?;
+            .open(&path)
+            .map_err(os_error)?;
         // A new file's position is its start; writes in append mode go to the end whatever it is.
         let mut start = Vec::with_capacity(FILE_START.len());
         (&mut file)
             .take(FILE_START.len() as u64)
-            .read_to_end(&mut start)?;
+            .read_to_end(&mut start)
+            .map_err(os_error)?;
         if start.is_empty() {
-            file.write_all(FILE_START)?;
+            file.write_all(FILE_START).map_err(os_error)?;
         } else if !starts_recording(&start) {
             return Err(PyValueError::new_err(
                 "it holds something else than a loopwatch recording: not adding to it",
@@ -105,16 +107,32 @@ impl RecordingWriter {
         while written < frame.len() {
             match file.write(&frame[written..]) {
                 Ok(0) => {
-                    return Err(
-                        undo_partial(&mut file, written, io::ErrorKind::WriteZero.into()).into(),
-                    )
+                    return Err(os_error(undo_partial(
+                        &mut file,
+                        written,
+                        io::ErrorKind::WriteZero.into(),
+                    )))
                 }
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(undo_partial(&mut file, written, e).into()),
+                Err(e) => return Err(os_error(undo_partial(&mut file, written, e))),
             }
         }
         Ok(())
+    }
+}
+
+/// An `OSError` as Python raises its own: `(errno, strerror)`, so that it is the right subclass
+/// (`FileNotFoundError`, …) and its `strerror` reads without Rust's "(os error N)".
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(os_error)`
+fn os_error(error: io::Error) -> PyErr {
+    let text = error.to_string();
+    match error.raw_os_error() {
+        Some(code) => {
+            let suffix = format!(" (os error {code})");
+            PyOSError::new_err((code, text.strip_suffix(&suffix).unwrap_or(&text).to_owned()))
+        }
+        None => PyOSError::new_err(text),
     }
 }
 
@@ -145,10 +163,13 @@ impl RecordingReader {
     #[new]
     #[allow(clippy::needless_pass_by_value)] // pyo3 hands over an owned path
     fn new(path: PathBuf) -> PyResult<Self> {
-        let file = File::open(&path)?;
-        let size = file.metadata()?.len();
-        let records = RecordReader::new(BufReader::with_capacity(1 << 16, file))
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let file = File::open(&path).map_err(os_error)?;
+        let size = file.metadata().map_err(os_error)?.len();
+        let records =
+            RecordReader::new(BufReader::with_capacity(1 << 16, file)).map_err(|e| match e {
+                OpenError::Io(e) => os_error(e),
+                other => PyValueError::new_err(other.to_string()),
+            })?;
         Ok(Self { records, size })
     }
 
