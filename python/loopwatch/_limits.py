@@ -7,6 +7,8 @@ import time
 from collections import OrderedDict
 from typing import Callable, Optional
 
+DEFAULT_THRESHOLD_MS = 50.0
+"""A step or callback that keeps the loop this long is reported, unless told otherwise."""
 DEFAULT_REPORTS_PER_MINUTE = 10
 WINDOW_S = 60.0
 # Culprits remembered at once; the least recently reported are forgotten first.

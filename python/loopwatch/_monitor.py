@@ -18,15 +18,19 @@ from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, cast
 
 from loopwatch import _native
-from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE, CulpritRateLimit, check_reports_per_minute
+from loopwatch._limits import (
+    DEFAULT_REPORTS_PER_MINUTE,
+    DEFAULT_THRESHOLD_MS,
+    CulpritRateLimit,
+    check_reports_per_minute,
+)
 from loopwatch._recording import PathArg, Recorder, open_recorder
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo
 
-__all__ = ["DEFAULT_EXCLUDES", "EventLoopMonitor", "event_loop_monitor_ctx"]
+__all__ = ["DEFAULT_EXCLUDES", "DEFAULT_THRESHOLD_MS", "EventLoopMonitor", "event_loop_monitor_ctx"]
 
 logger = logging.getLogger("loopwatch")
 
-DEFAULT_THRESHOLD_MS = 50.0
 MAX_PENDING_REPORTS = 1000
 """Reports waiting for the callbacks at most; more are dropped, counted and logged."""
 DEFAULT_EXCLUDES: tuple[str, ...] = tuple(_native.DEFAULT_EXCLUDES)

@@ -1,0 +1,527 @@
+"""`loopwatch run` and the LOOPWATCH environment, as a user runs them: real programs in real
+subprocesses (scripts, modules, threads, child processes, uvicorn on loopback with a real HTTP
+client). Reports reach stderr, the program's stdout and exit code stay its own, and mistakes get
+one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from conftest import LOOPS
+from loopwatch._recording import read_recording
+from loopwatch._run import Program, split_command_line
+
+THRESHOLD = "30"  # ms; every blocking call below sleeps 100 ms
+PTH_NAME = "loopwatch_autostart.pth"
+REPO_PTH = Path(__file__).parent.parent / "python" / PTH_NAME
+LOOPWATCH_SCRIPT = shutil.which("loopwatch", path=os.path.dirname(sys.executable))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any LOOPWATCH* setting of the machine running the tests."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LOOPWATCH")}
+    env.update(extra)
+    return env
+
+
+def loopwatch_run(
+    *args: str, cwd: Path, env: Optional[dict[str, str]] = None, script: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`python -m loopwatch run ...`, or with script=True the installed `loopwatch` command."""
+    if script:
+        assert LOOPWATCH_SCRIPT, "the loopwatch command is not installed next to this python"
+    command = [LOOPWATCH_SCRIPT] if script else [sys.executable, "-m", "loopwatch"]
+    return subprocess.run(
+        [*command, "run", *args],
+        cwd=cwd,
+        env=clean_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def write(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source).lstrip())
+    return path
+
+
+def line_of(path: Path, marker: str) -> int:
+    """The line of `path` that carries the comment `# <marker>`."""
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if text.rstrip().endswith(f"# {marker}"):
+            return number
+    raise AssertionError(f"no line marked {marker!r} in {path}")
+
+
+def headlines(stderr: str) -> list[str]:
+    """The first line of each report printed as it happened."""
+    return [line for line in stderr.splitlines() if "blocked the event loop" in line]
+
+
+BLOCKING_SCRIPT = """
+    import asyncio
+    import sys
+    import time
+
+    async def handle():
+        time.sleep(0.1)  # blocks
+
+    async def main():
+        await handle()
+        print("result", sys.argv[1:])
+
+    asyncio.run(main())
+    sys.exit(3)
+"""
+
+
+def test_a_blocking_call_is_reported_on_stderr_with_its_line_and_the_program_keeps_stdout_and_exit_code(
+    tmp_path: Path,
+):
+    script = write(tmp_path / "service.py", BLOCKING_SCRIPT)
+    result = loopwatch_run(
+        "--threshold-ms", THRESHOLD, "service.py", "--port", "8000", cwd=tmp_path, script=True
+    )
+    assert result.returncode == 3
+    assert result.stdout == "result ['--port', '8000']\n"
+    [headline] = headlines(result.stderr)
+    assert headline.startswith("loopwatch: time.sleep blocked the event loop for ")
+    assert f"  at {script}:{line_of(script, 'blocks')}" in result.stderr
+    assert f"loopwatch: 1 blocking episode of {THRESHOLD} ms or more, 1 culprit:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_module_form_gets_its_arguments_even_those_that_look_like_loopwatch_options(tmp_path: Path):
+    module = write(
+        tmp_path / "blocking_job.py",
+        """
+        import asyncio, sys, time
+
+        async def main():
+            time.sleep(0.1)  # blocks
+            print(sys.argv[1:], sys.path[0], __name__)
+
+        asyncio.run(main())
+        """,
+    )
+    result = loopwatch_run(
+        "--threshold-ms", THRESHOLD, "-m", "blocking_job", "--threshold-ms", "5", "--", "-m", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    # As under `python -m`: the module's arguments untouched, the current directory first on sys.path.
+    assert result.stdout == f"['--threshold-ms', '5', '--', '-m'] {tmp_path} __main__\n"
+    [headline] = headlines(result.stderr)
+    assert headline.startswith("loopwatch: time.sleep blocked")
+    assert f"{module}:{line_of(module, 'blocks')}" in result.stderr
+
+
+def test_loops_in_another_thread_and_loops_run_again_and_again_are_each_monitored_and_leave_no_hook(
+    tmp_path: Path,
+):
+    script = write(
+        tmp_path / "many_loops.py",
+        """
+        import asyncio, sys, threading, time
+
+        async def in_worker_thread():
+            time.sleep(0.1)  # worker thread blocks
+
+        async def on_main_thread():
+            assert sys.getprofile() is not None, "no hook while the loop runs"
+            time.sleep(0.1)  # main thread blocks
+
+        def worker():
+            asyncio.run(in_worker_thread())
+            print("worker thread hook after:", sys.getprofile())
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        asyncio.run(on_main_thread())
+        asyncio.run(on_main_thread())
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(on_main_thread())
+        loop.run_until_complete(on_main_thread())
+        loop.close()
+        try:
+            import uvloop
+        except ImportError:
+            print("uvloop: absent")
+        else:
+            uvloop.new_event_loop().run_until_complete(on_main_thread())
+            print("uvloop: ran")
+        time.sleep(0.1)  # no loop runs here: never reported
+        print("main thread hook after:", sys.getprofile())
+        """,
+    )
+    result = loopwatch_run("--threshold-ms", THRESHOLD, str(script), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "worker thread hook after: None" in result.stdout
+    assert "main thread hook after: None" in result.stdout
+    uvloop_ran = "uvloop: ran" in result.stdout
+    where = [line.strip() for line in result.stderr.splitlines() if line.startswith("  at ")]
+    worker_line = f"at {script}:{line_of(script, 'worker thread blocks')}"
+    main_line = f"at {script}:{line_of(script, 'main thread blocks')}"
+    assert where == [worker_line] + [main_line] * (5 if uvloop_ran else 4)
+    assert len(headlines(result.stderr)) == len(where)
+
+
+UVICORN_OPTIONS = ("--lifespan", "off", "--log-level", "warning")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_uvicorn_run_as_a_module_reports_the_blocking_endpoint_of_a_real_request(tmp_path: Path, loop: str):
+    app = write(
+        tmp_path / "app.py",
+        """
+        import time
+
+        async def app(scope, receive, send):
+            assert scope["type"] == "http"
+            if scope["path"] == "/block":
+                time.sleep(0.1)  # endpoint blocks
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"done"})
+        """,
+    )
+    with socket.socket() as probe:  # a free port for uvicorn (it cannot report one it picks)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uvicorn = ["-m", "uvicorn", "app:app", "--port", str(port), "--loop", loop, *UVICORN_OPTIONS]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "loopwatch", "run", "--threshold-ms", THRESHOLD, *uvicorn],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/fast", timeout=5) as response:
+                    assert response.read() == b"done"
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/block", timeout=5) as response:
+            assert response.read() == b"done"
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, stderr
+    [headline] = headlines(stderr)
+    assert headline.startswith("loopwatch: time.sleep blocked the event loop for ")
+    assert f"  at {app}:{line_of(app, 'endpoint blocks')}" in stderr
+    assert "loopwatch: 1 blocking episode" in stderr
+
+
+MODULES_SCRIPT = """
+    import asyncio
+    import mylib
+
+    async def main():
+        mylib.render()
+
+    asyncio.run(main())
+"""
+MYLIB = """
+    import time
+
+    def render():
+        time.sleep(0.1)  # mylib blocks
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "culprit"),
+    [
+        ((), "time.sleep"),
+        (("--exclude", "time"), "mylib.render"),  # the C call may not be blamed: its caller is
+        (("--include", "mylib"), "mylib.render"),
+        (("--include", "otherlib", "--include", "elsewhere/"), None),  # nothing may be blamed
+    ],
+)
+def test_include_and_exclude_choose_what_may_be_blamed(tmp_path: Path, options: tuple[str, ...], culprit):
+    write(tmp_path / "mylib.py", MYLIB)
+    write(tmp_path / "main.py", MODULES_SCRIPT)
+    result = loopwatch_run("--threshold-ms", THRESHOLD, *options, "main.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    if culprit is None:
+        assert headlines(result.stderr) == []
+        assert f"nothing blocked an event loop of this process for {THRESHOLD} ms or more" in result.stderr
+    else:
+        [headline] = headlines(result.stderr)
+        assert headline.startswith(f"loopwatch: {culprit} blocked the event loop")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--threshold-ms", "-5", "x.py"),
+            "argument --threshold-ms: must be a number of milliseconds > 0, got '-5'",
+        ),
+        (
+            ("--threshold-ms", "soon", "x.py"),
+            "argument --threshold-ms: must be a number of milliseconds, got 'soon'",
+        ),
+        (("--include", "my app", "x.py"), 'argument --include: bad path pattern "my app"'),
+        (("--threshold-ms", "10"), "give a script to run, or -m module"),
+        (("-m",), "-m needs a module name"),
+        (("--frobnicate", "x.py"), "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_bad_options_are_a_usage_error_without_traceback(tmp_path: Path, args: tuple[str, ...], message: str):
+    result = loopwatch_run(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("missing.py",),
+            "loopwatch run: can't open file '{cwd}/missing.py': [Errno 2] No such file or directory",
+        ),
+        (("-m", "no_such_module"), "loopwatch run: No module named no_such_module"),
+        (("-m", "json"), "loopwatch run: No module named json.__main__; 'json' is a package"),
+    ],
+)
+def test_a_missing_script_or_module_is_one_line_and_exit_1(
+    tmp_path: Path, args: tuple[str, ...], message: str
+):
+    result = loopwatch_run(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(message.format(cwd=tmp_path.resolve()))
+
+
+def test_the_programs_own_exception_is_its_traceback_without_loopwatch_frames(tmp_path: Path):
+    script = write(
+        tmp_path / "crash.py",
+        """
+        def load():
+            raise RuntimeError("config missing")
+
+        load()
+        """,
+    )
+    result = loopwatch_run(str(script), cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[1].startswith(f'  File "{script}", line 4')
+    assert "RuntimeError: config missing" in lines
+    assert "loopwatch" not in "\n".join(lines[:-1]) and "runpy" not in result.stderr
+
+
+def test_sys_exit_with_a_message_behaves_as_under_python(tmp_path: Path):
+    write(tmp_path / "bye.py", "import sys\nsys.exit('bad input file')\n")
+    result = loopwatch_run("bye.py", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == "bad input file"
+
+
+# The environment form: the .pth file in site-packages starts monitoring at interpreter start-up.
+
+
+def installed_pth() -> Optional[Path]:
+    """The .pth that a wheel install puts at the root of site-packages, if this one has it."""
+    roots = [*site.getsitepackages(), site.getusersitepackages()]
+    return next((Path(root) / PTH_NAME for root in roots if (Path(root) / PTH_NAME).exists()), None)
+
+
+@pytest.fixture
+def autostart_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which Python processes read the .pth at start-up as an installed wheel
+    does. An editable install (maturin develop) does not install the .pth: there a site
+    directory holding a copy of the repository's .pth is added at start-up instead (by a
+    sitecustomize on PYTHONPATH, which child processes inherit)."""
+    if installed_pth() is not None:
+        return clean_env()
+    if not REPO_PTH.exists():
+        pytest.skip(f"{PTH_NAME} is neither installed nor in the source tree")
+    shim = tmp_path / "site-shim"
+    shim.mkdir()
+    shutil.copy(REPO_PTH, shim / PTH_NAME)
+    # The site directory is added twice, as site does for a venv's own site-packages (it runs
+    # their .pth lines twice): monitoring must start once all the same.
+    add = "site.addsitedir(os.path.dirname(os.path.abspath(__file__)))\n"
+    write(shim / "sitecustomize.py", "import os, site\n" + add + add)
+    return clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])))
+
+
+def test_installed_wheel_has_the_pth_at_the_root_of_site_packages():
+    path = installed_pth()
+    if path is None:
+        pytest.skip("loopwatch is installed editable here (maturin develop), which installs no .pth")
+    if REPO_PTH.exists():
+        assert path.read_text() == REPO_PTH.read_text()
+    assert 'os.environ.get("LOOPWATCH"' in path.read_text()
+
+
+def test_the_pth_imports_nothing_when_loopwatch_is_not_asked_for(autostart_env: dict[str, str]):
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sorted({'loopwatch', 'asyncio'} & set(sys.modules)))"],
+        env=autostart_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.stdout, result.stderr) == ("[]\n", "")
+
+
+def test_loopwatch_1_monitors_a_program_started_by_plain_python(
+    tmp_path: Path, autostart_env: dict[str, str]
+):
+    script = write(tmp_path / "service.py", BLOCKING_SCRIPT)
+    env = {**autostart_env, "LOOPWATCH": "1", "LOOPWATCH_THRESHOLD_MS": THRESHOLD}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 3
+    assert result.stdout == "result []\n"
+    [headline] = headlines(result.stderr)
+    # A process started by another tool says which one it is.
+    assert headline.startswith("loopwatch[") and "]: time.sleep blocked the event loop" in headline
+    assert f"{script}:{line_of(script, 'blocks')}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "LOOPWATCH",
+            "maybe",
+            "loopwatch: LOOPWATCH: must be 1 (on) or 0 (off), got 'maybe'; not monitoring",
+        ),
+        (
+            "LOOPWATCH_THRESHOLD_MS",
+            "fast",
+            "loopwatch: LOOPWATCH_THRESHOLD_MS: must be a number of milliseconds, got 'fast'; not monitoring",
+        ),
+        ("LOOPWATCH_INCLUDE", "myapp,my app", 'loopwatch: LOOPWATCH_INCLUDE: bad path pattern "my app"'),
+    ],
+)
+def test_a_bad_environment_value_is_one_line_and_the_program_runs_unmonitored(
+    tmp_path: Path, autostart_env: dict[str, str], variable: str, value: str, message: str
+):
+    script = write(tmp_path / "service.py", BLOCKING_SCRIPT)
+    env = {**autostart_env, "LOOPWATCH": "1", "LOOPWATCH_THRESHOLD_MS": THRESHOLD, variable: value}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stdout) == (3, "result []\n")
+    [line] = result.stderr.splitlines()
+    assert line.startswith(message)
+
+
+def test_child_processes_are_monitored_and_record_into_the_same_file(
+    tmp_path: Path, autostart_env: dict[str, str]
+):
+    script = write(
+        tmp_path / "pool.py",
+        """
+        import asyncio, multiprocessing, os, time
+
+        async def child_work():
+            time.sleep(0.1)  # child blocks
+
+        def child():
+            asyncio.run(child_work())
+
+        async def parent_work():
+            time.sleep(0.1)  # parent blocks
+
+        if __name__ == "__main__":
+            process = multiprocessing.get_context("spawn").Process(target=child)
+            process.start()
+            process.join()
+            print("child pid", process.pid, "exit", process.exitcode)
+            asyncio.run(parent_work())
+        """,
+    )
+    recording = tmp_path / "run.lwr"
+    recording.write_bytes(b"an earlier run: emptied by loopwatch run")
+    result = loopwatch_run(
+        "--threshold-ms", THRESHOLD, "--record", "run.lwr", str(script), cwd=tmp_path, env=autostart_env
+    )
+    assert result.returncode == 0, result.stderr
+    child_pid = int(result.stdout.split()[2])
+    assert result.stdout.endswith("exit 0\n")
+    reports = headlines(result.stderr)
+    assert f"loopwatch[{child_pid}]: time.sleep blocked the event loop" in reports[0]
+    assert reports[1].startswith("loopwatch: time.sleep blocked the event loop")
+    assert f"{script}:{line_of(script, 'child blocks')}" in result.stderr
+    assert (
+        f"loopwatch: recorded to {recording}; summarize it with: loopwatch report {recording}"
+        in result.stderr
+    )
+
+    read = read_recording(recording)
+    assert read.problem is None
+    assert len(read.sessions) == 2 and child_pid in {session.process_id for session in read.sessions}
+    assert sorted(episode.lineno for episode in read.episodes) == sorted(
+        [line_of(script, "child blocks"), line_of(script, "parent blocks")]
+    )
+
+
+@pytest.mark.parametrize(
+    ("tokens", "own", "program"),
+    [
+        (["app.py"], [], Program(argv=("app.py",))),
+        (
+            ["--threshold-ms", "5", "app.py", "--threshold-ms", "9"],
+            ["--threshold-ms", "5"],
+            Program(argv=("app.py", "--threshold-ms", "9")),
+        ),
+        (
+            ["--threshold-ms=5", "--include", "x", "-m", "uvicorn", "-m"],
+            ["--threshold-ms=5", "--include", "x"],
+            Program(True, ("uvicorn", "-m")),
+        ),
+        (["-muvicorn", "app:app"], [], Program(True, ("uvicorn", "app:app"))),
+        (
+            ["--record", "run.lwr", "--", "-odd-name.py", "--"],
+            ["--record", "run.lwr"],
+            Program(argv=("-odd-name.py", "--")),
+        ),
+        (["--help"], ["--help"], Program()),
+        (["--threshold-ms"], ["--threshold-ms"], Program()),
+        (["-m"], [], Program(module=True)),
+    ],
+)
+def test_the_command_line_splits_where_the_program_starts(
+    tokens: list[str], own: list[str], program: Program
+):
+    assert split_command_line(tokens) == (own, program)
+
+
+def test_run_help_shows_both_forms_and_the_environment(tmp_path: Path):
+    result = loopwatch_run("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "loopwatch run [options] -m module [args ...]" in result.stdout
+    assert "LOOPWATCH=1" in result.stdout
