@@ -66,14 +66,25 @@ def writing(rounds: int, folder: str) -> dict[str, Any]:
     times: dict[str, list[float]] = {"not recorded": [], "recorded": []}
     counts: list[int] = []
     for round_ in range(rounds):
-        for label in times:
+        # Alternate which goes first, so that neither gets the warmer machine every time.
+        for label in list(times) if round_ % 2 == 0 else reversed(list(times)):
             path = os.path.join(folder, f"write-{round_}.lwrec") if label == "recorded" else None
             reports: list[BlockingCallInfo] = []
             times[label].append(run_steps(path, reports))
             counts.append(len(reports))
     base, recorded = (statistics.median(times[k]) for k in times)
     episodes = statistics.median(counts)
+    # The write alone, without the noise of the steps around it.
+    template = reports_of_one_run()[0]
+    recorder = open_recorder(os.path.join(folder, "writes.lwrec"), truncate=True)
+    writes = 20_000
+    started = time.perf_counter()
+    for _ in range(writes):
+        recorder.write(template)
+    write_us = (time.perf_counter() - started) / writes * 1e6
     return {
+        "us_per_write": write_us,
+        "us_per_reported_episode_unrecorded": base / episodes * 1e6,
         "episodes_per_run": episodes,
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "ratio_recorded_to_not": recorded / base,
@@ -81,9 +92,14 @@ def writing(rounds: int, folder: str) -> dict[str, Any]:
     }
 
 
-def make_recording(path: str, episodes: int) -> None:
+def reports_of_one_run() -> list[BlockingCallInfo]:
     reports: list[BlockingCallInfo] = []
     run_steps(None, reports)
+    return reports
+
+
+def make_recording(path: str, episodes: int) -> None:
+    reports = reports_of_one_run()
     recorder = open_recorder(path, truncate=True)
     started = time.time()
     for i in range(episodes):
@@ -139,8 +155,10 @@ def main() -> None:
     w, r = results["writing"], results["reading"]
     print(f"CPython {results['python']}, {args.rounds} rounds, medians")
     print(
-        f"writing: {w['episodes_per_run']:.0f} episodes per run; recorded/not recorded = "
-        f"{w['ratio_recorded_to_not']:.3f}, {w['us_added_per_episode']:.1f} us added per episode"
+        f"writing: one record {w['us_per_write']:.1f} us (a reported step costs "
+        f"{w['us_per_reported_episode_unrecorded']:.0f} us unrecorded); runs of "
+        f"{w['episodes_per_run']:.0f} reported steps, recorded/not recorded = "
+        f"{w['ratio_recorded_to_not']:.3f} ({w['us_added_per_episode']:.1f} us per episode)"
     )
     print(
         f"reading: {r['episodes']} episodes, {r['file_mib']:.1f} MiB ({r['bytes_per_episode']:.0f} B each); "

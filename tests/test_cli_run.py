@@ -104,6 +104,35 @@ def test_a_blocking_call_is_reported_on_stderr_with_its_line_and_the_program_kee
     assert "Traceback" not in result.stderr
 
 
+def test_a_program_with_its_own_monitor_is_still_watched_whole(tmp_path: Path):
+    # The program watches one code path itself (as examples/quickstart.py does); loopwatch run
+    # must still see that path's episode, and those outside it.
+    write(
+        tmp_path / "own_monitor.py",
+        """
+        import asyncio, time
+        from loopwatch import event_loop_monitor_ctx
+
+        def own(info):
+            print("own:", info.method_name)
+
+        async def main():
+            with event_loop_monitor_ctx(threshold_ms=30, on_blocking_call=own):
+                time.sleep(0.1)
+                await asyncio.sleep(0)
+            time.sleep(0.1)
+            await asyncio.sleep(0)
+
+        asyncio.run(main())
+        """,
+    )
+    result = loopwatch_run("--threshold-ms", THRESHOLD, "own_monitor.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "own: time.sleep\n"
+    assert len(headlines(result.stderr)) == 2
+    assert f"loopwatch: 2 blocking episodes of {THRESHOLD} ms or more" in result.stderr
+
+
 def test_module_form_gets_its_arguments_even_those_that_look_like_loopwatch_options(tmp_path: Path):
     module = write(
         tmp_path / "blocking_job.py",

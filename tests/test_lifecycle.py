@@ -149,6 +149,39 @@ def test_nested_contexts_apply_the_inner_settings_inside_and_the_outer_after(run
     assert len(outer_reports) == 1 and outer_reports[0].duration_ms >= 200
 
 
+def test_an_outer_monitor_keeps_getting_what_crosses_its_threshold_while_an_inner_one_is_on(run):
+    outer, outer_reports = monitor(threshold_ms=30)
+    inner, inner_reports = monitor(threshold_ms=150)
+    logged_inner, logged_reports = monitor(threshold_ms=30)
+
+    async def main():
+        with outer:
+            with inner:
+                time.sleep(BLOCK_S)  # under the inner threshold, over the outer one
+                await asyncio.sleep(0)
+            with logged_inner:
+                time.sleep(BLOCK_S)  # over both: each monitor reports it to its own callback
+                await asyncio.sleep(0)
+
+    run(main)
+    assert inner_reports == []
+    assert [r.threshold_ms for r in outer_reports] == [30, 30]
+    assert [r.method_name for r in logged_reports] == ["time.sleep"]
+
+
+def test_nested_monitors_with_one_callback_report_an_episode_once(run):
+    reports = []
+    ctx = event_loop_monitor_ctx(threshold_ms=30, on_blocking_call=reports.append)
+
+    async def main():
+        with ctx, ctx:
+            time.sleep(BLOCK_S)
+            await asyncio.sleep(0)
+
+    run(main)
+    assert len(reports) == 1
+
+
 def test_the_decorator_covers_the_whole_coroutine(run):
     reports = []
 

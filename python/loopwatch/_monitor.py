@@ -1,5 +1,6 @@
 """The public monitor API: `EventLoopMonitor` and `event_loop_monitor_ctx`. Each thread has one
-native hook; monitors active on a thread form a stack, and the innermost one's settings apply."""
+native hook, shared by every monitor active on the thread: it runs at the lowest of their
+thresholds, and each monitor gets the episodes that cross its own."""
 
 from __future__ import annotations
 
@@ -78,11 +79,48 @@ def _absolute_path_pattern(pattern: str) -> str:
 
 
 class _ThreadHub:
-    """The native hook of one thread and the monitors active on it, innermost last."""
+    """The native hook of one thread and the monitors active on it, innermost last.
+
+    Every active monitor gets every episode that crosses its threshold: a program's own monitor
+    and one around the whole program (``loopwatch run``), or a request's, each see what is theirs.
+    The innermost monitor's include/exclude patterns choose the culprit for all of them."""
 
     def __init__(self) -> None:
         self.native = _native.ThreadMonitor()
         self.active: list[EventLoopMonitor] = []
+        # Who gets what the hook reports: changed only after the hook has handed what the running
+        # step blocked so far to the monitors that were active while it ran.
+        self._recipients: tuple[EventLoopMonitor, ...] = ()
+
+    def deliver(self, raw: dict[str, Any]) -> None:
+        """The native hook's sink: one episode, to each monitor active while it happened, innermost
+        first; but once only to one destination (nested monitors that share a callback, or that
+        all log, make one report)."""
+        reached: list[object] = []
+        for monitor in reversed(self._recipients):
+            destination = monitor._destination()
+            if destination not in reached and monitor._deliver(raw):
+                reached.append(destination)
+
+    def change(self, active: list[EventLoopMonitor]) -> None:
+        """Makes `active` the thread's monitors, installing, retuning or removing the hook."""
+        if not active:
+            if self.active and not self.native.uninstall():
+                logger.debug("another profiler replaced loopwatch's hook; left it in place")
+        else:
+            threshold_ms = min(monitor._threshold_ms for monitor in active)
+            filters = active[-1]._filters
+            if self.active:
+                self.native.reconfigure(threshold_ms, filters, self.deliver)
+            else:
+                self._recipients = tuple(active)
+                try:
+                    self.native.install(threshold_ms, filters, self.deliver)
+                except BaseException:
+                    self._recipients = ()
+                    raise
+        self.active = active
+        self._recipients = tuple(active)
 
 
 _local = threading.local()
@@ -225,33 +263,18 @@ class EventLoopMonitor(_AlsoAsync):
         hub = _hub()
         if self in hub.active:
             return
-        hub.active.append(self)
-        try:
-            if len(hub.active) == 1:
-                hub.native.install(self._threshold_ms, self._filters, self._deliver)
-            else:
-                hub.native.reconfigure(self._threshold_ms, self._filters, self._deliver)
-        except BaseException:
-            hub.active.remove(self)
-            raise
+        hub.change([*hub.active, self])
         self._threads.add(threading.get_ident())
 
     def deactivate(self) -> None:
         """Stops monitoring the calling thread. What the running step blocked so far is reported
-        first; then the enclosing monitor's settings apply again, or the profile function that
+        first; then the other monitors active on the thread go on, or the profile function that
         was there before the first activation is restored."""
         hub = _hub()
         self._threads.discard(threading.get_ident())
         if self not in hub.active:
             return
-        was_innermost = hub.active[-1] is self
-        hub.active.remove(self)
-        if not hub.active:
-            if not hub.native.uninstall():
-                logger.debug("another profiler replaced loopwatch's hook; left it in place")
-        elif was_innermost:
-            outer = hub.active[-1]
-            hub.native.reconfigure(outer._threshold_ms, outer._filters, outer._deliver)
+        hub.change([monitor for monitor in hub.active if monitor is not self])
         # Whatever is still waiting is delivered before deactivate() returns.
         self._drain()
         if self._callback_failures > 1:
@@ -270,26 +293,38 @@ class EventLoopMonitor(_AlsoAsync):
     ) -> None:
         self.deactivate()
 
-    def _deliver(self, raw: dict[str, Any]) -> None:
+    def _destination(self) -> object:
+        """Where this monitor's reports end up: its callback and its recording."""
+        return (self._on_blocking_call, self._recorder)
+
+    def _deliver(self, raw: dict[str, Any]) -> bool:
         """Receives one episode from the native hook, at the end of the blocking step. The
         callbacks run right after, as a loop callback of their own (in the blocked task's
         context), so that a slow one never lengthens the step it reports; where no loop runs
-        they run at once. At most `MAX_PENDING_REPORTS` wait. Never raises."""
+        they run at once. At most `MAX_PENDING_REPORTS` wait. Whether it takes the episode (one
+        under its threshold is for another monitor). Never raises."""
+        threshold_ns = round(self._threshold_ms * 1e6)
+        if raw["duration_ns"] < threshold_ns:
+            return False
+        if raw["threshold_ns"] != threshold_ns:
+            starved = raw["duration_ns"] - raw["cpu_wait_ns"] < threshold_ns
+            raw = {**raw, "threshold_ns": threshold_ns, "starved": starved}
         if len(self._pending) >= MAX_PENDING_REPORTS:
             self._dropped += 1
-            return
+            return True
         self._pending.append((raw, time.time()))
         if self._drain_scheduled:
-            return
+            return True
         loop = asyncio._get_running_loop()
         if loop is not None:
             try:
                 loop.call_soon(self._drain)
                 self._drain_scheduled = True
-                return
+                return True
             except RuntimeError:  # the loop is closing
                 pass
         self._drain()
+        return True
 
     def _drain(self) -> None:
         """Hands every waiting report to the callbacks, with the hook paused: the callbacks are
