@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BLOCK_S, THRESHOLD_MS, monitor
-from loopwatch import RecordingError, monitor_current_task, read_recording
+from loopwatch import BlockingCallInfo, RecordingError, monitor_current_task, read_recording
 
 FILE_START = b"\xb3loopwatch-recording\x01"
 
@@ -30,8 +30,8 @@ async def block_three_ways() -> None:
     await asyncio.sleep(0)
 
 
-def test_every_report_reads_back_exactly_as_delivered(run, tmp_path: Path) -> None:
-    path = tmp_path / "session.lwrec"
+def record_three_episodes(run, path: Path) -> list[BlockingCallInfo]:
+    """Runs `block_three_ways` monitored, recording to `path`; the reports delivered."""
     ctx, reports = monitor(record_to=path, reports_per_minute=None)
 
     async def main() -> None:
@@ -39,6 +39,12 @@ def test_every_report_reads_back_exactly_as_delivered(run, tmp_path: Path) -> No
             await block_three_ways()
 
     run(main)
+    return reports
+
+
+def test_every_report_reads_back_exactly_as_delivered(run, tmp_path: Path) -> None:
+    path = tmp_path / "session.lwrec"
+    reports = record_three_episodes(run, path)
     recording = read_recording(path)
     assert recording.problem is None
     assert len(reports) == 3
@@ -134,13 +140,7 @@ def test_a_killed_program_leaves_every_record_it_wrote_readable(tmp_path: Path) 
 
 def test_a_file_cut_inside_a_record_reads_up_to_the_last_whole_one(run, tmp_path: Path) -> None:
     path = tmp_path / "whole.lwrec"
-    ctx, reports = monitor(record_to=path, reports_per_minute=None)
-
-    async def main() -> None:
-        with ctx:
-            await block_three_ways()
-
-    run(main)
+    reports = record_three_episodes(run, path)
     data = path.read_bytes()
     last_record_start = data.rindex(b"\xc6\x00\x00")
     cut = tmp_path / "cut.lwrec"
@@ -154,13 +154,7 @@ def test_a_file_cut_inside_a_record_reads_up_to_the_last_whole_one(run, tmp_path
 
 def test_a_damaged_record_is_skipped_and_the_rest_read(run, tmp_path: Path) -> None:
     path = tmp_path / "damaged.lwrec"
-    ctx, reports = monitor(record_to=path, reports_per_minute=None)
-
-    async def main() -> None:
-        with ctx:
-            await block_three_ways()
-
-    run(main)
+    reports = record_three_episodes(run, path)
     data = bytearray(path.read_bytes())
     # Overwrite the inside of the second episode's record (the first record is the session).
     starts = [i for i in range(len(data) - 3) if data[i : i + 3] == b"\xc6\x00\x00"]
@@ -222,13 +216,7 @@ def test_threads_and_forked_processes_share_one_file_without_mixing_records(tmp_
 def test_the_file_is_a_plain_messagepack_stream(run, tmp_path: Path) -> None:
     msgpack = pytest.importorskip("msgpack")
     path = tmp_path / "session.lwrec"
-    ctx, reports = monitor(record_to=path, reports_per_minute=None)
-
-    async def main() -> None:
-        with ctx:
-            await block_three_ways()
-
-    run(main)
+    reports = record_three_episodes(run, path)
     values = list(msgpack.Unpacker(io.BytesIO(path.read_bytes()), raw=False))
     assert values[:2] == ["loopwatch-recording", 1]
     records = [msgpack.unpackb(frame, raw=False) for frame in values[2:]]
@@ -313,13 +301,7 @@ def test_the_reader_survives_any_damage(run, tmp_path: Path) -> None:
     """A few hundred random cuts, flips and splices of a real recording: the reader returns what it
     can or raises RecordingError, and whatever it returns is a well-formed report."""
     path = tmp_path / "session.lwrec"
-    ctx, _ = monitor(record_to=path, reports_per_minute=None)
-
-    async def main() -> None:
-        with ctx:
-            await block_three_ways()
-
-    run(main)
+    record_three_episodes(run, path)
     data = path.read_bytes()
     rng = random.Random(1234)
     mutated = tmp_path / "mutated.lwrec"

@@ -7,7 +7,7 @@ import os
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -93,21 +93,7 @@ class BlockingCallInfo:
     @classmethod
     def _from_native(cls, raw: dict[str, Any], found_at: Optional[float] = None) -> BlockingCallInfo:
         """A report from the hook's dict; `found_at` is the ``time.time()`` when the episode ended."""
-        stack = tuple(
-            StackFrame(
-                name=name,
-                filename=filename,
-                lineno=lineno,
-                end_lineno=end_lineno,
-                duration_ms=duration_ns / 1e6,
-                is_c_call=is_c,
-                is_coroutine=is_coroutine,
-                included=included,
-            )
-            for (name, filename, lineno, end_lineno, duration_ns, is_c, is_coroutine, included) in raw[
-                "stack"
-            ]
-        )
+        stack = _frames(raw["stack"], units_per_ms=1e6)
         culprit = stack[raw["culprit"]]
         located = next((f for f in reversed(stack) if f.filename is not None), None)
         return cls(
@@ -165,21 +151,7 @@ class BlockingCallInfo:
     @classmethod
     def _from_record(cls, record: dict[str, Any]) -> BlockingCallInfo:
         fields = dict(record)
-        fields["stack"] = tuple(
-            StackFrame(
-                name=name,
-                filename=filename,
-                lineno=lineno,
-                end_lineno=end_lineno,
-                duration_ms=duration_ms,
-                is_c_call=is_c,
-                is_coroutine=is_coroutine,
-                included=included,
-            )
-            for (name, filename, lineno, end_lineno, duration_ms, is_c, is_coroutine, included) in record[
-                "stack"
-            ]
-        )
+        fields["stack"] = _frames(record["stack"], units_per_ms=1)
         return cls(**fields)
 
     @property
@@ -234,6 +206,24 @@ class BlockingCallInfo:
 
     def __str__(self) -> str:
         return self.format()
+
+
+def _frames(rows: Iterable[tuple[Any, ...]], units_per_ms: float) -> tuple[StackFrame, ...]:
+    """Stack frames from the tuples of the native module and of recordings: `(name, filename,
+    lineno, end_lineno, duration, is_c_call, is_coroutine, included)`, durations in ns or ms."""
+    return tuple(
+        StackFrame(
+            name=name,
+            filename=filename,
+            lineno=lineno,
+            end_lineno=end_lineno,
+            duration_ms=duration / units_per_ms,
+            is_c_call=is_c_call,
+            is_coroutine=is_coroutine,
+            included=included,
+        )
+        for (name, filename, lineno, end_lineno, duration, is_c_call, is_coroutine, included) in rows
+    )
 
 
 BlockingCallCallback = Callable[[BlockingCallInfo], None]
