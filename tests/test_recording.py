@@ -178,13 +178,15 @@ def test_threads_and_forked_processes_share_one_file_without_mixing_records(tmp_
         from loopwatch import event_loop_monitor_ctx
         from loopwatch._recording import open_recorder
 
+        delivered = []
+
         def record_episodes():
             async def main():
                 with event_loop_monitor_ctx(threshold_ms=2, record_to={str(path)!r},
-                                            on_blocking_call=lambda info: None,
+                                            on_blocking_call=delivered.append,
                                             reports_per_minute=None):
                     for _ in range({per_writer}):
-                        time.sleep(0.003)
+                        time.sleep(0.005)
                         await asyncio.sleep(0)
             asyncio.run(main())
 
@@ -192,24 +194,27 @@ def test_threads_and_forked_processes_share_one_file_without_mixing_records(tmp_
         child = os.fork()
         if child == 0:
             record_episodes()
-            os._exit(0)
+            os._exit(len(delivered))
         threads = [threading.Thread(target=record_episodes) for _ in range(3)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        assert os.waitpid(child, 0)[1] == 0
-        print(os.getpid(), child)
+        child_delivered = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        print(os.getpid(), child, len(delivered), child_delivered)
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    parent, child = (int(pid) for pid in done.stdout.split())
+    parent, child, parent_delivered, child_delivered = (int(n) for n in done.stdout.split())
     recording = read_recording(path)
     assert recording.problem is None
-    assert len(recording.episodes) == 4 * per_writer
+    # Every report delivered is in the file once, whichever thread or process made it. (A step
+    # starved of CPU on a loaded machine is no report, so the count itself may fall a little short.)
+    assert sum(e.process_id == parent for e in recording.episodes) == parent_delivered
+    assert sum(e.process_id == child for e in recording.episodes) == child_delivered
+    assert parent_delivered >= 3 * per_writer * 0.9 and child_delivered >= per_writer * 0.9
     assert {s.process_id for s in recording.sessions} == {parent, child}
-    assert sum(e.process_id == child for e in recording.episodes) == per_writer
     assert len({e.thread_id for e in recording.episodes if e.process_id == parent}) == 3
 
 
