@@ -4,6 +4,7 @@ a damaged, cut or foreign file is read as far as it can be, or refused in one li
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import random
@@ -52,6 +53,23 @@ def test_every_report_reads_back_exactly_as_delivered(run, tmp_path: Path) -> No
     [session] = recording.sessions
     assert session.process_id == os.getpid()
     assert session.argv == tuple(sys.argv)
+
+
+def test_a_summary_read_keeps_only_each_culprits_longest_stack(run, tmp_path: Path) -> None:
+    path = tmp_path / "session.lwrec"
+    reports = record_three_episodes(run, path)
+    reports += record_three_episodes(run, path)
+    light = read_recording(path, stacks="worst").episodes
+    assert [dataclasses.replace(e, stack=()) for e in light] == [
+        dataclasses.replace(r, stack=()) for r in reports
+    ]
+    for culprit in {r.method_name for r in reports}:
+        theirs = [r for r in reports if r.method_name == culprit]
+        longest = max(theirs, key=lambda r: r.duration_ms)
+        kept = [e for e in light if e.method_name == culprit and e.stack]
+        assert kept == [longest]
+    with pytest.raises(ValueError, match="stacks must be"):
+        read_recording(path, stacks="some")  # type: ignore[arg-type]
 
 
 def test_the_rate_limit_holds_back_reports_but_not_records(run, tmp_path: Path) -> None:

