@@ -17,8 +17,9 @@ def test_overhead_runner_reports_loopwatch_against_the_floor(tmp_path):
         [
             sys.executable,
             str(BENCHES / "overhead.py"),
-            "--rounds=1",
-            "--calls=20000",
+            # Three rounds of enough calls that one descheduled run cannot sink a median.
+            "--rounds=3",
+            "--calls=100000",
             "--workloads=python_calls,c_calls,realistic_mix,call_free",
             "--tools=floor,loopwatch,cProfile",
             f"--json={out}",
