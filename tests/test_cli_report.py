@@ -162,6 +162,8 @@ def test_text_report_of_a_recording_file_has_header_table_and_worst_stacks(tmp_p
         ["2", "app.a", "4", "100.0", "38.5%", "20.0", "40.0", "40.0"],
         ["3", "app.c", "2", "10.0", "3.8%", "5.0", "5.0", "5.0"],
     ]
+    # Under each row, where the user's code led to the culprit (in its worst episode).
+    assert lines[lines.index(rows[1]) + 1] == "     at /srv/app/work.py:42"
     assert f"2. app.a: 40.0 ms at 2023-11-14 22:13:22.000, pid {PID}" in out
     assert "app.a blocked the event loop for 40.0 ms in task 'worst-a'" in out
     # The example stack puts the user's frames first, like BlockingCallInfo.format().
@@ -176,7 +178,8 @@ def test_table_fits_a_terminal_and_long_culprit_names_keep_their_end(tmp_path: P
     )
     out = report(str(path)).stdout
     table = out[out.index("  #  culprit") : out.index("Worst episode")]
-    assert all(len(line) <= 100 for line in table.splitlines()), table
+    # The numbers fit; the line under a row holds a path, which is never cut.
+    assert all(len(line) <= 100 for line in table.splitlines() if not line.startswith("     at ")), table
     assert "  ...g.InvoiceRenderer.render_pdf_page " in table  # 36 characters, the end kept
     assert long_name not in table
 
@@ -240,6 +243,8 @@ EXAMPLE_KEYS = {
     "context",
     "filename",
     "lineno",
+    "where",
+    "via",
     "stack",
 }
 FRAME_KEYS = {
@@ -571,6 +576,12 @@ def test_a_recorded_program_is_reported_end_to_end(tmp_path: Path) -> None:
     assert (worst["culprit"], worst["count"], worst["is_c_call"]) == ("time.sleep", 3, True)
     assert worst["p50_ms"] >= 55
     assert [f["name"] for f in worst["example"]["stack"]][-2:] == ["__main__.slow_query", "time.sleep"]
+    # The user's line: the call of time.sleep in slow_query, made directly, not via a library.
+    line = program.read_text().splitlines().index("    time.sleep(0.06)") + 1
+    assert (worst["example"]["where"], worst["example"]["via"]) == (
+        f"{program}:{line} in __main__.slow_query",
+        None,
+    )
     out = tmp_path / "service.html"
     assert report(str(path), "--html", str(out)).returncode == 0
     assert out.read_text(encoding="utf-8").count('class="ep"') == 3

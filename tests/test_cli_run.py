@@ -6,6 +6,7 @@ one line."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import site
@@ -258,10 +259,16 @@ def test_uvicorn_run_as_a_module_reports_the_blocking_endpoint_of_a_real_request
             server.kill()
             server.communicate()
     assert server.returncode == 0, stderr
-    [headline] = headlines(stderr)
+    # The endpoint's block, reported once, named at its line. (The server may block too, for
+    # its own reasons: uvicorn imports part of itself on the loop at the first request.)
+    where = f"{app}:{line_of(app, 'endpoint blocks')}"
+    [headline] = [line for line in headlines(stderr) if where in line]
     assert headline.startswith("loopwatch: time.sleep blocked the event loop for ")
-    assert f"  at {app}:{line_of(app, 'endpoint blocks')}" in stderr
-    assert "loopwatch: 1 blocking episode" in stderr
+    assert headline.endswith(f" at {where} in app.app")
+    assert f"  at {where}" in stderr
+    assert re.search(
+        rf"^  1x  worst +[\d.]+ ms  time\.sleep  at {re.escape(where)} in app\.app$", stderr, re.M
+    )
 
 
 MODULES_SCRIPT = """
@@ -493,10 +500,10 @@ def test_child_processes_are_monitored_and_record_into_the_same_file(
             asyncio.run(parent_work())
         """,
     )
-    recording = tmp_path / "run.lwr"
-    recording.write_bytes(b"an earlier run: emptied by loopwatch run")
+    recording = tmp_path / "run.lwrec"
+    _earlier_recording(tmp_path)
     result = loopwatch_run(
-        "--threshold-ms", THRESHOLD, "--record", "run.lwr", str(script), cwd=tmp_path, env=autostart_env
+        "--threshold-ms", THRESHOLD, "--record", "run.lwrec", str(script), cwd=tmp_path, env=autostart_env
     )
     assert result.returncode == 0, result.stderr
     child_pid = int(result.stdout.split()[2])
@@ -510,12 +517,78 @@ def test_child_processes_are_monitored_and_record_into_the_same_file(
         in result.stderr
     )
 
-    read = read_recording(recording)
+    read = read_recording(recording)  # the earlier run's episode is gone: started afresh
     assert read.problem is None
     assert len(read.sessions) == 2 and child_pid in {session.process_id for session in read.sessions}
     assert sorted(episode.lineno for episode in read.episodes) == sorted(
         [line_of(script, "child blocks"), line_of(script, "parent blocks")]
     )
+
+
+def _earlier_recording(tmp_path: Path) -> bytes:
+    """Records one run into tmp_path/run.lwrec and gives back the file's bytes."""
+    write(tmp_path / "blocking.py", BLOCKING_SCRIPT)
+    result = loopwatch_run("--threshold-ms", THRESHOLD, "--record", "run.lwrec", "blocking.py", cwd=tmp_path)
+    assert len(read_recording(tmp_path / "run.lwrec").episodes) == 1, result.stderr
+    return (tmp_path / "run.lwrec").read_bytes()
+
+
+def test_record_refuses_a_file_that_is_not_a_recording_and_leaves_it_alone(tmp_path: Path):
+    # `--record app.py app.py`: the user's script must not become a recording.
+    script = write(tmp_path / "app.py", BLOCKING_SCRIPT)
+    before = script.read_bytes()
+    result = loopwatch_run("--threshold-ms", THRESHOLD, "--record", "app.py", "app.py", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")  # the program did not run
+    assert result.stderr.splitlines() == [
+        f"loopwatch run: cannot record to {script}: it holds something else than a loopwatch "
+        "recording: not adding to it"
+    ]
+    assert script.read_bytes() == before
+
+
+def test_record_starts_an_earlier_recording_afresh(tmp_path: Path):
+    _earlier_recording(tmp_path)
+    result = loopwatch_run("--threshold-ms", THRESHOLD, "--record", "run.lwrec", "blocking.py", cwd=tmp_path)
+    assert result.returncode == 3, result.stderr
+    read = read_recording(tmp_path / "run.lwrec")
+    assert (len(read.sessions), len(read.episodes), read.problem) == (1, 1, None)
+
+
+def test_a_module_that_is_not_found_leaves_the_last_recording_as_it_was(tmp_path: Path):
+    before = _earlier_recording(tmp_path)
+    result = loopwatch_run("--record", "run.lwrec", "-m", "no_such_module_here", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == "loopwatch run: No module named no_such_module_here\n"
+    assert (tmp_path / "run.lwrec").read_bytes() == before
+    # Nor is a new recording left behind for a program that never ran.
+    result = loopwatch_run("--record", "new.lwrec", "-m", "no_such_module_here", cwd=tmp_path)
+    assert result.returncode == 1
+    assert not (tmp_path / "new.lwrec").exists()
+
+
+def test_loopwatch_record_in_the_environment_refuses_a_file_that_is_not_a_recording(
+    tmp_path: Path, autostart_env: dict[str, str]
+):
+    script = write(tmp_path / "service.py", BLOCKING_SCRIPT)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's own notes\n")
+    env = {
+        **autostart_env,
+        "LOOPWATCH": "1",
+        "LOOPWATCH_THRESHOLD_MS": THRESHOLD,
+        "LOOPWATCH_RECORD": "notes.txt",
+    }
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    # The program runs as it would (unmonitored), after one line; the file is untouched.
+    assert (result.returncode, result.stdout) == (3, "result []\n")
+    [line] = result.stderr.splitlines()
+    assert line == (
+        f"loopwatch: not monitoring (cannot record to {notes}: it holds something else than a "
+        "loopwatch recording: not adding to it); the program goes on"
+    )
+    assert notes.read_text() == "the user's own notes\n"
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,8 @@ def test_reports_past_the_queue_bound_are_dropped_and_counted(run, monkeypatch, 
     reports: list[BlockingCallInfo] = []
 
     async def blocker():
-        busy(BLOCK_S / 2)
+        # Well over the threshold, so that a busy machine cannot make a kept report a starved step.
+        busy(BLOCK_S)
 
     async def main():
         with EventLoopMonitor(

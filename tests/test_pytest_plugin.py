@@ -188,6 +188,19 @@ async def test_the_fixture_reports_without_failing(loopwatch):
     assert loopwatch.threshold_ms == 30
 
 
+async def warm_cache():
+    await asyncio.sleep(0)
+    time.sleep(0.1)  # blocks after its last await
+
+
+async def test_the_fixture_has_a_block_that_ended_a_moment_ago(loopwatch):
+    await warm_cache()
+    assert loopwatch.culprits == ["time.sleep"]
+    assert repr(loopwatch) == "<loopwatch fixture: 1 report, threshold 30 ms>"
+    await asyncio.sleep(0)
+    assert loopwatch.culprits == ["time.sleep"]  # reported once
+
+
 @pytest.mark.no_blocking
 async def test_clearing_the_fixture_forgives(loopwatch):
     time.sleep(0.1)
@@ -217,7 +230,7 @@ def test_markers_fail_warn_allow_and_check_the_tests_own_fixtures(pytester: pyte
     pytester.makepyfile(test_core=CORE)
     result = pytester.runpytest_subprocess(*ISOLATION, "--strict-markers")
     out = result.stdout.str()
-    result.assert_outcomes(failed=5, passed=10, errors=1)
+    result.assert_outcomes(failed=5, passed=11, errors=1)
 
     # One clear line, then each episode: culprit, duration, where, the user's frame first.
     blocks = section(out, "test_blocks")

@@ -150,6 +150,8 @@ class _Tally:
     episodes: int = 0
     worst_ms: float = 0.0
     where: str = ""
+    """The worst episode's line in the user's code (`BlockingCallInfo.where`)."""
+    via: Optional[str] = None
 
 
 class _Reporter:
@@ -175,7 +177,8 @@ class _Reporter:
             else:
                 tally.episodes += 1
                 if info.duration_ms > tally.worst_ms:
-                    tally.worst_ms, tally.where = info.duration_ms, info.location
+                    tally.worst_ms, tally.where = info.duration_ms, info.where
+                    tally.via = info.via
             held_back = self._rate_limit.admit(culprit)
         if held_back is None:
             return
@@ -260,6 +263,8 @@ class _WholeProgram:
             width = len(str(max(tally.episodes for _, tally in tallies))) if tallies else 1
             for (name, kind), tally in tallies[:SUMMARY_MAX_CULPRITS]:
                 what = name if kind == "call" else f"{name} ({kind})"
+                if tally.via:
+                    what += f" (via {tally.via})"
                 lines.append(
                     f"  {tally.episodes:>{width}}x  worst {tally.worst_ms:7.1f} ms  {what}  at {tally.where}"
                 )

@@ -97,6 +97,8 @@ class _ThreadHub:
         first; but once only to one destination (nested monitors that share a callback, or that
         all log, make one report)."""
         reached: list[object] = []
+        if self._recipients:  # the innermost monitor's filters chose the culprit: its rule applies
+            raw["include_given"] = bool(self._recipients[-1]._include_paths)
         for monitor in reversed(self._recipients):
             destination = monitor._destination()
             if destination not in reached and monitor._deliver(raw):
@@ -186,7 +188,7 @@ class _StarvedSteps:
         if not self.count or time.monotonic() - self._logged_at < self.LOG_EVERY_S:
             return
         logger.warning(
-            "the event loop's thread got no CPU: %s over %g ms only for want of one (waits up to "
+            "loopwatch: the event loop's thread got no CPU: %s over %g ms only for want of one (waits up to "
             "%.1f ms); the machine is busy, no code is blamed",
             "1 step ran" if self.count == 1 else f"{self.count} steps ran",
             threshold_ms,
@@ -278,7 +280,7 @@ class EventLoopMonitor(_AlsoAsync):
         # Whatever is still waiting is delivered before deactivate() returns.
         self._drain()
         if self._callback_failures > 1:
-            logger.error("on_blocking_call raised %d more times", self._callback_failures - 1)
+            logger.error("loopwatch: on_blocking_call raised %d more times", self._callback_failures - 1)
         self._callback_failures = 0
 
     def __enter__(self) -> EventLoopMonitor:
@@ -292,6 +294,15 @@ class EventLoopMonitor(_AlsoAsync):
         tb: Optional[TracebackType],
     ) -> None:
         self.deactivate()
+
+    def _flush(self) -> None:
+        """Delivers, before it returns, every episode up to now: also what the running step has
+        blocked so far, which is then reported as an episode of its own (the rest of the step is
+        judged afresh). For a reader that must not miss a block that ended a moment ago."""
+        if not self.is_active:
+            return
+        _hub().native.flush()
+        self._drain()
 
     def _destination(self) -> object:
         """Where this monitor's reports end up: its callback and its recording."""

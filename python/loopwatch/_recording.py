@@ -82,6 +82,15 @@ class Recorder:
             if self._failures == 1:
                 logger.error("loopwatch could not add to the recording %s: %s", self.path, error)
 
+    def restart(self) -> None:
+        """Empties the recording and starts it afresh (`RecordingError` if that fails)."""
+        try:
+            with self._lock:
+                self._writer.restart()
+                self._session_of = None
+        except OSError as error:
+            raise RecordingError(f"cannot record to {self.path}: {error.strerror or error}") from None
+
     def _write_session(self) -> None:
         from loopwatch import __version__
 
@@ -98,24 +107,24 @@ _recorders_lock = threading.Lock()
 def open_recorder(path: PathArg, *, truncate: bool = False) -> Recorder:
     """The process's recorder for `path`: the file is created, or added to if it is already a
     recording (``truncate`` starts it afresh). `RecordingError` if it cannot be written or holds
-    something else."""
+    something else; such a file is never changed."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"record_to must be a file path, got {type(path).__name__}")
     shown = os.fspath(path)
     key = os.path.realpath(os.path.expanduser(shown))
     with _recorders_lock:
         recorder = _recorders.get(key)
-        if recorder is not None and not truncate:
-            return recorder
-        try:
-            writer = _native.RecordingWriter(key, truncate)
-        except OSError as error:
-            raise RecordingError(f"cannot record to {shown}: {error.strerror or error}") from None
-        except ValueError as error:
-            raise RecordingError(f"cannot record to {shown}: {error}") from None
-        recorder = Recorder(shown, writer)
-        _recorders[key] = recorder
-        return recorder
+        if recorder is None:
+            try:
+                writer = _native.RecordingWriter(key)
+            except OSError as error:
+                raise RecordingError(f"cannot record to {shown}: {error.strerror or error}") from None
+            except ValueError as error:
+                raise RecordingError(f"cannot record to {shown}: {error}") from None
+            recorder = _recorders[key] = Recorder(shown, writer)
+    if truncate:
+        recorder.restart()
+    return recorder
 
 
 def read_recording(

@@ -7,7 +7,7 @@ import os
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -33,11 +33,18 @@ class StackFrame:
     """For a coroutine: the line where the step ended (its next ``await`` or its return)."""
     included: bool = True
     """Whether the include/exclude filters let this frame be blamed."""
+    user_code: Optional[bool] = None
+    """Whether the monitor took this frame for the user's own code (see `is_user_code`); None
+    where nobody decided (a frame made by hand, a recording of an older loopwatch)."""
 
     @property
     def is_user_code(self) -> bool:
-        """Code of the user's own project: a file outside the standard library and site-packages."""
-        return self.included and self.filename is not None and not _is_library_file(self.filename)
+        """Code of the user's own project. Without ``include_paths``: a Python file outside the
+        standard library and site-packages that the filters do not exclude; with them, a Python
+        frame that they include (an installed package of your own, for one)."""
+        if self.user_code is not None:
+            return self.user_code
+        return _is_user_file(self.included, self.filename, include_given=False)
 
     def describe(self) -> str:
         """One line: where, what, how long."""
@@ -93,7 +100,7 @@ class BlockingCallInfo:
     @classmethod
     def _from_native(cls, raw: dict[str, Any], found_at: Optional[float] = None) -> BlockingCallInfo:
         """A report from the hook's dict; `found_at` is the ``time.time()`` when the episode ended."""
-        stack = _frames(raw["stack"], units_per_ms=1e6)
+        stack = _frames(raw["stack"], units_per_ms=1e6, include_given=raw.get("include_given", False))
         culprit = stack[raw["culprit"]]
         located = next((f for f in reversed(stack) if f.filename is not None), None)
         return cls(
@@ -143,6 +150,7 @@ class BlockingCallInfo:
                     f.is_c_call,
                     f.is_coroutine,
                     f.included,
+                    f.is_user_code,
                 )
                 for f in self.stack
             ],
@@ -151,7 +159,7 @@ class BlockingCallInfo:
     @classmethod
     def _from_record(cls, record: dict[str, Any]) -> BlockingCallInfo:
         fields = dict(record)
-        fields["stack"] = _frames(record["stack"], units_per_ms=1)
+        fields["stack"] = _frames(record["stack"], units_per_ms=1, include_given=None)
         return cls(**fields)
 
     @property
@@ -159,6 +167,33 @@ class BlockingCallInfo:
         if self.filename is None:
             return "<unknown>"
         return f"{self.filename}:{self.lineno}" if self.lineno else self.filename
+
+    @property
+    def user_frame(self) -> Optional[StackFrame]:
+        """The innermost frame of the user's own code (`StackFrame.is_user_code`): where to fix
+        it. None when the whole stack is libraries and C."""
+        return next((frame for frame in reversed(self.stack) if frame.is_user_code), None)
+
+    @property
+    def via(self) -> Optional[str]:
+        """For a culprit outside the user's code, the library function that the user's code
+        called on the way to it: ``requests.get`` for a ``socket.socket.recv_into``. None when
+        the user's code called the culprit itself, or is the culprit."""
+        user = next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i].is_user_code), None)
+        if user is None or user >= len(self.stack) - 2:
+            return None
+        return self.stack[user + 1].name
+
+    @property
+    def where(self) -> str:
+        """The line of the user's own code that led to the culprit, and its function:
+        ``shop/services.py:10 in shop.services.get_inventory``; the culprit's `location` when no
+        frame is the user's."""
+        frame = self.user_frame
+        if frame is None or frame.filename is None:
+            return self.location
+        line = f"{frame.filename}:{frame.lineno}" if frame.lineno else frame.filename
+        return line if frame is self.stack[-1] else f"{line} in {frame.name}"
 
     def headline(self) -> str:
         what = {
@@ -171,7 +206,11 @@ class BlockingCallInfo:
         if self.context:
             scope = " (" + ", ".join(f"{key}={value}" for key, value in self.context.items()) + ")"
         held_back = f"; {self.suppressed} more like it held back" if self.suppressed else ""
-        return f"{self.method_name} {what} for {self.duration_ms:.1f} ms{task}{scope}{held_back}"
+        via = f" (via {self.via})" if self.via else ""
+        return (
+            f"{self.method_name}{via} {what} for {self.duration_ms:.1f} ms{task}{scope} "
+            f"at {self.where}{held_back}"
+        )
 
     def format(self, max_frames: Optional[int] = None) -> str:
         """A readable report: headline, location, then the stack with the user's frames first."""
@@ -208,22 +247,34 @@ class BlockingCallInfo:
         return self.format()
 
 
-def _frames(rows: Iterable[tuple[Any, ...]], units_per_ms: float) -> tuple[StackFrame, ...]:
+def _frames(
+    rows: Iterable[Sequence[Any]], units_per_ms: float, include_given: Optional[bool]
+) -> tuple[StackFrame, ...]:
     """Stack frames from the tuples of the native module and of recordings: `(name, filename,
-    lineno, end_lineno, duration, is_c_call, is_coroutine, included)`, durations in ns or ms."""
-    return tuple(
-        StackFrame(
-            name=name,
-            filename=filename,
-            lineno=lineno,
-            end_lineno=end_lineno,
-            duration_ms=duration / units_per_ms,
-            is_c_call=is_c_call,
-            is_coroutine=is_coroutine,
-            included=included,
+    lineno, end_lineno, duration, is_c_call, is_coroutine, included[, user_code])`, durations in
+    ns or ms. The user's code is decided here, once (`include_given`: whether the monitor had
+    ``include_paths``), or taken from the row (None: a recording, which says it where it can)."""
+    frames = []
+    for row in rows:
+        name, filename, lineno, end_lineno, duration, is_c_call, is_coroutine, included = row[:8]
+        if include_given is None:
+            user_code = row[8] if len(row) > 8 else None
+        else:
+            user_code = _is_user_file(included, filename, include_given)
+        frames.append(
+            StackFrame(
+                name=name,
+                filename=filename,
+                lineno=lineno,
+                end_lineno=end_lineno,
+                duration_ms=duration / units_per_ms,
+                is_c_call=is_c_call,
+                is_coroutine=is_coroutine,
+                included=included,
+                user_code=user_code,
+            )
         )
-        for (name, filename, lineno, end_lineno, duration, is_c_call, is_coroutine, included) in rows
-    )
+    return tuple(frames)
 
 
 BlockingCallCallback = Callable[[BlockingCallInfo], None]
@@ -237,6 +288,13 @@ def _library_roots() -> tuple[str, ...]:
 
 
 _LIBRARY_ROOTS = _library_roots()
+
+
+def _is_user_file(included: bool, filename: Optional[str], include_given: bool) -> bool:
+    """The rule of `StackFrame.is_user_code`."""
+    if not included or filename is None:
+        return False
+    return include_given or not _is_library_file(filename)
 
 
 def _is_library_file(filename: str) -> bool:

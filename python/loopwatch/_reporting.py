@@ -31,6 +31,8 @@ Culprits are ordered by total blocked time, most first.
         "example": {                    # the culprit's longest episode
           "timestamp", "duration_ms", "culprit_duration_ms", "kind", "process_id", "thread_id",
           "task_name", "context", "filename", "lineno",
+          "where",                      # the user's line that led there: "app/db.py:10 in app.db.load"
+          "via",                        # the library function the user's code called, or null
           "stack": [{"name", "filename", "lineno", "end_lineno", "duration_ms", "is_c_call",
                      "is_coroutine", "is_user_code"}]   # outermost first; the culprit is last
         }
@@ -168,6 +170,14 @@ _TABLE_HEADER = (
 )
 
 
+def where_in_user_code(info: BlockingCallInfo) -> str:
+    """The line under a culprit's row: where the user's code led to it in its worst episode, and
+    the library call made there (``at shop/services.py:10 in shop.services.get_inventory, via
+    requests.get``). Never cut short: a path is only useful whole."""
+    via = f", via {info.via}" if info.via else ""
+    return one_line(f"at {info.where}{via}")
+
+
 def one_line(text: str) -> str:
     """`text` safe to print on one line: a crafted file could name a culprit with control codes."""
     return "".join(ch if ch.isprintable() else "?" for ch in text)
@@ -256,6 +266,7 @@ def render_text(summary: Summary, top: int = DEFAULT_TOP) -> str:
             f"{rank:>3}  {shorten(c.culprit, NAME_WIDTH):<{NAME_WIDTH}} {c.count:>6,} {c.total_ms:>9.1f} "
             f"{c.share:>6.1%} {c.p50_ms:>7.1f} {c.p99_ms:>7.1f} {c.max_ms:>7.1f}"
         )
+        lines.append(f"     {where_in_user_code(c.worst)}")
     rest = summary.culprits[top:]
     if rest:
         rest_ms = math.fsum(c.total_ms for c in rest)
@@ -299,6 +310,8 @@ def _example(info: BlockingCallInfo) -> dict[str, Any]:
         "context": {str(k): str(v) for k, v in info.context.items()} if info.context else None,
         "filename": info.filename,
         "lineno": info.lineno,
+        "where": info.where,
+        "via": info.via,
         "stack": [
             {
                 "name": frame.name,

@@ -4,6 +4,7 @@ monitored, and the Python processes it starts too (through the environment, see 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -16,7 +17,7 @@ from typing import Callable, NoReturn, Optional
 from loopwatch import _autostart
 from loopwatch._autostart import Settings, SettingsError
 from loopwatch._monitor import DEFAULT_THRESHOLD_MS
-from loopwatch._recording import RecordingError, open_recorder
+from loopwatch._recording import Recorder, RecordingError, open_recorder
 
 DESCRIPTION = f"""\
 Runs a Python program as `python` would, and prints to stderr each time synchronous code blocks
@@ -32,10 +33,10 @@ monitor a program that another tool starts (patterns are comma-separated; this n
 installed from a wheel, whose .pth file in site-packages reads them):
 
   {_autostart.ENV_ENABLED}=1  {_autostart.ENV_THRESHOLD_MS}=20  {_autostart.ENV_INCLUDE}=myapp,src/  \
-{_autostart.ENV_EXCLUDE}=...  {_autostart.ENV_RECORD}=run.lwr
+{_autostart.ENV_EXCLUDE}=...  {_autostart.ENV_RECORD}=run.lwrec
 
 Exit status: the program's own (130 after Ctrl-C); 1 if the script or module is not found or the
-recording cannot be written; 2 for bad options."""
+recording cannot be written (or --record names a file that is no recording); 2 for bad options."""
 
 USAGE = "%(prog)s [options] script.py [args ...]\n       %(prog)s [options] -m module [args ...]"
 
@@ -124,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--record",
         type=_option_type(_autostart.check_record_path),
         metavar="FILE",
-        help="also write every episode to FILE (emptied first), for `loopwatch report FILE`",
+        help="also write every episode to FILE, for `loopwatch report FILE` (a recording is started "
+        "afresh; any other existing file is refused)",
     )
     # The program's command line never reaches argparse (see split_command_line): the CLI puts
     # it here. The parser's own error() gives `main` the usual usage error (exit 2).
@@ -147,10 +149,13 @@ def main(args: argparse.Namespace) -> int:
         problem = _script_problem(name)
         if problem:
             return _fail(problem, EXIT_CANNOT_START)
+    recorder: Optional[Recorder] = None
     if settings.record is not None:
-        problem = _start_recording(settings.record)
-        if problem:
-            return _fail(problem, EXIT_CANNOT_START)
+        created = not os.path.lexists(settings.record)
+        try:
+            recorder = open_recorder(settings.record)  # refuses, untouched, a file that is no recording
+        except RecordingError as error:
+            return _fail(str(error), EXIT_CANNOT_START)
     # Monitoring starts before the module is looked up: finding it imports its packages, and uvloop
     # must be imported after loopwatch's wrap (see _autostart).
     _autostart.start(settings, announce=True)
@@ -160,7 +165,17 @@ def main(args: argparse.Namespace) -> int:
         problem = _module_problem(name)
         if problem:
             _autostart.stop()
+            if recorder is not None and created:
+                _remove_quietly(recorder.path)
             return _fail(problem, EXIT_CANNOT_START)
+    if recorder is not None:
+        # Started afresh only now that the program is known to run: a typo keeps the last one.
+        # This process's monitors add to it, and so do the processes the program starts.
+        try:
+            recorder.restart()
+        except RecordingError as error:
+            _autostart.stop()
+            return _fail(str(error), EXIT_CANNOT_START)
     return _run(program)
 
 
@@ -199,15 +214,9 @@ def _module_problem(name: str) -> str:
     return ""
 
 
-def _start_recording(path: str) -> str:
-    """Starts the recording afresh, once, before the program runs: this process's monitors then
-    add to it, and so do the processes the program starts (they never empty it). "" when that
-    worked, else why not."""
-    try:
-        open_recorder(path, truncate=True)
-    except RecordingError as error:
-        return str(error)
-    return ""
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def _set_path0(entry: Optional[str]) -> None:

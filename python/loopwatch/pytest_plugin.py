@@ -45,7 +45,9 @@ fixture started on a shared loop. Only asyncio loops on the main thread are seen
 loops in other threads, are not).
 
 The ``loopwatch`` fixture gives a test its episodes, and requesting it turns monitoring on for that
-test (report only: the test fails or warns only if a marker or ``--loopwatch`` asks for it)::
+test. On its own it only reports; a test that a marker or ``--loopwatch`` checks still fails (or
+warns) for what it blocked, fixture or not (``.clear()`` forgets what the test has seen and
+accepted)::
 
     async def test_cache_is_non_blocking(loopwatch):
         await warm_cache()
@@ -53,7 +55,8 @@ test (report only: the test fails or warns only if a marker or ``--loopwatch`` a
 
 ``loopwatch.reports`` (the `BlockingCallInfo` of each episode not allowed), ``.allowed`` (those
 the allow list silenced), ``.culprits`` (their names) and ``.clear()`` (forget them: they no longer
-count against the test either). An episode is known once its task step ends: after an ``await``.
+count against the test either). Reading them gives every episode up to that moment, also one that
+ended a moment ago in the running task step (which is then reported as an episode of its own).
 
 If the plugin itself fails, it emits one `LoopwatchPluginWarning` and stays off for the rest of the
 run; the suite's own results are never changed by a loopwatch fault.
@@ -352,9 +355,8 @@ class _Watch:
         self._monitor.deactivate()
 
     def flush(self) -> None:
-        """Delivers episodes already found but still waiting for their loop callback."""
-        if self._monitor.is_active:
-            self._monitor._drain()
+        """Delivers every episode up to now, also what the running task step blocked so far."""
+        self._monitor._flush()
 
     def _add(self, info: BlockingCallInfo) -> None:
         try:
@@ -408,7 +410,9 @@ class LoopwatchFixture:
         self._watch.forget()
 
     def __repr__(self) -> str:
-        return f"<loopwatch fixture: {len(self.reports)} reports, threshold {self.threshold_ms:g} ms>"
+        count = len(self.reports)
+        reports = "1 report" if count == 1 else f"{count} reports"
+        return f"<loopwatch fixture: {reports}, threshold {self.threshold_ms:g} ms>"
 
 
 # --- messages --------------------------------------------------------------------------------------

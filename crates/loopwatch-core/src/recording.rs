@@ -54,6 +54,10 @@ pub struct RecordedFrame {
     pub is_coroutine: bool,
     #[serde(default = "yes")]
     pub included: bool,
+    /// Whether the recording process took this frame for the user's own code; absent in
+    /// recordings of loopwatch 0.1.0, whose readers decide it from the file name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_code: Option<bool>,
 }
 
 fn yes() -> bool {
@@ -367,6 +371,7 @@ mod tests {
                 is_c_call: true,
                 is_coroutine: false,
                 included: true,
+                user_code: Some(false),
             }],
         }))
     }
@@ -521,5 +526,42 @@ mod tests {
             read_all(&bytes),
             vec![Ok(Record::Unknown), Ok(episode("a", 20.0))]
         );
+    }
+
+    #[test]
+    fn a_frame_of_an_older_writer_has_no_word_on_user_code() {
+        // loopwatch 0.1.0 wrote frames without `user_code`: they still read, with None.
+        #[derive(Serialize)]
+        struct OldFrame {
+            name: &'static str,
+            filename: Option<&'static str>,
+            lineno: Option<u32>,
+            end_lineno: Option<u32>,
+            duration_ms: f64,
+            is_c_call: bool,
+            is_coroutine: bool,
+            included: bool,
+        }
+        let old = rmp_serde::to_vec_named(&OldFrame {
+            name: "app.work",
+            filename: Some("/app/work.py"),
+            lineno: Some(3),
+            end_lineno: None,
+            duration_ms: 20.0,
+            is_c_call: false,
+            is_coroutine: false,
+            included: true,
+        })
+        .unwrap();
+        let frame: RecordedFrame = rmp_serde::from_slice(&old).unwrap();
+        assert_eq!((frame.name.as_str(), frame.user_code), ("app.work", None));
+        let Record::Episode(written) = episode("a", 20.0) else {
+            unreachable!()
+        };
+        let bytes = encode(&Record::Episode(written.clone()));
+        let Some(Ok(Record::Episode(read))) = read_all(&[FILE_START, &bytes].concat()).pop() else {
+            panic!("the episode did not read back")
+        };
+        assert_eq!(read.stack[0].user_code, Some(false));
     }
 }

@@ -18,9 +18,10 @@ fn frame() -> impl Strategy<Value = RecordedFrame> {
         proptest::option::of(1u32..100_000),
         0.0f64..1e6,
         any::<bool>(),
+        proptest::option::of(any::<bool>()),
     )
         .prop_map(
-            |(name, filename, lineno, duration_ms, is_c_call)| RecordedFrame {
+            |(name, filename, lineno, duration_ms, is_c_call, user_code)| RecordedFrame {
                 name,
                 filename,
                 lineno,
@@ -29,6 +30,7 @@ fn frame() -> impl Strategy<Value = RecordedFrame> {
                 is_c_call,
                 is_coroutine: !is_c_call,
                 included: true,
+                user_code,
             },
         )
 }

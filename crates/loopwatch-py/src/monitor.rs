@@ -319,6 +319,16 @@ impl ThreadMonitor {
         Ok(ours)
     }
 
+    /// Reports now what the running step has blocked so far, as if it ended here; the step goes
+    /// on, judged afresh from now. For a reader who must see every episode up to this point.
+    fn flush(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let this = slf.get();
+        if this.state()?.tracker.is_none() || !Self::is_current_hook(slf.py(), slf.as_ptr()) {
+            return Ok(());
+        }
+        this.flush_and_deliver(slf.as_ptr())
+    }
+
     /// Ignores (True) or watches again (False) what this thread runs, and returns the previous
     /// setting. For loopwatch's own work with the hook in place: the reports' callbacks.
     fn set_paused(&self, paused: bool) -> PyResult<bool> {

@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 /// A stack frame as Python passes it: `(name, filename, lineno, end_lineno, duration_ms,
-/// is_c_call, is_coroutine, included)`, the order of `StackFrame`'s fields.
+/// is_c_call, is_coroutine, included, user_code)`, the order of `StackFrame`'s fields.
 type FrameTuple = (
     String,
     Option<String>,
@@ -27,6 +27,7 @@ type FrameTuple = (
     bool,
     bool,
     bool,
+    Option<bool>,
 );
 
 /// Appends records to a recording, each in one write: records of several threads, or of
@@ -38,15 +39,11 @@ pub struct RecordingWriter {
 
 #[pymethods]
 impl RecordingWriter {
-    /// Opens `path` to add to it, starting the recording if the file is new or empty (or
-    /// `truncate`). A file that holds something else is left alone: `ValueError`.
+    /// Opens `path` to add to it, starting the recording if the file is new or empty. A file
+    /// that holds something else is left alone: `ValueError`.
     #[new]
-    #[pyo3(signature = (path, truncate=false))]
     #[allow(clippy::needless_pass_by_value)] // pyo3 hands over an owned path
-    fn new(path: PathBuf, truncate: bool) -> PyResult<Self> {
-        if truncate {
-            File::create(&path).map_err(os_error)?;
-        }
+    fn new(path: PathBuf) -> PyResult<Self> {
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -69,6 +66,14 @@ impl RecordingWriter {
         Ok(Self {
             file: Mutex::new(file),
         })
+    }
+
+    /// Empties the recording and starts it afresh. Only a file already known to be a recording
+    /// (or new) gets here: `new` refused anything else.
+    fn restart(&self) -> PyResult<()> {
+        let file = self.lock();
+        file.set_len(0).map_err(os_error)?;
+        (&*file).write_all(FILE_START).map_err(os_error)
     }
 
     #[pyo3(signature = (process_id, argv, started_at, python_version, loopwatch_version))]
@@ -97,12 +102,15 @@ impl RecordingWriter {
 }
 
 impl RecordingWriter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, File> {
+        self.file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn write(&self, record: &Record) -> PyResult<()> {
         let frame = encode(record);
-        let mut file = self
-            .file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut file = self.lock();
         let mut written = 0;
         while written < frame.len() {
             match file.write(&frame[written..]) {
@@ -260,6 +268,7 @@ fn episode_from_python(dict: &Bound<'_, PyDict>) -> PyResult<RecordedEpisode> {
                     is_c_call,
                     is_coroutine,
                     included,
+                    user_code,
                 )| {
                     RecordedFrame {
                         name,
@@ -270,6 +279,7 @@ fn episode_from_python(dict: &Bound<'_, PyDict>) -> PyResult<RecordedEpisode> {
                         is_c_call,
                         is_coroutine,
                         included,
+                        user_code,
                     }
                 },
             )
@@ -317,6 +327,7 @@ fn episode_to_python<'py>(
                 f.is_c_call,
                 f.is_coroutine,
                 f.included,
+                f.user_code,
             )
         })
         .collect::<Vec<_>>();
