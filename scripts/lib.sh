@@ -1,4 +1,7 @@
-# Shared by the scripts: where to find each CPython minor version.
+# Shared by the scripts: where to find each CPython minor version, and the pinned versions of
+# everything they install (constraints.txt, written by scripts/update-pins.sh). pip applies
+# PIP_CONSTRAINT to the build backend it installs too.
+export PIP_CONSTRAINT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/constraints.txt"
 
 # Prints the newest installed CPython of minor version $1 (pyenv first, then pythonX.Y on PATH),
 # or nothing.

@@ -11,6 +11,9 @@ minors=("$@")
 [ ${#minors[@]} -gt 0 ] || minors=(3.9 3.10 3.11 3.12 3.13)
 venvs=${LOOPWATCH_VENVS:-$root/.venvs}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+# The tests' build of the extension: optimized, without fat LTO (Cargo.toml's test-ext profile),
+# a fraction of the release build's time for each interpreter. Benchmarks build the release.
+export MATURIN_PEP517_ARGS="${MATURIN_PEP517_ARGS:---profile test-ext}"
 
 source scripts/lib.sh
 

@@ -3,6 +3,8 @@
 # extension built and tested on each CPython 3.9–3.13 present, then Python lint and stub checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh  # the pins
+started=$SECONDS
 
 echo "=== Rust: format, clippy, core tests"
 cargo fmt --all --check
@@ -19,9 +21,9 @@ scripts/matrix.sh
 
 echo "=== Python: lint and type stubs"
 newest=$(ls -d .venvs/3.* 2>/dev/null | sort -V | tail -n 1)
-"$newest/bin/python" -m pip install -q ruff mypy
+"$newest/bin/python" -m pip install -q ruff mypy  # pinned: scripts/lib.sh
 "$newest/bin/python" -m ruff check python tests examples benches
 "$newest/bin/python" -m ruff format --check python tests examples benches
 "$newest/bin/python" -m mypy.stubtest loopwatch._native
 "$newest/bin/python" -m mypy
-echo "All checks passed."
+echo "All checks passed in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s."

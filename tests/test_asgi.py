@@ -40,6 +40,15 @@ async def hook_state(request: Request) -> JSONResponse:
     return JSONResponse({"profiling": sys.getprofile() is not None})
 
 
+def endpoint_reports(reports: list[BlockingCallInfo]) -> list[BlockingCallInfo]:
+    """The reports of the endpoint's own block. A selected request may also be reported for what
+    the server or framework does on the loop in its task (an import at the first request): the
+    tests pin the endpoint's episode, not what a library happens to do."""
+    return [
+        r for r in reports if r.method_name == "time.sleep" and short(r.stack[-2].name) == "render_invoice"
+    ]
+
+
 def make_app(reports: list[BlockingCallInfo], **options: Any) -> LoopwatchMiddleware:
     app = Starlette(routes=[Route("/block", block), Route("/hook", hook_state)])
     return LoopwatchMiddleware(app, threshold_ms=THRESHOLD_MS, on_blocking_call=reports.append, **options)
@@ -83,12 +92,10 @@ def test_a_request_with_the_token_is_reported_with_its_context(server_loop):
     with Server(make_app(reports, token=TOKEN), server_loop) as server:
         server.get("/block", {"x-loopwatch": TOKEN, "x-request-id": "req-1"})
         assert server.get("/hook") == {"profiling": False}
-    assert len(reports) == 1
-    report = reports[0]
-    assert report.method_name == "time.sleep"
-    assert short(report.stack[-2].name) == "render_invoice"
+    [report] = endpoint_reports(reports)
     assert report.duration_ms >= BLOCK_S * 1000
     assert report.context == {"method": "GET", "path": "/block", "request_id": "req-1"}
+    assert all(r.context == report.context for r in reports)
 
 
 def test_a_wrong_token_or_none_never_reports(server_loop):
@@ -112,8 +119,8 @@ def test_sampling_selects_requests_without_a_token(server_loop):
     reports: list[BlockingCallInfo] = []
     with Server(make_app(reports, sample_rate=1.0), server_loop) as server:
         server.get("/block")
-    assert len(reports) == 1
-    request_id = reports[0].context["request_id"]
+    [report] = endpoint_reports(reports)
+    request_id = report.context["request_id"]
     assert len(request_id) == 32 and int(request_id, 16) >= 0  # made up: the client sent none
 
 
@@ -128,9 +135,9 @@ def test_concurrent_requests_on_one_loop_are_reported_to_their_own_request(serve
         with ThreadPoolExecutor(len(calls)) as pool:
             list(pool.map(lambda call: server.get(*call), calls))
         assert server.get("/hook") == {"profiling": False}
-    assert sorted(r.context["request_id"] for r in reports) == ["first", "second"]
-    for report in reports:
-        assert short(report.stack[-2].name) == "render_invoice"
+    assert sorted(r.context["request_id"] for r in endpoint_reports(reports)) == ["first", "second"]
+    assert {r.context["request_id"] for r in reports} == {"first", "second"}
+    for report in endpoint_reports(reports):
         assert report.duration_ms >= BLOCK_S * 1000
 
 
@@ -148,8 +155,8 @@ def test_an_endpoint_run_in_a_child_task_by_inner_middleware_is_still_the_reques
     with Server(app, server_loop) as server:
         server.get("/block", {"x-loopwatch": TOKEN, "x-request-id": "inner"})
         server.get("/block")
-    assert [report.context["request_id"] for report in reports] == ["inner"]
-    assert short(reports[0].stack[-2].name) == "render_invoice"
+    assert [report.context["request_id"] for report in endpoint_reports(reports)] == ["inner"]
+    assert {report.context["request_id"] for report in reports} == {"inner"}
 
 
 def test_a_plain_asgi_app_is_monitored_too(server_loop):
@@ -172,9 +179,8 @@ def test_a_plain_asgi_app_is_monitored_too(server_loop):
     )
     with Server(app, server_loop) as server:
         server.get("/anything?x=1")
-    assert len(reports) == 1
-    assert reports[0].context["path"] == "/anything"
-    assert short(reports[0].stack[-2].name) == "render_invoice"
+    [report] = endpoint_reports(reports)
+    assert report.context["path"] == "/anything"
 
 
 def test_bad_settings_are_refused_when_the_app_is_built():

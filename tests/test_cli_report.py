@@ -322,6 +322,17 @@ def test_html_page_is_self_contained_escaped_and_draws_one_bar_per_episode(tmp_p
     assert page.count("<details") == 4 and "app.a blocked the event loop for 40.0 ms" in page
 
 
+def test_html_shows_a_deep_stack_whole_on_request_and_times_one_way() -> None:
+    deep = episode("app.deep", 1204.9, frames=30)
+    page = render_html(summarize(recording([deep, episode("app.shallow", 20.0)])))
+    # The cut stack says how much more there is; one click shows every frame.
+    assert page.count("... ") >= 1 and page.count('<details class="whole">') == 1
+    assert "<summary>all 31 frames</summary>" in page
+    assert "/srv/app/layer0.py:10 in app.layer0.handle (coroutine)" in page  # the outermost, cut above
+    # Times in ms read the same in the table as in the stacks: no thousands separator in one only.
+    assert ">1204.9<" in page and "1,204.9" not in page
+
+
 def test_html_with_json_keeps_stdout_to_the_document(tmp_path: Path) -> None:
     path = write_recording(tmp_path / "known.lwrec", KNOWN)
     out = tmp_path / "page.html"

@@ -281,7 +281,11 @@ def test_markers_fail_warn_allow_and_check_the_tests_own_fixtures(pytester: pyte
 
     # The closing section lists every test that blocked.
     assert "loopwatch: 7 tests blocked the event loop" in out
-    assert re.search(r"^WARNED test_core.py::test_warns: 1 time, longest time.sleep [\d.]+ ms", out, re.M)
+    warns = line_of(CORE, "WARNS")
+    closing = (
+        rf"^WARNED test_core.py::test_warns: 1 time, longest time.sleep [\d.]+ ms at test_core.py:{warns} in "
+    )
+    assert re.search(closing + r"test_core\.test_warns$", out, re.M)
     assert "FAILED test_core.py::test_teardown_blocks (fixture teardown)" not in out
     assert "ERROR test_core.py::test_teardown_blocks (fixture teardown)" in out
 
@@ -530,7 +534,11 @@ def test_the_demo_fails_for_its_blocking_login_and_passes_with_the_one_line_fix(
     assert "1 failed, 2 passed" in out
     failure = section(out, "test_the_right_password_logs_in")
     assert failure.startswith("test blocked the event loop 1 time (threshold 20 ms):")
-    assert "pbkdf2_hmac blocked the event loop for" in failure
+    # The summary line names the user's own line: the call that hashes, in accounts.py.
+    headline = r"pbkdf2_hmac blocked the event loop for [\d.]+ ms in task '[^']+' at "
+    assert re.search(
+        headline + r"examples/pytest_demo/accounts\.py:16 in accounts\.hash_password$", failure, re.M
+    )
     assert "examples/pytest_demo/accounts.py:34 in accounts.AccountService.login (coroutine)" in failure
 
     # The fix the README gives, applied to a copy.

@@ -108,6 +108,8 @@ details[open] .twisty { transform: rotate(90deg); }
 .kinds { color: var(--muted); font-size: 12px; flex: none; }
 pre { margin: 0; padding: 10px 14px 14px 58px; overflow-x: auto; background: #fbfcfd;
   border-top: 1px dashed var(--line); line-height: 1.5; }
+details.whole { border-top: 1px dashed var(--line); }
+details.whole > summary { padding: 6px 14px 6px 58px; color: var(--accent); font-size: 12px; }
 footer { margin-top: 32px; color: var(--muted); font-size: 12px; }
 """
 
@@ -403,6 +405,14 @@ def _table(shown: Sequence[CulpritStats], colors: dict[str, str]) -> str:
             f", pid {worst.process_id}"
         )
         stack = worst.format(max_frames=STACK_FRAMES * 2)
+        whole = worst.format()
+        # A deep stack is cut for reading; the whole of it is one click away, never lost.
+        rest = (
+            f'<details class="whole"><summary>all {len(worst.stack)} frames</summary>'
+            f"<pre>{_e(whole)}</pre></details>"
+            if whole != stack
+            else ""
+        )
         out.append(
             # The worst culprit's stack starts open: it is what a reader came for.
             f'<details{" open" if rank == 1 else ""}><summary class="row"><span class="num">{rank}</span>'
@@ -411,10 +421,10 @@ def _table(shown: Sequence[CulpritStats], colors: dict[str, str]) -> str:
             f'<code title="{_e(c.culprit)}">{_e(c.culprit)}</code>'
             + (f'<span class="kinds">{_e(kinds)}</span>' if kinds else "")
             + "</span>"
-            f'<span class="num">{c.count:,}</span><span class="num">{c.total_ms:,.1f}</span>'
+            f'<span class="num">{c.count:,}</span><span class="num">{c.total_ms:.1f}</span>'
             f'<span class="num">{c.share:.1%}</span><span class="num">{c.p50_ms:.1f}</span>'
             f'<span class="num">{c.p99_ms:.1f}</span><span class="num">{c.max_ms:.1f}</span></summary>'
-            f"<pre>{_e(header)}\n{_e(stack)}</pre></details>"
+            f"<pre>{_e(header)}\n{_e(stack)}</pre>{rest}</details>"
         )
     out.append("</div>")
     return "\n".join(out)

@@ -440,7 +440,7 @@ class _MonitorContext(_AlsoAsync):
         the whole coroutine, from its first step to its last."""
         if inspect.isasyncgenfunction(func):
             raise TypeError("event_loop_monitor_ctx cannot decorate an async generator function")
-        if asyncio.iscoroutinefunction(func):
+        if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def monitored_coroutine(*args: Any, **kwargs: Any) -> Any:
