@@ -1,7 +1,8 @@
 # Shared by the scripts: where to find each CPython minor version, and the pinned versions of
-# everything they install (constraints.txt, written by scripts/update-pins.sh). pip applies
-# PIP_CONSTRAINT to the build backend it installs too.
-export PIP_CONSTRAINT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/constraints.txt"
+# everything they install (constraints.txt, written by scripts/update-pins.sh), the build
+# backend included: pip from 26.2 on reads build constraints only from PIP_BUILD_CONSTRAINT.
+PIP_CONSTRAINT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/constraints.txt"
+export PIP_CONSTRAINT PIP_BUILD_CONSTRAINT="$PIP_CONSTRAINT"
 
 # Prints the newest installed CPython of minor version $1 (pyenv first, then pythonX.Y on PATH),
 # or nothing.
