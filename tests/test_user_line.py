@@ -112,7 +112,9 @@ def test_a_culprit_the_users_code_calls_itself_has_no_via(run) -> None:
     [info] = reports
     line = fetch_profile.__code__.co_firstlineno + 1
     assert info.via is None
-    assert info.where == f"{__file__}:{line} in test_user_line.{fetch_profile.__qualname__}"
+    # (Before 3.11 a code object knows no qualified name: the function's own name stands for it.)
+    assert info.where.startswith(f"{__file__}:{line} in test_user_line.")
+    assert info.where.endswith(".fetch_profile")
     assert info.headline().endswith(f" at {info.where}")
 
 
