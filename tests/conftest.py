@@ -64,6 +64,15 @@ def short(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def items_summed_in(seconds: float) -> int:
+    """How many items `sum(range(n))` adds up in about `seconds` here: one C call that holds the
+    GIL that long, measured on this machine and interpreter rather than guessed."""
+    n = 1_000_000
+    start = time.perf_counter()
+    sum(range(n))
+    return int(seconds / ((time.perf_counter() - start) / n))
+
+
 def busy(seconds: float) -> int:
     """Holds the GIL in Python code for `seconds` (an inline CPU loop)."""
     end = time.perf_counter() + seconds

@@ -7,7 +7,7 @@ import functools
 import threading
 import time
 
-from conftest import BLOCK_S, THRESHOLD_MS, monitor, names, short
+from conftest import BLOCK_S, THRESHOLD_MS, items_summed_in, monitor, names, short
 
 
 def helper_b() -> None:
@@ -66,11 +66,7 @@ def test_the_duration_is_the_real_stall_not_a_multiple_of_the_threshold(run):
 
 
 def test_a_slow_c_call_holding_the_gil_is_named(run):
-    n = 1_000_000
-    start = time.perf_counter()
-    sum(range(n))
-    per_item = (time.perf_counter() - start) / n
-    big = int(3 * THRESHOLD_MS / 1000 / per_item)
+    big = items_summed_in(3 * THRESHOLD_MS / 1000)
     ctx, reports = monitor()
 
     async def main():
