@@ -9,32 +9,29 @@ import os
 import re
 import shutil
 import signal
-import site
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
 
 import pytest
-from conftest import LOOPS
+from conftest import (
+    LOOPS,
+    REPO_PTH,
+    clean_env,
+    headlines,
+    installed_pth,
+    line_of,
+    write,
+)
 from loopwatch._recording import read_recording
 from loopwatch._run import Program, split_command_line
 
 THRESHOLD = "30"  # ms; every blocking call below sleeps 100 ms
-PTH_NAME = "loopwatch_autostart.pth"
-REPO_PTH = Path(__file__).parent.parent / "python" / PTH_NAME
 LOOPWATCH_SCRIPT = shutil.which("loopwatch", path=os.path.dirname(sys.executable))
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any LOOPWATCH* setting of the machine running the tests."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LOOPWATCH")}
-    env.update(extra)
-    return env
 
 
 def loopwatch_run(
@@ -52,24 +49,6 @@ def loopwatch_run(
         text=True,
         timeout=60,
     )
-
-
-def write(path: Path, source: str) -> Path:
-    path.write_text(textwrap.dedent(source).lstrip())
-    return path
-
-
-def line_of(path: Path, marker: str) -> int:
-    """The line of `path` that carries the comment `# <marker>`."""
-    for number, text in enumerate(path.read_text().splitlines(), 1):
-        if text.rstrip().endswith(f"# {marker}"):
-            return number
-    raise AssertionError(f"no line marked {marker!r} in {path}")
-
-
-def headlines(stderr: str) -> list[str]:
-    """The first line of each report printed as it happened."""
-    return [line for line in stderr.splitlines() if "blocked the event loop" in line]
 
 
 BLOCKING_SCRIPT = """
@@ -382,32 +361,6 @@ def test_sys_exit_with_a_message_behaves_as_under_python(tmp_path: Path):
 
 
 # The environment form: the .pth file in site-packages starts monitoring at interpreter start-up.
-
-
-def installed_pth() -> Optional[Path]:
-    """The .pth that a wheel install puts at the root of site-packages, if this one has it."""
-    roots = [*site.getsitepackages(), site.getusersitepackages()]
-    return next((Path(root) / PTH_NAME for root in roots if (Path(root) / PTH_NAME).exists()), None)
-
-
-@pytest.fixture
-def autostart_env(tmp_path: Path) -> dict[str, str]:
-    """An environment in which Python processes read the .pth at start-up as an installed wheel
-    does. An editable install (maturin develop) does not install the .pth: there a site
-    directory holding a copy of the repository's .pth is added at start-up instead (by a
-    sitecustomize on PYTHONPATH, which child processes inherit)."""
-    if installed_pth() is not None:
-        return clean_env()
-    if not REPO_PTH.exists():
-        pytest.skip(f"{PTH_NAME} is neither installed nor in the source tree")
-    shim = tmp_path / "site-shim"
-    shim.mkdir()
-    shutil.copy(REPO_PTH, shim / PTH_NAME)
-    # The site directory is added twice, as site does for a venv's own site-packages (it runs
-    # their .pth lines twice): monitoring must start once all the same.
-    add = "site.addsitedir(os.path.dirname(os.path.abspath(__file__)))\n"
-    write(shim / "sitecustomize.py", "import os, site\n" + add + add)
-    return clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])))
 
 
 def test_installed_wheel_has_the_pth_at_the_root_of_site_packages():

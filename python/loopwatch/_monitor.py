@@ -88,6 +88,8 @@ class _ThreadHub:
     def __init__(self) -> None:
         self.native = _native.ThreadMonitor()
         self.active: list[EventLoopMonitor] = []
+        self.pid = os.getpid()
+        """The process this hub saw last: another one is the child of a fork (see `_hub`)."""
         # Who gets what the hook reports: changed only after the hook has handed what the running
         # step blocked so far to the monitors that were active while it ran.
         self._recipients: tuple[EventLoopMonitor, ...] = ()
@@ -96,6 +98,9 @@ class _ThreadHub:
         """The native hook's sink: one episode, to each monitor active while it happened, innermost
         first; but once only to one destination (nested monitors that share a callback, or that
         all log, make one report)."""
+        if self.pid != os.getpid():  # the parent's episode, found in a forked child: not the child's
+            self.after_fork_in_child()
+            return
         reached: list[object] = []
         if self._recipients:  # the innermost monitor's filters chose the culprit: its rule applies
             raw["include_given"] = bool(self._recipients[-1]._include_paths)
@@ -103,6 +108,19 @@ class _ThreadHub:
             destination = monitor._destination()
             if destination not in reached and monitor._deliver(raw):
                 reached.append(destination)
+
+    def after_fork_in_child(self) -> None:
+        """The child of a fork made on this thread starts from nothing: the parent's running step
+        and the reports waiting for the parent's loop are the parent's, never the child's. Once
+        per child, whichever comes first: loopwatch's at-fork handler, or the first use of the hub
+        (asyncio's own at-fork handler, registered earlier, may stop a loop before ours runs)."""
+        if self.pid == os.getpid():
+            return
+        self.pid = os.getpid()
+        if self.active:
+            self.native.after_fork()
+        for monitor in self.active:
+            monitor._forget_pending()
 
     def change(self, active: list[EventLoopMonitor]) -> None:
         """Makes `active` the thread's monitors, installing, retuning or removing the hook."""
@@ -139,7 +157,23 @@ def per_thread(name: str, make: Callable[[], T]) -> T:
 
 
 def _hub() -> _ThreadHub:
-    return per_thread("hub", _ThreadHub)
+    hub = per_thread("hub", _ThreadHub)
+    hub.after_fork_in_child()  # nothing unless this is a forked child's first use
+    return hub
+
+
+def _after_fork_in_child() -> None:
+    hub: Optional[_ThreadHub] = getattr(_local, "hub", None)  # the thread that forked
+    if hub is None:
+        return
+    try:
+        hub.after_fork_in_child()
+    except Exception:  # never into the child's own code
+        logger.exception("loopwatch could not start afresh in a forked child (this is a loopwatch bug)")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _AlsoAsync:
@@ -303,6 +337,13 @@ class EventLoopMonitor(_AlsoAsync):
             return
         _hub().native.flush()
         self._drain()
+
+    def _forget_pending(self) -> None:
+        """In a forked child: the reports waiting here are the parent's, to be delivered there."""
+        self._pending.clear()
+        self._dropped = 0
+        self._drain_scheduled = False
+        self._starved = _StarvedSteps()
 
     def _destination(self) -> object:
         """Where this monitor's reports end up: its callback and its recording."""

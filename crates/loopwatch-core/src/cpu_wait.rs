@@ -8,13 +8,22 @@ pub fn thread_cpu_wait_ns() -> Option<u64> {
     use std::fs::File;
     use std::os::unix::fs::FileExt;
 
+    use std::cell::RefCell;
+
     thread_local! {
-        // Opened once per thread: `thread-self` is resolved at open, to the opening thread.
-        static SCHEDSTAT: Option<File> = File::open("/proc/thread-self/schedstat").ok();
+        // Opened once per thread and process: `thread-self` is resolved at open, to the opening
+        // thread, so the child of a fork opens its own (the parent's file would tell the
+        // parent's wait).
+        static SCHEDSTAT: RefCell<Option<(u32, Option<File>)>> = const { RefCell::new(None) };
     }
-    SCHEDSTAT.with(|file| {
+    let pid = std::process::id();
+    SCHEDSTAT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(opened_by, _)| *opened_by != pid) {
+            *slot = Some((pid, File::open("/proc/thread-self/schedstat").ok()));
+        }
         let mut text = [0u8; 96];
-        let read = file.as_ref()?.read_at(&mut text, 0).ok()?;
+        let read = slot.as_ref()?.1.as_ref()?.read_at(&mut text, 0).ok()?;
         parse_schedstat(&text[..read])
     })
 }

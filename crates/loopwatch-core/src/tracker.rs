@@ -245,6 +245,17 @@ impl Tracker {
         self.end_unit();
     }
 
+    /// In the child of a `fork()`: forgets everything the parent had seen, its frames, its
+    /// unfinished unit and its finished episodes not yet taken, and its CPU-wait reading (the
+    /// child's thread has a wait of its own). What the child runs from now on is judged afresh,
+    /// so the parent's in-flight episode is never reported, nor merged into one of the child's.
+    pub fn forget_the_parent(&mut self) {
+        self.reset();
+        self.finished.clear();
+        self.cpu_wait_mark = None;
+        self.cpu_wait_known = true;
+    }
+
     /// A Python frame starts (or a generator or coroutine resumes).
     #[inline]
     pub fn on_call<R: Resolver>(&mut self, key: u64, tag: Tag, resume: i32, now: Ticks, r: &mut R) {

@@ -567,3 +567,37 @@ fn where_the_os_does_not_say_nothing_is_taken_off_and_it_is_asked_once() {
         .all(|e| e.cpu_wait_ns == 0 && !e.starved()));
     assert_eq!(s.py.cpu_wait_reads, 1);
 }
+
+#[test]
+fn a_forked_child_never_reports_the_parents_step_and_reports_its_own_loop() {
+    let mut s = Sim::new();
+    // The parent's step has blocked 30 ticks when it forks (multiprocessing's fork start method).
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(30)
+        .c_ret(SLEEP)
+        .call(A, Tag::PLAIN)
+        .fork_child();
+    // The child runs a loop of its own from inside the parent's frames, blocks 25 ticks in one
+    // step, and unwinds through the parent's frames on its way out.
+    s.call(RUNNER, Tag::PLAIN)
+        .enter_dispatch()
+        .call(INNER, Tag::COROUTINE)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(25)
+        .c_ret(SLEEP)
+        .ret(INNER)
+        .leave_dispatch()
+        .ret(RUN_ONCE)
+        .ret(RUN_FOREVER)
+        .ret(MODULE)
+        .ret(RUNNER)
+        .advance(40)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1, "only the child's own step");
+    assert_eq!(s.names(0), ["app.inner", "time.sleep"]);
+    assert_eq!(s.episodes[0].duration_ns, 25);
+}

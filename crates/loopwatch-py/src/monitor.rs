@@ -329,6 +329,16 @@ impl ThreadMonitor {
         this.flush_and_deliver(slf.as_ptr())
     }
 
+    /// In the child of a `fork()` made on this thread: forgets what the parent had seen, so that
+    /// the child reports only what it blocks itself, from now on.
+    fn after_fork(&self) -> PyResult<()> {
+        let state = self.state()?;
+        if let Some(tracker) = state.tracker.as_mut() {
+            tracker.forget_the_parent();
+        }
+        Ok(())
+    }
+
     /// Ignores (True) or watches again (False) what this thread runs, and returns the previous
     /// setting. For loopwatch's own work with the hook in place: the reports' callbacks.
     fn set_paused(&self, paused: bool) -> PyResult<bool> {

@@ -206,6 +206,12 @@ impl Sim {
         self
     }
 
+    /// This process forks, and the sim goes on as the child.
+    pub fn fork_child(&mut self) -> &mut Self {
+        self.tracker.forget_the_parent();
+        self
+    }
+
     pub fn flush(&mut self) -> &mut Self {
         self.tracker.flush(self.now, &mut self.py);
         self.collect()
