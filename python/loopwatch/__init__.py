@@ -8,6 +8,11 @@ the exact culprit, how long the loop was blocked, and the stack that led there.
     async def main():
         with event_loop_monitor_ctx(threshold_ms=10):
             await serve()
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of the packages that ship a pytest plugin, and
+warns when one was imported before it could (``LOOPWATCH=1`` imports this package at start-up,
+before pytest runs): a warning that ``-W error`` turns into a failed start. loopwatch's own code
+has no asserts for pytest to rewrite, so it asks pytest to leave it alone.
 """
 
 from __future__ import annotations

@@ -132,8 +132,32 @@ def _patterns_from_environment(environ: Mapping[str, str], name: str) -> tuple[s
     return tuple(_named(name, check_pattern, item) for item in items if item)
 
 
+_output: Optional[Callable[[str], None]] = None
+"""Where reports go instead of stderr, when the program has a better place for them (pytest's
+terminal, which its capture of stderr would otherwise hide); see `set_output`."""
+
+
+def set_output(write: Optional[Callable[[str], None]]) -> None:
+    """Sends every line loopwatch prints to `write` (one line a call, no newline); None: back to
+    stderr. Should `write` fail, the line goes to stderr."""
+    global _output
+    _output = write
+
+
+def is_running() -> bool:
+    """Whether whole-program monitoring runs in this process."""
+    return _program is not None
+
+
 def _write(text: str) -> None:
     """Prints to the program's stderr, whatever its logging setup; never raises."""
+    output = _output
+    if output is not None:
+        try:
+            output(text)
+            return
+        except Exception:
+            pass
     for stream in (sys.stderr, sys.__stderr__):
         if stream is None:
             continue

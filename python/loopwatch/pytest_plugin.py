@@ -21,11 +21,16 @@ win over those of its class and module. The default threshold is ``DEFAULT_THRES
 
 Modes: ``fail`` (the default) fails the test with one entry per blocking episode: the culprit, how
 long the loop was blocked, where (file:line), and a short stack with the test's own frames first.
-``warn`` lets it pass and emits a `BlockingCallWarning` with the same text (it lands in pytest's
-warnings summary, and ``-W error::loopwatch.pytest_plugin.BlockingCallWarning`` turns it into a
-failure); ``off`` checks nothing (``@pytest.mark.no_blocking(mode="off")`` exempts one test from
-``--loopwatch``). Tests that blocked are listed in a "loopwatch" section at the end of the run.
-A test that fails on its own keeps its own failure; what it blocked is added as a report section.
+``warn`` lets it pass and emits a `BlockingCallWarning` with the same text, which lands in pytest's
+warnings summary and never fails a test, whatever the warning filters (``filterwarnings = error``,
+``-W error``: use ``fail`` to fail); ``off`` checks nothing
+(``@pytest.mark.no_blocking(mode="off")`` exempts one test from ``--loopwatch``). Tests that
+blocked are listed in a "loopwatch" section at the end of the run. A test that fails on its own
+keeps its own failure; what it blocked is added as a report section.
+
+Under ``LOOPWATCH=1`` (or ``loopwatch run -m pytest``), whole-program monitoring prints each
+report as it happens: this plugin hands those lines to pytest's terminal, with capture suspended,
+so that they are not kept with a passing test's captured stderr.
 
 ``allow`` silences known offenders. A pattern matches a module-qualified name on dot boundaries
 (``requests``, ``time.sleep``, ``myapp.legacy``), a path if it contains ``/`` (a file or a
@@ -569,6 +574,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "this test blocks the asyncio event loop for threshold_ms or longer; allow lists accepted "
         "culprits (module, function or path patterns). See loopwatch.pytest_plugin.",
     )
+    _show_whole_program_reports(config)
     state = _state(config)
     if _CANNOT_LOAD is not None:
         state.broken = True
@@ -579,6 +585,31 @@ def pytest_configure(config: pytest.Config) -> None:
             ),
             stacklevel=2,
         )
+
+
+def _show_whole_program_reports(config: pytest.Config) -> None:
+    """Under ``LOOPWATCH=1`` (or ``loopwatch run -m pytest``) every report is printed to stderr
+    as it happens, and pytest's capture would keep most of them from the user (it shows a
+    test's stderr only if the test fails): send them to pytest's terminal, capture suspended, as
+    pytest's live logging does."""
+    autostart = sys.modules.get("loopwatch._autostart")  # imported only where it runs
+    if autostart is None or not autostart.is_running():
+        return
+
+    def show(text: str) -> None:
+        # Looked up at each report: the terminal reporter is registered after this plugin's
+        # configure hook. Without one (`-p no:terminal`), the line goes to stderr after all.
+        capture = config.pluginmanager.getplugin("capturemanager")
+        terminal = config.pluginmanager.getplugin("terminalreporter")
+        if capture is None or terminal is None:
+            raise LookupError("no terminal")
+        with capture.global_and_fixture_disabled():
+            terminal.ensure_newline()
+            for line in text.splitlines():
+                terminal.write_line(line)
+
+    autostart.set_output(show)
+    config.add_cleanup(lambda: autostart.set_output(None))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -721,7 +752,10 @@ def _judge(item: pytest.Item, watch: _Watch, stages: Sequence[str], outcome: Res
     if watch.settings.mode == "warn":
         first = episodes[0].info
         filename, lineno = (first.filename, first.lineno or 0) if first.filename else (str(item.path), 0)
-        try:
+        # "Report, don't fail", whatever the suite's filters: `filterwarnings = error` or `-W
+        # error` must not turn this warning into a failure. It still reaches pytest's record.
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", BlockingCallWarning)
             warnings.warn_explicit(
                 BlockingCallWarning(text),
                 BlockingCallWarning,
@@ -729,8 +763,6 @@ def _judge(item: pytest.Item, watch: _Watch, stages: Sequence[str], outcome: Res
                 lineno,
                 module=getattr(getattr(item, "module", None), "__name__", None),
             )
-        except BlockingCallWarning:  # -W error::...BlockingCallWarning: it fails the test
-            _force_exception(outcome, pytest.fail.Exception(f"BlockingCallWarning: {text}", pytrace=False))
         return
     error = None
     if outcome.excinfo is None:
