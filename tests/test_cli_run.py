@@ -580,3 +580,28 @@ def test_run_help_shows_both_forms_and_the_environment(tmp_path: Path):
     assert result.returncode == 0
     assert "loopwatch run [options] -m module [args ...]" in result.stdout
     assert "LOOPWATCH=1" in result.stdout
+
+
+def test_cprofile_of_a_program_under_loopwatch_1_sees_what_runs_in_the_loop(
+    tmp_path: Path, autostart_env: dict[str, str]
+):
+    # `python -m cProfile` sets its profiler first; loopwatch then watches each loop on top of
+    # it. Both must see the coroutine's work (before 3.12 cProfile is a profile function too).
+    script = write(tmp_path / "service.py", BLOCKING_SCRIPT)
+    env = {**autostart_env, "LOOPWATCH": "1", "LOOPWATCH_THRESHOLD_MS": THRESHOLD}
+    stats_file = tmp_path / "profile.out"
+    result = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(stats_file), str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr  # cProfile ends the program's sys.exit(3) itself
+    [headline] = headlines(result.stderr)
+    assert f"at {script}:{line_of(script, 'blocks')} in __main__.handle" in headline
+    import pstats
+
+    profiled = {name for (_, _, name) in pstats.Stats(str(stats_file)).stats}
+    assert {"handle", "main"} <= profiled

@@ -129,6 +129,80 @@ def test_save_and_restore_of_sys_getprofile_inside_monitored_code_keeps_monitori
     assert [r.method_name for r in reports] == ["time.sleep"]
 
 
+def profiled_while_monitored():
+    return 2
+
+
+def test_a_profile_function_set_before_loopwatch_keeps_getting_its_events(run):
+    seen = []
+
+    def profiler(frame, event, arg):
+        if frame.f_code.co_name == "profiled_while_monitored":
+            seen.append(event)
+
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            profiled_while_monitored()
+            time.sleep(BLOCK_S)
+
+    sys.setprofile(profiler)
+    try:
+        run(main)
+        assert sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
+    # The other tool saw the call made while loopwatch watched, and loopwatch saw the block.
+    assert seen == ["call", "return"]
+    assert [r.method_name for r in reports] == ["time.sleep"]
+
+
+def test_cprofile_started_before_loopwatch_profiles_what_runs_while_monitored(run):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            profiled_while_monitored()
+            time.sleep(BLOCK_S)
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        run(main)
+    finally:
+        profile.disable()
+    stats = pstats.Stats(profile)
+    assert any(func[2] == "profiled_while_monitored" for func in stats.stats)
+    assert [r.method_name for r in reports] == ["time.sleep"]
+
+
+def test_a_profile_function_set_inside_monitored_code_is_said_and_the_thread_taken_back(run, caplog):
+    seen = []
+
+    def profiler(frame, event, arg):
+        seen.append(event)
+
+    outer, outer_reports = monitor()
+    inner, inner_reports = monitor()
+
+    async def main():
+        with outer:
+            sys.setprofile(profiler)  # the program's own profiler takes the thread: on every version
+            profiled_while_monitored()
+            sys.setprofile(None)
+            with inner:  # the next activation takes it back
+                await asyncio.sleep(0)
+                time.sleep(BLOCK_S)
+
+    with caplog.at_level("WARNING", logger="loopwatch"):
+        run(main)
+    assert "call" in seen  # the program's profiler worked
+    assert "took the place of loopwatch's hook" in caplog.text
+    assert [r.method_name for r in inner_reports] == ["time.sleep"]
+    assert [r.method_name for r in outer_reports] == ["time.sleep"]
+
+
 def test_nested_contexts_apply_the_inner_settings_inside_and_the_outer_after(run):
     outer, outer_reports = monitor(threshold_ms=150)
     inner, inner_reports = monitor(threshold_ms=30)

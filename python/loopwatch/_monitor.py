@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -126,10 +127,16 @@ class _ThreadHub:
         """Makes `active` the thread's monitors, installing, retuning or removing the hook."""
         if not active:
             if self.active and not self.native.uninstall():
-                logger.debug("another profiler replaced loopwatch's hook; left it in place")
+                self._say_replaced()
         else:
             threshold_ms = min(monitor._threshold_ms for monitor in active)
             filters = active[-1]._filters
+            if self.active and not self.native.hooked and sys.getprofile() is None:
+                # The program set a profile function of its own over ours and has since removed
+                # it: take the thread back, afresh.
+                self._say_replaced()
+                self.native.uninstall()
+                self.active = []
             if self.active:
                 self.native.reconfigure(threshold_ms, filters, self.deliver)
             else:
@@ -139,8 +146,22 @@ class _ThreadHub:
                 except BaseException:
                     self._recipients = ()
                     raise
+                paused = self.native.paused_profiler
+                if paused is not None:
+                    logger.warning(
+                        "loopwatch: the profile function already set on this thread (%r) gets no "
+                        "events while loopwatch watches it; it is restored when loopwatch stops",
+                        paused,
+                    )
         self.active = active
         self._recipients = tuple(active)
+
+    def _say_replaced(self) -> None:
+        logger.warning(
+            "loopwatch: a profile function the program set on this thread (sys.setprofile(), or a "
+            "profiler that uses it) took the place of loopwatch's hook: what ran meanwhile was "
+            "not watched"
+        )
 
 
 _local = threading.local()

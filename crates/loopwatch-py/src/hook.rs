@@ -30,6 +30,30 @@ pub unsafe extern "C" fn profile_hook(
     }
 }
 
+/// `profile_hook` on a thread that had a C profile function before us (a `sys.setprofile`
+/// function's trampoline, cProfile before 3.12, another tool): that function gets every event
+/// after us, as if loopwatch were not there, and has its say: its non-zero result (its own
+/// exception) is what it would have raised without loopwatch. A hook of its own, so that the
+/// usual case pays nothing for it.
+///
+/// # Safety
+/// As `profile_hook`.
+pub unsafe extern "C" fn chaining_profile_hook(
+    obj: *mut ffi::PyObject,
+    frame: *mut ffi::PyFrameObject,
+    what: c_int,
+    arg: *mut ffi::PyObject,
+) -> c_int {
+    profile_hook(obj, frame, what, arg);
+    match (*ThreadMonitor::state_of(obj)).chained {
+        Some(previous) => match previous.func {
+            Some(func) => func(previous.obj, frame, what, arg),
+            None => 0,
+        },
+        None => 0,
+    }
+}
+
 /// `profile_hook` where the clock is not a plain counter read (no invariant TSC): kept out of
 /// line so that the clock call costs the usual case nothing.
 #[inline(never)]

@@ -9,7 +9,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::codes::{frame_tag, known, Known};
-use crate::hook::{deliver, profile_hook, resume_position, Delivery};
+use crate::hook::{chaining_profile_hook, deliver, profile_hook, resume_position, Delivery};
 use crate::resolve::PyResolver;
 use crate::threadstate::{self, ProfileSlot};
 
@@ -51,6 +51,10 @@ pub struct State {
     pub known: &'static Known,
     sink: Option<Py<PyAny>>,
     previous: Option<Previous>,
+    /// The C profile function that was there before us (a `sys.setprofile` function's
+    /// trampoline, cProfile before 3.12, another tool): it gets every event after us, as if we
+    /// were not there. Its object is kept alive by `previous`.
+    pub chained: Option<ProfileSlot>,
     thread: u64,
     /// Set while loopwatch itself runs Python code with the hook in place (delivering outside
     /// the hook), so that this code is not mistaken for the user's.
@@ -58,6 +62,15 @@ pub struct State {
 }
 
 impl State {
+    /// The hook to install: the chaining one only where there is a profile function to chain to.
+    fn hook(&self) -> ffi::Py_tracefunc {
+        if self.chained.is_some() {
+            chaining_profile_hook
+        } else {
+            profile_hook
+        }
+    }
+
     /// Takes the finished episodes with what is needed to deliver them.
     pub fn take_delivery(&mut self) -> Option<Delivery> {
         let episodes = self.tracker.as_mut()?.take_episodes();
@@ -194,6 +207,7 @@ impl ThreadMonitor {
                 known: known(),
                 sink: None,
                 previous: None,
+                chained: None,
                 thread: 0,
                 paused: false,
             }),
@@ -232,20 +246,26 @@ impl ThreadMonitor {
             }
             _ => Previous::Python(from_sys.unbind()),
         };
+        state.chained = match &previous {
+            Previous::Slot(slot) if slot.func.is_some() => Some(*slot),
+            _ => None,
+        };
         state.previous = Some(previous);
         state.thread = current_thread();
         state.sink = Some(sink);
         state.tracker = Some(tracker);
         unsafe {
             Self::seed(py, state);
-            ffi::PyEval_SetProfile(Some(profile_hook), me);
+            let hook = state.hook();
+            ffi::PyEval_SetProfile(Some(hook), me);
             let installed = ProfileSlot {
-                func: Some(profile_hook),
+                func: Some(hook),
                 obj: me,
             };
             if !threadstate::verify(installed) {
                 // The function pointer cannot be trusted on this build: keep only the object.
                 if let Some(Previous::Slot(slot)) = state.previous.take() {
+                    state.chained = None;
                     state.previous = Some(Previous::Python(
                         Bound::from_owned_ptr_or_opt(py, slot.obj)
                             .map_or_else(|| py.None(), Bound::unbind),
@@ -254,6 +274,20 @@ impl ThreadMonitor {
             }
         }
         Ok(())
+    }
+
+    /// The profile function that was on this thread before, if loopwatch cannot pass it the
+    /// events while installed (only where the thread state cannot be read): it is paused, and
+    /// restored by `uninstall`. None when there was none, or when it gets every event.
+    #[getter]
+    fn paused_profiler(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let state = unsafe { &*self.state.get() };
+        match &state.previous {
+            Some(Previous::Python(function)) if !function.is_none(py) => {
+                Some(function.clone_ref(py))
+            }
+            _ => None,
+        }
     }
 
     /// Applies new settings. What the running step blocked so far goes to the old sink first,
@@ -301,6 +335,7 @@ impl ThreadMonitor {
         }
         state.tracker = None;
         state.sink = None;
+        state.chained = None;
         let previous = state.previous.take();
         if ours {
             match previous {
@@ -377,7 +412,7 @@ impl ThreadMonitor {
         }
         unsafe {
             Self::seed(py, state);
-            ffi::PyEval_SetProfile(Some(profile_hook), slf.as_ptr());
+            ffi::PyEval_SetProfile(Some(state.hook()), slf.as_ptr());
         }
     }
 }
