@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that must pass before a change lands: the Rust core (format, lints, tests), then the
-# extension built and tested on each CPython 3.9–3.13 present, then Python lint and stub checks.
+# extension built and tested on each CPython 3.9–3.13 present, then the reliability suite
+# (third-party suites with and without loopwatch), then Python lint and stub checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh  # the pins
@@ -19,11 +20,14 @@ if [ "${CI:-}" = "true" ]; then
 fi
 scripts/matrix.sh
 
+echo "=== Reliability: third-party suites, test by test, with and without loopwatch"
+scripts/reliability.sh
+
 echo "=== Python: lint and type stubs"
 newest=$(ls -d .venvs/3.* 2>/dev/null | sort -V | tail -n 1)
 "$newest/bin/python" -m pip install -q ruff mypy  # pinned: scripts/lib.sh
-"$newest/bin/python" -m ruff check python tests examples benches
-"$newest/bin/python" -m ruff format --check python tests examples benches
+"$newest/bin/python" -m ruff check python tests examples benches reliability
+"$newest/bin/python" -m ruff format --check python tests examples benches reliability
 "$newest/bin/python" -m mypy.stubtest loopwatch._native
 "$newest/bin/python" -m mypy
 echo "All checks passed in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s."

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Writes constraints.txt anew: the newest versions that install today of everything the tests, the
-# benches and the lint step install (with what they pull in), and of the build backend, resolved
+# benches, the lint step and the reliability suite install (with what they pull in), and of the
+# build backend, resolved
 # on each CPython present, one pin per package and interpreter range. scripts/matrix.sh,
 # scripts/bench.sh and CI install through it, so a new release of a dependency changes nothing
 # until this is run, the result tested, and committed as a change of its own.
-#   scripts/update-pins.sh            test set on 3.9-3.13, bench set on 3.11-3.13, lint on the newest
+#   scripts/update-pins.sh            test set on 3.9-3.13, bench on 3.11-3.13, reliability on 3.12-3.13,
+#                                     lint on the newest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -36,6 +38,7 @@ def own(requirements):  # `loopwatch[test]` inside another extra: its requiremen
 (work / "test.txt").write_text("\n".join([*own(extras["test"]), *build]) + "\n")
 (work / "bench.txt").write_text("\n".join([*own(extras["bench"]), *build]) + "\n")
 (work / "lint.txt").write_text("\n".join(["ruff", "mypy"]) + "\n")
+(work / "reliability.txt").write_text(pathlib.Path("reliability/requirements.txt").read_text())
 EOF
 
 freeze() {  # freeze SET MINOR: the newest versions of SET that install on MINOR
@@ -52,6 +55,7 @@ for minor in 3.9 3.10 3.11 3.12 3.13; do
   [ -n "$(find_python "$minor")" ] || { echo "SKIPPED $minor: not installed on this machine"; continue; }
   freeze test "$minor"
   case $minor in 3.11|3.12|3.13) freeze bench "$minor" ;; esac
+  case $minor in 3.12|3.13) freeze reliability "$minor" ;; esac
 done
 freeze lint "$newest"
 
@@ -61,7 +65,7 @@ work = pathlib.Path(sys.argv[1])
 order = ["3.9", "3.10", "3.11", "3.12", "3.13"]
 # package -> minor -> version; the test set wins where two sets resolved differently.
 pins = collections.defaultdict(dict)
-for set_name in ("lint", "bench", "test"):
+for set_name in ("lint", "reliability", "bench", "test"):
     for path in sorted(work.glob(f"freeze-{set_name}-*.txt")):
         minor = path.stem.rsplit("-", 1)[1]
         for line in path.read_text().splitlines():
