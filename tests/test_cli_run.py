@@ -580,6 +580,8 @@ def test_run_help_shows_both_forms_and_the_environment(tmp_path: Path):
     assert result.returncode == 0
     assert "loopwatch run [options] -m module [args ...]" in result.stdout
     assert "LOOPWATCH=1" in result.stdout
+    # Recordings are .lwrec everywhere: in this text as in the README and loopwatch report.
+    assert "LOOPWATCH_RECORD=run.lwrec" in result.stdout and ".lwr " not in result.stdout
 
 
 def test_cprofile_of_a_program_under_loopwatch_1_sees_what_runs_in_the_loop(
