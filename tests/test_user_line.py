@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import THRESHOLD_MS, monitor
+from conftest import THRESHOLD_MS, line_of, monitor
 from loopwatch import BlockingCallInfo, event_loop_monitor_ctx, read_recording
 
 # A client library, installed (under a site-packages directory), that reads from a "socket".
@@ -40,10 +40,6 @@ import time
 def load():
     time.sleep(0.1)  # myapp blocks
 """
-
-
-def line_of(path: Path, marker: str) -> int:
-    return next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.endswith(f"# {marker}"))
 
 
 @pytest.fixture

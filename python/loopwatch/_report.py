@@ -168,18 +168,22 @@ class BlockingCallInfo:
             return "<unknown>"
         return f"{self.filename}:{self.lineno}" if self.lineno else self.filename
 
+    def _user_index(self) -> Optional[int]:
+        return next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i].is_user_code), None)
+
     @property
     def user_frame(self) -> Optional[StackFrame]:
         """The innermost frame of the user's own code (`StackFrame.is_user_code`): where to fix
         it. None when the whole stack is libraries and C."""
-        return next((frame for frame in reversed(self.stack) if frame.is_user_code), None)
+        user = self._user_index()
+        return None if user is None else self.stack[user]
 
     @property
     def via(self) -> Optional[str]:
         """For a culprit outside the user's code, the library function that the user's code
         called on the way to it: ``requests.get`` for a ``socket.socket.recv_into``. None when
         the user's code called the culprit itself, or is the culprit."""
-        user = next((i for i in range(len(self.stack) - 1, -1, -1) if self.stack[i].is_user_code), None)
+        user = self._user_index()
         if user is None or user >= len(self.stack) - 2:
             return None
         return self.stack[user + 1].name
