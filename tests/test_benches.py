@@ -3,10 +3,13 @@ and states loopwatch's overhead against the empty-hook floor (its numbers are fo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 
@@ -33,10 +36,32 @@ def test_overhead_runner_reports_loopwatch_against_the_floor(tmp_path):
     for workload in ("python_calls", "c_calls", "realistic_mix", "call_free"):
         assert workload in done.stdout
     results = json.loads(out.read_text())["results"]
-    assert set(results["python_calls"]) == {"none", "floor", "loopwatch", "cProfile"}
-    for workload in ("python_calls", "c_calls"):
-        assert results[workload]["loopwatch"]["overhead_vs_floor"] is not None
-        assert results[workload]["floor"]["ratio_to_none"] > 1
+    for workload in ("python_calls", "c_calls", "realistic_mix", "call_free"):
+        assert set(results[workload]) == {"none", "floor", "loopwatch", "cProfile"}
+        assert all(len(results[workload][tool]["samples_s"]) == 3 for tool in results[workload])
+    # (Whether the floor stood out of the noise in these three short rounds depends on what else
+    # the machine ran meanwhile: the arithmetic is pinned below, on known samples.)
+
+
+def load_overhead_runner():
+    spec = importlib.util.spec_from_file_location("loopwatch_benches_overhead", BENCHES / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_is_stated_against_the_floor_and_not_against_a_floor_within_noise():
+    overhead = load_overhead_runner()
+    # none 1.0 s, the empty hook 3.0 s, loopwatch 3.2 s: loopwatch costs 1.1 times the floor.
+    results = overhead.summarise(
+        {"none": [1.0, 1.1, 0.9], "floor": [3.0, 2.9, 3.1], "loopwatch": [3.2, 3.3, 3.1]}
+    )
+    assert results["loopwatch"]["overhead_vs_floor"] == pytest.approx(1.1)
+    assert results["floor"]["ratio_to_none"] == pytest.approx(3.0)
+    # A floor within 2% of no tool (call-free code, or a disturbed run) gives no ratio at all.
+    flat = overhead.summarise({"none": [1.0], "floor": [1.01], "loopwatch": [1.05]})
+    assert flat["loopwatch"]["overhead_vs_floor"] is None
 
 
 def test_overhead_runner_refuses_an_unknown_tool():
