@@ -257,6 +257,15 @@ def _marker_settings(item: pytest.Item) -> Optional[_MarkerSettings]:
     return _MarkerSettings(threshold_ms, mode, tuple(allow))
 
 
+def _anyio_backend(item: pytest.Function) -> Optional[str]:
+    """The anyio backend a parametrized test runs on (``"trio"``, ``("trio", {...})``), if any."""
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("anyio_backend") if callspec is not None else None
+    if isinstance(backend, tuple) and backend:
+        backend = backend[0]
+    return backend if isinstance(backend, str) else None
+
+
 def _is_async_test(item: pytest.Item) -> bool:
     if not isinstance(item, pytest.Function):
         return False
@@ -264,6 +273,8 @@ def _is_async_test(item: pytest.Item) -> bool:
     cls = item.cls
     if unittest is not None and cls is not None and issubclass(cls, unittest.IsolatedAsyncioTestCase):
         return True  # asyncSetUp/asyncTearDown run on the loop even around a sync test method
+    if _anyio_backend(item) not in (None, "asyncio"):
+        return False  # anyio's trio backend runs no asyncio loop: nothing to watch, nothing to pay
     func = item.obj
     if inspect.iscoroutinefunction(func):
         return True
