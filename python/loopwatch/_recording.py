@@ -89,7 +89,7 @@ class Recorder:
                 self._writer.restart()
                 self._session_of = None
         except OSError as error:
-            raise RecordingError(f"cannot record to {self.path}: {error.strerror or error}") from None
+            raise _cannot_record(self.path, error) from None
 
     def _write_session(self) -> None:
         from loopwatch import __version__
@@ -98,6 +98,12 @@ class Recorder:
             os.getpid(), list(sys.argv), time.time(), platform.python_version(), __version__
         )
         self._session_of = os.getpid()
+
+
+def _cannot_record(shown: str, error: Exception) -> RecordingError:
+    """Worded as Python words an OSError (its strerror, not its errno), or as the refusal says."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+    return RecordingError(f"cannot record to {shown}: {reason}")
 
 
 _recorders: dict[str, Recorder] = {}
@@ -117,10 +123,8 @@ def open_recorder(path: PathArg, *, truncate: bool = False) -> Recorder:
         if recorder is None:
             try:
                 writer = _native.RecordingWriter(key)
-            except OSError as error:
-                raise RecordingError(f"cannot record to {shown}: {error.strerror or error}") from None
-            except ValueError as error:
-                raise RecordingError(f"cannot record to {shown}: {error}") from None
+            except (OSError, ValueError) as error:
+                raise _cannot_record(shown, error) from None
             recorder = _recorders[key] = Recorder(shown, writer)
     if truncate:
         recorder.restart()
