@@ -68,6 +68,7 @@ def run_pytest(python: str, source: Path, suite_args: list[str], mode: Mode, out
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     command = [python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "outcomes_plugin", "-q"]
     command += [*suite_args, *mode.args, *tests]
+    out.unlink(missing_ok=True)  # a run that dies must not leave an earlier run's outcomes to read
     started = time.monotonic()
     subprocess.run(
         command, cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800
