@@ -308,6 +308,7 @@ static LEGACY_LASTI_OK: std::sync::atomic::AtomicBool = std::sync::atomic::Atomi
 /// `frame` must be a live frame object.
 #[cfg(not(Py_3_11))]
 #[inline]
+#[allow(clippy::cast_ptr_alignment)] // the offset of an aligned `int` field
 pub unsafe fn legacy_lasti_bytes(frame: *mut ffi::PyFrameObject) -> Option<i32> {
     if !LEGACY_LASTI_OK.load(std::sync::atomic::Ordering::Relaxed) {
         return None;

@@ -5,6 +5,7 @@ mod codes;
 mod errors;
 mod floor;
 mod hook;
+mod locals;
 mod monitor;
 mod recording;
 mod report;
@@ -19,6 +20,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codes::init(py)?;
     #[cfg(not(Py_3_11))]
     codes::verify_legacy_lasti(py)?;
+    #[cfg(not(Py_3_11))]
+    locals::confirm_offset(py)?;
     let scope_var = resolve::init(py)?;
     m.add("SCOPE", scope_var)?;
     m.add_class::<monitor::ThreadMonitor>()?;

@@ -12,6 +12,7 @@ use pyo3::types::{PyModule, PyString, PyType};
 
 use crate::codes::method_def;
 use crate::errors::{attached, SavedError};
+use crate::locals::local_variable;
 
 struct AsyncioHooks {
     get_running_loop: Py<PyAny>,
@@ -120,7 +121,7 @@ impl PyResolver<'_> {
         let _saved = unsafe { SavedError::take() };
         let frame =
             unsafe { Bound::from_borrowed_ptr(self.py, dispatcher_key as *mut ffi::PyObject) };
-        let handle = frame.getattr("f_locals").ok()?.get_item("self").ok()?;
+        let handle = local_variable(&frame, "self")?;
         let mut callback = handle.getattr("_callback").ok()?;
         let partial = hooks().partial_type.bind(self.py);
         while callback.is_instance(partial).unwrap_or(false) {
@@ -218,7 +219,7 @@ fn qualname_of(frame: &Bound<'_, PyAny>, code: &Bound<'_, PyAny>) -> PyResult<St
     if argcount > 0 {
         let first: String = code.getattr("co_varnames")?.get_item(0)?.extract()?;
         if first == "self" || first == "cls" {
-            if let Ok(owner) = frame.getattr("f_locals")?.get_item(first.as_str()) {
+            if let Some(owner) = local_variable(frame, &first) {
                 let owner = if first == "cls" {
                     owner
                 } else {
