@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds loopwatch and runs its Python tests on each CPython 3.9–3.13 that is installed
-# (through pyenv where present, else the pythonX.Y on PATH). Prints one line per version.
+# Builds loopwatch and runs its Python tests on each CPython 3.9–3.15 that is installed
+# (through pyenv where present, else the pythonX.Y on PATH; failing both, in the Debian sid root
+# of scripts/sid.sh if it is made and has that version). Prints one line per version.
 #   scripts/matrix.sh                 every minor version found
 #   scripts/matrix.sh 3.11 3.12       only these
 #   REQUIRE="3.11 3.12 3.13" ...      fail if one of these is missing
@@ -8,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 minors=("$@")
-[ ${#minors[@]} -gt 0 ] || minors=(3.9 3.10 3.11 3.12 3.13)
+[ ${#minors[@]} -gt 0 ] || minors=(3.9 3.10 3.11 3.12 3.13 3.14 3.15)
 venvs=${LOOPWATCH_VENVS:-$root/.venvs}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 # The tests' build of the extension: optimized, without fat LTO (Cargo.toml's test-ext profile),
@@ -21,8 +22,22 @@ declare -a summary
 status=0
 for minor in "${minors[@]}"; do
   python=$(find_python "$minor")
+  if [ -z "$python" ] && [ -z "${LOOPWATCH_IN_SID:-}" ] && scripts/sid.sh has "$minor"; then
+    # The same steps inside the root, with venvs and a build directory of its own (what is
+    # built against its newer glibc must not be reused out here).
+    echo "=== CPython $minor (Debian sid root)"
+    log=$(mktemp)
+    scripts/sid.sh run env LOOPWATCH_IN_SID=1 LOOPWATCH_VENVS="$venvs/sid" \
+      CARGO_TARGET_DIR="$CARGO_TARGET_DIR/sid" scripts/matrix.sh "$minor" | tee "$log"
+    rc=${PIPESTATUS[0]}
+    inner=$(tail -n 1 "$log")
+    rm -f "$log"
+    summary+=("$(echo "$inner" | sed 's/^ *//'), in the Debian sid root")
+    [ "$rc" -eq 0 ] || status=1
+    continue
+  fi
   if [ -z "$python" ]; then
-    summary+=("SKIPPED $minor: not installed on this machine")
+    summary+=("SKIPPED $minor: not installed on this machine (nor in scripts/sid.sh's root)")
     if [[ " ${REQUIRE:-} " == *" $minor "* ]]; then status=1; fi
     continue
   fi

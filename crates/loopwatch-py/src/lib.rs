@@ -14,7 +14,10 @@ mod threadstate;
 
 use pyo3::prelude::*;
 
-#[pymodule]
+// The hook's per-thread state, the code-tag cache in `co_extra` and the struct reads all rely on the
+// GIL: on a free-threaded build, importing loopwatch turns the GIL back on (CPython says so with a
+// RuntimeWarning) rather than race. PyO3 from 0.28 on assumes the opposite unless told.
+#[pymodule(gil_used = true)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     codes::init(py)?;
