@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Writes constraints.txt anew: the newest versions that install today of everything the tests, the
-# benches, the lint step and the reliability suite install (with what they pull in), and of the
-# build backend, resolved
+# benches, the lint step, the reliability suite and the wheel build install (with what they pull
+# in), and of the build backend, resolved
 # on each CPython present, one pin per package and interpreter range. scripts/matrix.sh,
 # scripts/bench.sh and CI install through it, so a new release of a dependency changes nothing
 # until this is run, the result tested, and committed as a change of its own.
-#   scripts/update-pins.sh            test set on 3.9-3.13, bench on 3.11-3.13, reliability on 3.12-3.13,
-#                                     lint on the newest
+#   scripts/update-pins.sh            test set on 3.9-3.15 (3.14 and 3.15 in scripts/sid.sh's root,
+#                                     when it is made), bench on 3.11-3.13, reliability on 3.12-3.13,
+#                                     lint and the wheel tools on the newest of 3.9-3.13
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 source scripts/lib.sh
 
-work=$(mktemp -d)
+# Inside the project, so that the sid root (which has the project mounted) sees it too.
+mkdir -p target
+work=$(mktemp -d "$root/target/update-pins.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 newest=""
 for minor in 3.9 3.10 3.11 3.12 3.13; do
@@ -38,6 +41,7 @@ def own(requirements):  # `loopwatch[test]` inside another extra: its requiremen
 (work / "test.txt").write_text("\n".join([*own(extras["test"]), *build]) + "\n")
 (work / "bench.txt").write_text("\n".join([*own(extras["bench"]), *build]) + "\n")
 (work / "lint.txt").write_text("\n".join(["ruff", "mypy"]) + "\n")
+(work / "wheels.txt").write_text("\n".join(["maturin", "ziglang", "auditwheel"]) + "\n")
 (work / "reliability.txt").write_text(pathlib.Path("reliability/requirements.txt").read_text())
 EOF
 
@@ -51,21 +55,39 @@ freeze() {  # freeze SET MINOR: the newest versions of SET that install on MINOR
   } > "$work/freeze-$set-$minor.txt"
   echo "resolved $set on $minor"
 }
+freeze_in_sid() {  # the same, in the sid root
+  local set=$1 minor=$2 venv="$work/venv-$1-$2"
+  PIP_CONSTRAINT= PIP_BUILD_CONSTRAINT= scripts/sid.sh run sh -c \
+    "python$minor -m venv '$venv' && '$venv/bin/python' -m pip install -q --upgrade pip &&
+     '$venv/bin/python' -m pip install -q -r '$work/$set.txt' &&
+     '$venv/bin/python' -m pip freeze --all > '$work/freeze-$set-$minor.txt'"
+  echo "resolved $set on $minor (Debian sid root)"
+}
 for minor in 3.9 3.10 3.11 3.12 3.13; do
   [ -n "$(find_python "$minor")" ] || { echo "SKIPPED $minor: not installed on this machine"; continue; }
   freeze test "$minor"
   case $minor in 3.11|3.12|3.13) freeze bench "$minor" ;; esac
   case $minor in 3.12|3.13) freeze reliability "$minor" ;; esac
 done
+for minor in 3.14 3.15; do
+  if [ -n "$(find_python "$minor")" ]; then
+    freeze test "$minor"
+  elif scripts/sid.sh has "$minor"; then
+    freeze_in_sid test "$minor"
+  else
+    echo "SKIPPED $minor: not installed on this machine (nor in scripts/sid.sh's root)"
+  fi
+done
 freeze lint "$newest"
+freeze wheels "$newest"
 
 "$helper" - "$work" > constraints.txt <<'EOF'
 import collections, pathlib, re, sys
 work = pathlib.Path(sys.argv[1])
-order = ["3.9", "3.10", "3.11", "3.12", "3.13"]
+order = ["3.9", "3.10", "3.11", "3.12", "3.13", "3.14", "3.15"]
 # package -> minor -> version; the test set wins where two sets resolved differently.
 pins = collections.defaultdict(dict)
-for set_name in ("lint", "reliability", "bench", "test"):
+for set_name in ("wheels", "lint", "reliability", "bench", "test"):
     for path in sorted(work.glob(f"freeze-{set_name}-*.txt")):
         minor = path.stem.rsplit("-", 1)[1]
         for line in path.read_text().splitlines():

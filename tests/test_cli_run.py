@@ -322,7 +322,7 @@ def test_bad_options_are_a_usage_error_without_traceback(tmp_path: Path, args: t
             "loopwatch run: can't open file '{cwd}/missing.py': [Errno 2] No such file or directory",
         ),
         (("-m", "no_such_module"), "loopwatch run: No module named no_such_module"),
-        (("-m", "json"), "loopwatch run: No module named json.__main__; 'json' is a package"),
+        (("-m", "email"), "loopwatch run: No module named email.__main__; 'email' is a package"),
     ],
 )
 def test_a_missing_script_or_module_is_one_line_and_exit_1(

@@ -102,7 +102,8 @@ class Cycle:
 
 def test_monitoring_does_not_change_how_often_the_collector_runs() -> None:
     # 40,000 loop steps that each leave a cycle for the collector, none of them blocking: a
-    # Python object made per step or per call would add a collection every ~700 steps.
+    # Python object made per step or per call would add a collection every ~700 steps (every
+    # ~2,000 on 3.14's incremental collector).
     async def steps() -> None:
         async def worker() -> None:
             for _ in range(2000):
@@ -119,5 +120,5 @@ def test_monitoring_does_not_change_how_often_the_collector_runs() -> None:
 
     plain = collector_runs(lambda: asyncio.run(steps()))
     watched = collector_runs(lambda: asyncio.run(monitored()))
-    assert plain > 20
+    assert plain >= 10
     assert abs(watched - plain) <= 2, (plain, watched)

@@ -122,28 +122,41 @@ pub unsafe fn exact_method_def(callable: *mut ffi::PyObject) -> Option<usize> {
 struct CodeLayout {
     /// 3.11+: `PyFrameObject.f_frame`, the interpreter frame that holds the code.
     interpreter_frame: Option<usize>,
-    /// `f_code` (3.9-3.12) or `f_executable` (3.13) in whichever frame holds it.
+    /// `f_code` (3.9-3.12) or `f_executable` (3.13+) in whichever frame holds it.
     code: usize,
+    /// Bits of that field that are not the pointer: from 3.14 `f_executable` is a `_PyStackRef`,
+    /// whose lowest bit marks a deferred reference (`Py_TAG_REFCNT`).
+    tag_bits: usize,
     /// `PyCodeObject.co_flags`.
     flags: usize,
 }
 
-const HEADER_LAYOUT: CodeLayout = if cfg!(Py_3_12) {
+const HEADER_LAYOUT: CodeLayout = if cfg!(Py_3_14) {
     CodeLayout {
         interpreter_frame: Some(24),
         code: 0,
+        tag_bits: 1,
+        flags: 48,
+    }
+} else if cfg!(Py_3_12) {
+    CodeLayout {
+        interpreter_frame: Some(24),
+        code: 0,
+        tag_bits: 0,
         flags: 48,
     }
 } else if cfg!(Py_3_11) {
     CodeLayout {
         interpreter_frame: Some(24),
         code: 32,
+        tag_bits: 0,
         flags: 48,
     }
 } else {
     CodeLayout {
         interpreter_frame: None,
         code: 32,
+        tag_bits: 0,
         flags: 36,
     }
 };
@@ -157,7 +170,8 @@ impl CodeLayout {
         if let Some(offset) = self.interpreter_frame {
             holder = holder.add(offset).cast::<*mut u8>().read();
         }
-        holder.add(self.code).cast::<*mut ffi::PyObject>().read()
+        let field = holder.add(self.code).cast::<usize>().read();
+        (field & !self.tag_bits) as *mut ffi::PyObject
     }
 
     #[inline(always)]
@@ -173,7 +187,9 @@ impl CodeLayout {
     /// portable path). Versions whose headers were not read get the portable path outright:
     /// the check itself follows a pointer at the assumed offset.
     fn confirmed(py: Python<'_>) -> PyResult<Option<CodeLayout>> {
-        if cfg!(Py_3_14) || cfg!(Py_GIL_DISABLED) {
+        // Offsets are read from the headers of 3.9-3.15 (default builds); a newer version or
+        // a free-threaded build (other frame and object headers) gets the portable path.
+        if cfg!(Py_3_16) || cfg!(Py_GIL_DISABLED) {
             return Ok(None);
         }
         let layout = HEADER_LAYOUT;

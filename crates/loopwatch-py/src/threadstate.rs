@@ -12,8 +12,12 @@ use pyo3::ffi;
 const PROFILE_FUNC_OFFSET: usize = 56;
 #[cfg(all(Py_3_11, not(Py_3_13)))]
 const PROFILE_FUNC_OFFSET: usize = 64;
-#[cfg(Py_3_13)]
+// 3.14 adds `holds_gil` and drops `c_recursion_remaining`: the same offset as 3.13.
+#[cfg(all(Py_3_13, not(Py_3_15)))]
 const PROFILE_FUNC_OFFSET: usize = 80;
+// 3.15 adds `gil_requested`, `base_frame`, `last_profiled_frame` and its sequence number.
+#[cfg(Py_3_15)]
+const PROFILE_FUNC_OFFSET: usize = 104;
 /// `c_profileobj` follows `c_profilefunc` and `c_tracefunc` in every supported version.
 const PROFILE_OBJ_OFFSET: usize = PROFILE_FUNC_OFFSET + 16;
 
