@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that must pass before a change lands: the Rust core (format, lints, tests), then the
-# extension built and tested on each CPython 3.9–3.13 present, then the reliability suite
-# (third-party suites with and without loopwatch), then Python lint and stub checks.
+# wheelhouse (manylinux wheels and the sdist), then the extension built and tested on each
+# CPython 3.9–3.15 present (3.14 and 3.15 in a Debian sid root, made once), then the reliability
+# suite (third-party suites with and without loopwatch), then Python lint and stub checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh  # the pins
@@ -14,10 +15,23 @@ cargo test -p loopwatch-core --quiet
 # The criterion benches, each run once: they assert what they measure (hot path taken, episodes made).
 cargo test -p loopwatch-core --benches --quiet
 
-echo "=== Python: build and test on each interpreter"
 if [ "${CI:-}" = "true" ]; then
-  export REQUIRE="${REQUIRE:-3.11 3.12 3.13}"
+  export REQUIRE="${REQUIRE:-3.11 3.12 3.13 3.14 3.15}"
 fi
+
+echo "=== CPython 3.14 and 3.15: the Debian sid root (made once, then reused)"
+if ! command -v debootstrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q debootstrap >/dev/null
+fi
+# Without it (no debootstrap, not root) 3.14 and 3.15 are skipped, and said so; CI requires them.
+scripts/sid.sh make || echo "no Debian sid root: CPython 3.14 and 3.15 are not tested"
+
+echo "=== Wheels: one manylinux wheel per interpreter, and the sdist"
+scripts/wheels.sh
+# tests/test_wheel.py installs the wheel of its interpreter into a venv with no Rust in reach.
+export LOOPWATCH_WHEELHOUSE=$PWD/target/wheelhouse
+
+echo "=== Python: build and test on each interpreter"
 scripts/matrix.sh
 
 echo "=== Reliability: third-party suites, test by test, with and without loopwatch"

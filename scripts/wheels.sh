@@ -26,9 +26,9 @@ tools=$venvs/wheel-tools
 ensure_tools() {
   [ -x "$tools/bin/auditwheel" ] && [ -x "$tools/bin/maturin" ] && "$tools/bin/python" -m ziglang version >/dev/null 2>&1 &&
     return 0
-  local python=""
-  for minor in 3.13 3.12 3.11 3.15 3.14; do
-    python=$(find_python "$minor")
+  local python="" candidate
+  for candidate in 3.13 3.12 3.11 3.15 3.14; do
+    python=$(find_python "$candidate")
     [ -n "$python" ] && break
   done
   [ -n "$python" ] || { echo "wheels.sh: no CPython 3.11+ to run the build tools" >&2; return 1; }
@@ -63,7 +63,8 @@ for minor in "${minors[@]}"; do
   fi
   echo "=== wheel for CPython $minor ($python)"
   rm -f "$wheelhouse"/loopwatch-*-"$tag"-"$tag"-*.whl
-  if ! "$tools/bin/maturin" build --release --zig --compatibility manylinux2014 -i "$python" \
+  # maturin finds zig as `python -m ziglang`, with the first python on PATH.
+  if ! PATH="$tools/bin:$PATH" "$tools/bin/maturin" build --release --zig --compatibility manylinux2014 -i "$python" \
     --out "$wheelhouse" >"$logs/$tag.log" 2>&1; then
     tail -n 20 "$logs/$tag.log"
     summary+=("FAILED  $minor: the wheel did not build (its log: $logs/$tag.log)"); status=1; continue

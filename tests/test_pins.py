@@ -83,3 +83,23 @@ def test_what_is_installed_here_is_what_is_pinned() -> None:
         if name in installed and installed[name] != version
     }
     assert drifted == {}, f"installed vs pinned; install through constraints.txt (scripts/lib.sh): {drifted}"
+
+
+def test_every_tool_a_script_installs_by_name_is_pinned() -> None:
+    # `pip install -q ruff mypy`, `... maturin ziglang auditwheel`: named in the scripts, not in
+    # pyproject.toml, and pinned all the same (PIP_CONSTRAINT applies to them too).
+    named = set()
+    for script in (REPO / "scripts").glob("*.sh"):
+        for line in script.read_text().splitlines():
+            command = line.split("#", 1)[0]
+            if "pip install" not in command:
+                continue
+            words = re.split(r"&&|\|\||;|>", command.split("pip install", 1)[1])[0].split()
+            named |= {canonical(w) for w in words if re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", w)}
+    assert {"ruff", "mypy", "maturin", "ziglang", "auditwheel"} <= named, named
+    every_pin = {
+        canonical(Requirement(line).name)
+        for line in CONSTRAINTS.read_text().splitlines()
+        if line and line[0] != "#"
+    }
+    assert sorted(named - every_pin) == []
