@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The reliability suite: pinned third-party test suites (reliability/run.py) run without loopwatch
 # and in each of its modes, compared test by test, on CPython 3.12 and the newest interpreter
-# present (or the ones named). Fails when loopwatch changes any test's outcome.
+# present (or the ones named; 3.14 and 3.15 in scripts/sid.sh's root when pyenv has neither).
+# Fails when loopwatch changes any test's outcome.
 #   scripts/reliability.sh            3.12 and the newest
 #   scripts/reliability.sh 3.13       only this one
 set -uo pipefail
@@ -16,15 +17,27 @@ minors=("$@")
 if [ ${#minors[@]} -eq 0 ]; then
   minors=(3.12)
   for minor in 3.15 3.14 3.13; do
-    if [ -n "$(find_python "$minor")" ]; then minors+=("$minor"); break; fi
+    if [ -n "$(find_python "$minor")" ] || { [ -z "${LOOPWATCH_IN_SID:-}" ] && scripts/sid.sh has "$minor"; }; then
+      minors+=("$minor"); break
+    fi
   done
 fi
 status=0
 declare -a summary
 for minor in "${minors[@]}"; do
   python=$(find_python "$minor")
+  if [ -z "$python" ] && [ -z "${LOOPWATCH_IN_SID:-}" ] && scripts/sid.sh has "$minor"; then
+    log=$(mktemp)
+    scripts/sid.sh run env LOOPWATCH_IN_SID=1 LOOPWATCH_VENVS="$venvs/sid" \
+      CARGO_TARGET_DIR="$CARGO_TARGET_DIR/sid" scripts/reliability.sh "$minor" | tee "$log"
+    rc=${PIPESTATUS[0]}
+    summary+=("$(tail -n 1 "$log" | sed 's/^ *//'), in the Debian sid root")
+    rm -f "$log"
+    [ "$rc" -eq 0 ] || status=1
+    continue
+  fi
   if [ -z "$python" ]; then
-    summary+=("SKIPPED $minor: not installed on this machine"); continue
+    summary+=("SKIPPED $minor: not installed on this machine (nor in scripts/sid.sh's root)"); continue
   fi
   echo "=== reliability, CPython $minor"
   venv="$venvs/reliability-$minor"

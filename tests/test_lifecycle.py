@@ -7,7 +7,9 @@ import asyncio
 import cProfile
 import gc
 import inspect
+import os
 import pstats
+import subprocess
 import sys
 import threading
 import time
@@ -94,6 +96,43 @@ def test_deactivation_restores_a_python_profile_function():
         assert "c_call" in seen
     finally:
         sys.setprofile(None)
+
+
+PAUSED_AND_RESTORED = """
+import logging, sys
+from loopwatch import EventLoopMonitor
+
+warnings = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger("loopwatch").addHandler(Keep())
+
+seen = []
+def profiler(frame, event, arg):
+    seen.append(event)
+
+sys.setprofile(profiler)
+with EventLoopMonitor(threshold_ms=30):
+    seen.clear()
+    len([])
+    paused = "c_call" not in seen
+restored = sys.getprofile() is profiler
+seen.clear()
+len([])
+print(paused, restored, "c_call" in seen, any("gets no events" in w for w in warnings))
+"""
+
+
+def test_where_the_thread_state_cannot_be_read_a_profile_function_is_paused_then_restored():
+    # The fallback for a build whose thread-state layout does not match the headers loopwatch
+    # knows (a new CPython): the function set before is paused, said so, and put back.
+    env = {**os.environ, "LOOPWATCH_PORTABLE_THREAD_STATE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", PAUSED_AND_RESTORED], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True", "True"], done.stdout
 
 
 def profiled_after_monitoring():

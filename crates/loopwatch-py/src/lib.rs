@@ -21,6 +21,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     codes::init(py)?;
+    threadstate::init();
     #[cfg(not(Py_3_11))]
     codes::verify_legacy_lasti(py)?;
     #[cfg(not(Py_3_11))]

@@ -263,8 +263,9 @@ impl ThreadMonitor {
                 obj: me,
             };
             if !threadstate::verify(installed) {
-                // The function pointer cannot be trusted on this build: keep only the object.
-                if let Some(Previous::Slot(slot)) = state.previous.take() {
+                // The function pointer cannot be trusted on this build: keep only the object
+                // (a `Previous::Python` found by `sys.getprofile()` stays as it is).
+                if let Some(Previous::Slot(slot)) = state.previous {
                     state.chained = None;
                     state.previous = Some(Previous::Python(
                         Bound::from_owned_ptr_or_opt(py, slot.obj)
