@@ -20,10 +20,8 @@ source scripts/lib.sh
 newest=""
 for minor in "${minors[@]}"; do
   python=$(find_python "$minor")
-  if [ -z "$python" ] && [ -z "${LOOPWATCH_IN_SID:-}" ] && scripts/sid.sh has "$minor"; then
-    # The overhead runner only, in the root (its build directory and venvs its own).
-    scripts/sid.sh run env LOOPWATCH_IN_SID=1 LOOPWATCH_VENVS="$venvs/sid" \
-      CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}/sid" scripts/bench.sh "$minor" || exit 1
+  if use_sid_root "$minor"; then
+    in_sid_root "$minor" || exit 1  # the overhead runner only, in the root
     continue
   fi
   if [ -z "$python" ]; then

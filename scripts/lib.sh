@@ -17,3 +17,25 @@ find_python() {
   fi
   command -v "python$minor" 2>/dev/null || true
 }
+
+# Whether CPython $1 is to be run in the Debian sid root of scripts/sid.sh: not installed here,
+# the root made and holding it, and not already inside it.
+use_sid_root() {
+  [ -z "${LOOPWATCH_IN_SID:-}" ] && [ -z "$(find_python "$1")" ] && scripts/sid.sh has "$1"
+}
+
+# Runs the calling script for CPython $1 inside the sid root, with venvs and a build directory of
+# its own there (what is built against the root's newer glibc must not be reused out here), the
+# other arguments (NAME=value) added to its environment. Adds its last line to `summary` and
+# returns its exit status.
+in_sid_root() {
+  local minor=$1 log rc
+  shift
+  log=$(mktemp)
+  scripts/sid.sh run env LOOPWATCH_IN_SID=1 LOOPWATCH_VENVS="$venvs/sid" \
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}/sid" "$@" "$0" "$minor" | tee "$log"
+  rc=${PIPESTATUS[0]}
+  summary+=("$(tail -n 1 "$log" | sed 's/^ *//'), in the Debian sid root")
+  rm -f "$log"
+  return "$rc"
+}

@@ -22,18 +22,9 @@ declare -a summary
 status=0
 for minor in "${minors[@]}"; do
   python=$(find_python "$minor")
-  if [ -z "$python" ] && [ -z "${LOOPWATCH_IN_SID:-}" ] && scripts/sid.sh has "$minor"; then
-    # The same steps inside the root, with venvs and a build directory of its own (what is
-    # built against its newer glibc must not be reused out here).
+  if use_sid_root "$minor"; then
     echo "=== CPython $minor (Debian sid root)"
-    log=$(mktemp)
-    scripts/sid.sh run env LOOPWATCH_IN_SID=1 LOOPWATCH_VENVS="$venvs/sid" \
-      CARGO_TARGET_DIR="$CARGO_TARGET_DIR/sid" scripts/matrix.sh "$minor" | tee "$log"
-    rc=${PIPESTATUS[0]}
-    inner=$(tail -n 1 "$log")
-    rm -f "$log"
-    summary+=("$(echo "$inner" | sed 's/^ *//'), in the Debian sid root")
-    [ "$rc" -eq 0 ] || status=1
+    in_sid_root "$minor" || status=1
     continue
   fi
   if [ -z "$python" ]; then

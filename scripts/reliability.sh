@@ -17,7 +17,7 @@ minors=("$@")
 if [ ${#minors[@]} -eq 0 ]; then
   minors=(3.12)
   for minor in 3.15 3.14 3.13; do
-    if [ -n "$(find_python "$minor")" ] || { [ -z "${LOOPWATCH_IN_SID:-}" ] && scripts/sid.sh has "$minor"; }; then
+    if [ -n "$(find_python "$minor")" ] || use_sid_root "$minor"; then
       minors+=("$minor"); break
     fi
   done
@@ -26,14 +26,8 @@ status=0
 declare -a summary
 for minor in "${minors[@]}"; do
   python=$(find_python "$minor")
-  if [ -z "$python" ] && [ -z "${LOOPWATCH_IN_SID:-}" ] && scripts/sid.sh has "$minor"; then
-    log=$(mktemp)
-    scripts/sid.sh run env LOOPWATCH_IN_SID=1 LOOPWATCH_VENVS="$venvs/sid" \
-      CARGO_TARGET_DIR="$CARGO_TARGET_DIR/sid" scripts/reliability.sh "$minor" | tee "$log"
-    rc=${PIPESTATUS[0]}
-    summary+=("$(tail -n 1 "$log" | sed 's/^ *//'), in the Debian sid root")
-    rm -f "$log"
-    [ "$rc" -eq 0 ] || status=1
+  if use_sid_root "$minor"; then
+    in_sid_root "$minor" || status=1
     continue
   fi
   if [ -z "$python" ]; then

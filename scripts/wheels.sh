@@ -43,14 +43,8 @@ fi
 for minor in "${minors[@]}"; do
   tag=cp${minor/./}
   python=$(find_python "$minor")
-  if [ -z "$python" ] && [ -z "${LOOPWATCH_IN_SID:-}" ] && scripts/sid.sh has "$minor"; then
-    log=$(mktemp)
-    scripts/sid.sh run env LOOPWATCH_IN_SID=1 LOOPWATCH_VENVS="$venvs/sid" WHEELHOUSE="$wheelhouse" \
-      CARGO_TARGET_DIR="$CARGO_TARGET_DIR/sid" scripts/wheels.sh "$minor" | tee "$log"
-    rc=${PIPESTATUS[0]}
-    summary+=("$(tail -n 1 "$log" | sed 's/^ *//'), in the Debian sid root")
-    rm -f "$log"
-    [ "$rc" -eq 0 ] || status=1
+  if use_sid_root "$minor"; then
+    in_sid_root "$minor" WHEELHOUSE="$wheelhouse" || status=1
     continue
   fi
   if [ -z "$python" ]; then
