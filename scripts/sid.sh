@@ -32,7 +32,9 @@ debian_mirror() {
 # Runs "$@" inside the root as root, with the mounts it needs; they vanish with the namespace.
 in_root() {
   local mounts=(/proc /dev /dev/pts "$project")
-  for dir in "$HOME/.cargo" "$HOME/.rustup" /opt/wheels; do
+  # A local folder that pip's configuration points at (PIP_FIND_LINKS) is mounted too.
+  for dir in "$HOME/.cargo" "$HOME/.rustup" ${CARGO_HOME:+"$CARGO_HOME"} ${RUSTUP_HOME:+"$RUSTUP_HOME"} \
+    ${PIP_FIND_LINKS:+"$PIP_FIND_LINKS"}; do
     [ -d "$dir" ] && mounts+=("$dir")
   done
   local script='set -e; root=$1; shift; n=$1; shift
