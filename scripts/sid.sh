@@ -4,7 +4,7 @@
 # Each command runs in it with the machine's Rust toolchain, /proc, /dev and this project mounted
 # in (in a mount namespace of its own, so nothing stays mounted), the CA bundle and pip's
 # configuration copied in.
-#   scripts/sid.sh make            make the root, if it is not made yet (about 4 minutes)
+#   scripts/sid.sh make            make the root, if it is not made yet (a minute or a few, with the network)
 #   scripts/sid.sh has 3.14        exit 0 if the root is made and has python3.14 (makes nothing)
 #   scripts/sid.sh run CMD ARG...  run CMD in the root, in this project's folder
 # LOOPWATCH_SID_ROOT says where the root lives (default: ~/.cache/loopwatch/sid-root).
@@ -60,7 +60,7 @@ make_root() {
   # A root left half made by an interrupted run is made again from the start.
   rm -rf "$sid"
   mkdir -p "$(dirname "$sid")"
-  echo "sid.sh: making a Debian sid root in $sid (about 4 minutes)"
+  echo "sid.sh: making a Debian sid root in $sid (a minute or a few)"
   debootstrap --variant=minbase sid "$sid" "$mirror" >"$sid.log" 2>&1 ||
     { echo "sid.sh: debootstrap failed; its log: $sid.log" >&2; tail -n 5 "$sid.log" >&2; return 1; }
   copy_host_config
