@@ -57,9 +57,15 @@ make_root() {
   command -v debootstrap >/dev/null || { echo "sid.sh: debootstrap is not installed (apt-get install debootstrap)" >&2; return 1; }
   local mirror
   mirror=$(debian_mirror)
-  # A root left half made by an interrupted run is made again from the start.
+  # A root left half made by an interrupted run (it carries our mark) is made again from the
+  # start; any other folder that is not empty is the user's, and is left as it is.
+  if [ -d "$sid" ] && [ -n "$(ls -A "$sid")" ] && [ ! -f "$sid/.loopwatch-making" ]; then
+    echo "sid.sh: $sid is not empty and is not a root this script made; set LOOPWATCH_SID_ROOT to a new folder" >&2
+    return 1
+  fi
   rm -rf "$sid"
-  mkdir -p "$(dirname "$sid")"
+  mkdir -p "$sid"
+  touch "$sid/.loopwatch-making"
   echo "sid.sh: making a Debian sid root in $sid (a minute or a few)"
   debootstrap --variant=minbase sid "$sid" "$mirror" >"$sid.log" 2>&1 ||
     { echo "sid.sh: debootstrap failed; its log: $sid.log" >&2; tail -n 5 "$sid.log" >&2; return 1; }
@@ -72,6 +78,7 @@ make_root() {
   in_root /bin/sh -c "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ${packages[*]}" \
     >>"$sid.log" 2>&1 ||
     { echo "sid.sh: installing the Pythons failed; its log: $sid.log" >&2; tail -n 5 "$sid.log" >&2; return 1; }
+  rm -f "$sid/.loopwatch-making"
   touch "$ready"
 }
 
