@@ -11,6 +11,13 @@ started=$SECONDS
 echo "=== Rust: format, clippy, core tests"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The binding compiles other code for other versions (`#[cfg(Py_3_x)]`): lint it as built for the
+# oldest and the newest CPython too, each in a build directory of its own (3.15 below, in its root).
+for minor in 3.9 3.13; do
+  python=$(find_python "$minor")
+  [ -z "$python" ] || PYO3_PYTHON=$python CARGO_TARGET_DIR=target/clippy-$minor \
+    cargo clippy -p loopwatch-py --all-targets --quiet -- -D warnings
+done
 cargo test -p loopwatch-core --quiet
 # The criterion benches, each run once: they assert what they measure (hot path taken, episodes made).
 cargo test -p loopwatch-core --benches --quiet
@@ -25,6 +32,10 @@ if ! command -v debootstrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-g
 fi
 # Without it (no debootstrap, not root) 3.14 and 3.15 are skipped, and said so; CI requires them.
 scripts/sid.sh make || echo "no Debian sid root: CPython 3.14 and 3.15 are not tested"
+if scripts/sid.sh has 3.15; then
+  scripts/sid.sh run env PYO3_PYTHON=python3.15 CARGO_TARGET_DIR=target/sid/clippy-3.15 \
+    cargo clippy -p loopwatch-py --all-targets --quiet -- -D warnings
+fi
 
 echo "=== Wheels: one manylinux wheel per interpreter, and the sdist"
 scripts/wheels.sh
