@@ -26,8 +26,8 @@ use_sid_root() {
 
 # Runs the calling script for CPython $1 inside the sid root, with venvs and a build directory of
 # its own there (what is built against the root's newer glibc must not be reused out here), the
-# other arguments (NAME=value) added to its environment. Adds its last line to `summary` and
-# returns its exit status.
+# other arguments (NAME=value) added to its environment. Reads the caller's `venvs`; adds the
+# run's last line to the caller's `summary` array and returns its exit status.
 in_sid_root() {
   local minor=$1 log rc
   shift
