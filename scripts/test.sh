@@ -28,7 +28,9 @@ fi
 
 echo "=== CPython 3.14 and 3.15: the Debian sid root (made once, then reused)"
 if ! command -v debootstrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get install -y -q debootstrap >/dev/null
+  # A fresh machine may have no package lists yet: read them once if the install finds nothing.
+  apt-get install -y -q debootstrap >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q debootstrap >/dev/null; }
 fi
 # Without it (no debootstrap, not root) 3.14 and 3.15 are skipped, and said so; CI requires them.
 scripts/sid.sh make || echo "no Debian sid root: CPython 3.14 and 3.15 are not tested"
