@@ -39,6 +39,25 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+# The two ways of seeing a thread's calls: sys.monitoring exists from 3.12 (and is the default
+# there); the legacy profile hook everywhere. Modules that pin what both must answer alike use
+# `pytestmark = pytest.mark.usefixtures("backend")`.
+BACKENDS = ["legacy", "monitoring"] if sys.version_info >= (3, 12) else ["legacy"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("LOOPWATCH_BACKEND", request.param)
+    return request.param
+
+
+def watched() -> Optional[str]:
+    """How loopwatch watches the calling thread now ("monitoring", "legacy"), or None."""
+    from loopwatch import _native
+
+    return _native._watched()
+
+
 @pytest.fixture
 def run(loop_kind: str) -> Callable[[Callable[[], Awaitable[Any]]], Any]:
     """Runs `main()` to completion on a fresh loop of the parametrized kind."""
@@ -92,6 +111,10 @@ def no_profiler_left_behind():
     before = sys.getprofile()
     yield
     assert sys.getprofile() is before, "a test left a profile function installed"
+    assert watched() is None, "a test left the thread watched"
+    if sys.version_info >= (3, 12):
+        tools = [sys.monitoring.get_tool(tool) for tool in range(6)]
+        assert "loopwatch" not in tools, "a test left loopwatch's sys.monitoring tool id taken"
 
 
 # ---- real programs in subprocesses ------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import threading
 import time
 import urllib.request
@@ -15,7 +14,7 @@ from typing import Any, Optional
 import pytest
 import uvicorn
 from conftest import BLOCK_S, LOOPS, THRESHOLD_MS, short
-from loopwatch import BlockingCallInfo
+from loopwatch import BlockingCallInfo, _native
 from loopwatch.asgi import LoopwatchMiddleware
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -37,7 +36,7 @@ async def block(request: Request) -> JSONResponse:
 
 
 async def hook_state(request: Request) -> JSONResponse:
-    return JSONResponse({"profiling": sys.getprofile() is not None})
+    return JSONResponse({"profiling": _native._watched() is not None})
 
 
 def endpoint_reports(reports: list[BlockingCallInfo]) -> list[BlockingCallInfo]:

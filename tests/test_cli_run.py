@@ -148,13 +148,15 @@ def test_loops_in_another_thread_and_loops_run_again_and_again_are_each_monitore
         async def in_worker_thread():
             time.sleep(0.1)  # worker thread blocks
 
+        from loopwatch import _native
+
         async def on_main_thread():
-            assert sys.getprofile() is not None, "no hook while the loop runs"
+            assert _native._watched() is not None, "no hook while the loop runs"
             time.sleep(0.1)  # main thread blocks
 
         def worker():
             asyncio.run(in_worker_thread())
-            print("worker thread hook after:", sys.getprofile())
+            print("worker thread hook after:", sys.getprofile(), _native._watched())
 
         thread = threading.Thread(target=worker)
         thread.start()
@@ -173,13 +175,13 @@ def test_loops_in_another_thread_and_loops_run_again_and_again_are_each_monitore
             uvloop.new_event_loop().run_until_complete(on_main_thread())
             print("uvloop: ran")
         time.sleep(0.1)  # no loop runs here: never reported
-        print("main thread hook after:", sys.getprofile())
+        print("main thread hook after:", sys.getprofile(), _native._watched())
         """,
     )
     result = loopwatch_run("--threshold-ms", THRESHOLD, str(script), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "worker thread hook after: None" in result.stdout
-    assert "main thread hook after: None" in result.stdout
+    assert "worker thread hook after: None None" in result.stdout
+    assert "main thread hook after: None None" in result.stdout
     uvloop_ran = "uvloop: ran" in result.stdout
     where = [line.strip() for line in result.stderr.splitlines() if line.startswith("  at ")]
     worker_line = f"at {script}:{line_of(script, 'worker thread blocks')}"

@@ -8,7 +8,11 @@ import sys
 import threading
 import time
 
+import pytest
 from conftest import BLOCK_S, THRESHOLD_MS, items_summed_in, monitor, names, short
+
+# What both ways of seeing must answer alike (conftest.BACKENDS).
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 def helper_b() -> None:

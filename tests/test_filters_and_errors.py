@@ -13,6 +13,9 @@ import pytest
 from conftest import BLOCK_S, monitor, names, short
 from loopwatch import BlockingCallInfo, EventLoopMonitor, event_loop_monitor_ctx
 
+# What both ways of seeing must answer alike (conftest.BACKENDS).
+pytestmark = pytest.mark.usefixtures("backend")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

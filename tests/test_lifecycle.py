@@ -16,8 +16,17 @@ import time
 import types
 
 import pytest
-from conftest import BLOCK_S, monitor, names, new_loop, short
+from conftest import BLOCK_S, monitor, names, new_loop, short, watched
 from loopwatch import EventLoopMonitor, _monitor, event_loop_monitor_ctx
+
+# Every test here runs on each way of seeing (conftest.BACKENDS); what only the legacy profile
+# hook does (chaining and restoring profile functions) says so.
+pytestmark = pytest.mark.usefixtures("backend")
+
+
+def legacy_only(backend: str) -> None:
+    if backend != "legacy":
+        pytest.skip("how the legacy profile hook shares the thread's profile function")
 
 
 def deep_blocking():
@@ -80,7 +89,7 @@ def test_loops_in_several_threads_are_monitored_independently(loop_kind):
         assert profile_after is None
 
 
-def test_deactivation_restores_a_python_profile_function():
+def test_deactivation_restores_a_python_profile_function(backend):
     seen = []
 
     def profiler(frame, event, arg):
@@ -89,7 +98,8 @@ def test_deactivation_restores_a_python_profile_function():
     sys.setprofile(profiler)
     try:
         with EventLoopMonitor(threshold_ms=30):
-            assert sys.getprofile() is not profiler
+            # sys.monitoring leaves the thread's profile function where it is.
+            assert (sys.getprofile() is profiler) == (backend == "monitoring")
         assert sys.getprofile() is profiler
         seen.clear()
         len([])
@@ -124,9 +134,10 @@ print(paused, restored, "c_call" in seen, any("gets no events" in w for w in war
 """
 
 
-def test_where_the_thread_state_cannot_be_read_a_profile_function_is_paused_then_restored():
+def test_where_the_thread_state_cannot_be_read_a_profile_function_is_paused_then_restored(backend):
     # The fallback for a build whose thread-state layout does not match the headers loopwatch
     # knows (a new CPython): the function set before is paused, said so, and put back.
+    legacy_only(backend)
     env = {**os.environ, "LOOPWATCH_PORTABLE_THREAD_STATE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", PAUSED_AND_RESTORED], env=env, capture_output=True, text=True, timeout=60
@@ -152,7 +163,8 @@ def test_cprofile_keeps_profiling_after_loopwatch_is_done():
     assert any(func[2] == "profiled_after_monitoring" for func in stats.stats)
 
 
-def test_save_and_restore_of_sys_getprofile_inside_monitored_code_keeps_monitoring(run):
+def test_save_and_restore_of_sys_getprofile_inside_monitored_code_keeps_monitoring(run, backend):
+    legacy_only(backend)
     ctx, reports = monitor()
 
     async def main():
@@ -217,7 +229,8 @@ def test_cprofile_started_before_loopwatch_profiles_what_runs_while_monitored(ru
     assert [r.method_name for r in reports] == ["time.sleep"]
 
 
-def test_a_profile_function_set_inside_monitored_code_is_said_and_the_thread_taken_back(run, caplog):
+def test_a_profile_function_set_inside_monitored_code_is_said_and_the_thread_taken_back(run, caplog, backend):
+    legacy_only(backend)
     seen = []
 
     def profiler(frame, event, arg):
@@ -386,6 +399,108 @@ def test_a_thread_that_ends_while_monitored_does_no_harm():
     thread.start()
     thread.join()
     assert sys.getprofile() is None
+    # Under sys.monitoring the ended thread's share of the tool id is given back at the next
+    # activation on any thread (conftest checks that no test leaves the tool id taken).
+    with EventLoopMonitor(threshold_ms=30):
+        pass
+
+
+needs_monitoring = pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring is 3.12+")
+
+
+@needs_monitoring
+def test_sys_setprofile_inside_monitored_code_changes_nothing_under_sys_monitoring(run, backend):
+    if backend != "monitoring":
+        pytest.skip("the legacy hook is the profile function")
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            sys.setprofile(None)  # another tool's business: loopwatch still watches
+            time.sleep(BLOCK_S)
+            await asyncio.sleep(0)
+
+    run(main)
+    assert [r.method_name for r in reports] == ["time.sleep"]
+
+
+@needs_monitoring
+def test_sys_monitoring_is_the_default_from_3_12_and_legacy_can_be_forced(monkeypatch):
+    monkeypatch.delenv("LOOPWATCH_BACKEND")
+    with EventLoopMonitor(threshold_ms=30):
+        assert watched() == "monitoring"
+        assert sys.getprofile() is None
+        assert "loopwatch" in [sys.monitoring.get_tool(tool) for tool in range(6)]
+    monkeypatch.setenv("LOOPWATCH_BACKEND", "legacy")
+    with EventLoopMonitor(threshold_ms=30):
+        assert watched() == "legacy"
+        assert sys.getprofile() is not None
+
+
+def test_an_unknown_backend_is_refused_with_the_choices(monkeypatch):
+    monkeypatch.setenv("LOOPWATCH_BACKEND", "magic")
+    with pytest.raises(
+        ValueError, match="LOOPWATCH_BACKEND must be 'legacy', 'monitoring' or 'auto', got 'magic'"
+    ):
+        EventLoopMonitor(threshold_ms=30).activate()
+    assert watched() is None
+
+
+@needs_monitoring
+def test_with_every_tool_id_taken_the_legacy_hook_watches_and_says_so_once(run, monkeypatch, caplog):
+    monkeypatch.setenv("LOOPWATCH_BACKEND", "auto")
+    taken = [tool for tool in (3, 4, 5) if sys.monitoring.get_tool(tool) is None]
+    for tool in taken:
+        sys.monitoring.use_tool_id(tool, "another tool")
+    monkeypatch.setattr(_monitor, "_fallback_said", False)
+    try:
+        for _ in range(2):
+            ctx, reports = monitor()
+
+            async def main(ctx=ctx):
+                with ctx:
+                    assert watched() == "legacy"
+                    time.sleep(BLOCK_S)
+                    await asyncio.sleep(0)
+
+            with caplog.at_level("WARNING", logger="loopwatch"):
+                run(main)
+            assert [r.method_name for r in reports] == ["time.sleep"]
+    finally:
+        for tool in taken:
+            sys.monitoring.free_tool_id(tool)
+    assert caplog.text.count("not sys.monitoring: every sys.monitoring tool id it may use") == 1
+
+
+@needs_monitoring
+def test_other_sys_monitoring_tools_keep_their_events_while_loopwatch_watches(run, backend):
+    events = sys.monitoring.events
+    seen = []
+
+    def on_start(code, offset):
+        if code.co_name == "profiled_while_monitored":
+            seen.append("start")
+
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            profiled_while_monitored()
+            time.sleep(BLOCK_S)
+            await asyncio.sleep(0)
+
+    tool = sys.monitoring.DEBUGGER_ID
+    sys.monitoring.use_tool_id(tool, "a debugger")
+    try:
+        sys.monitoring.register_callback(tool, events.PY_START, on_start)
+        sys.monitoring.set_events(tool, events.PY_START)
+        run(main)
+    finally:
+        sys.monitoring.set_events(tool, 0)
+        sys.monitoring.register_callback(tool, events.PY_START, None)
+        sys.monitoring.free_tool_id(tool)
+    assert seen == ["start"]
+    assert [r.method_name for r in reports] == ["time.sleep"]
 
 
 def test_a_pending_exception_passes_through_untouched(run):

@@ -299,6 +299,7 @@ import unittest
 
 import anyio
 import pytest
+from loopwatch import _native
 
 import legacy.client
 
@@ -332,7 +333,7 @@ def test_sync_is_not_checked():
 @pytest.mark.anyio
 async def test_anyio_blocks(anyio_backend):
     if anyio_backend == "trio":  # no asyncio loop to watch: the hook is not even installed
-        assert sys.getprofile() is None
+        assert sys.getprofile() is None and _native._watched() is None
     time.sleep(0.1)  # ANYIO-BLOCKS
 
 

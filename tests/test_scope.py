@@ -4,11 +4,10 @@ context, however the loop interleaves tasks; the hook is off when no scope is op
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 
 import pytest
-from conftest import BLOCK_S, THRESHOLD_MS, short
+from conftest import BLOCK_S, THRESHOLD_MS, short, watched
 from loopwatch import BlockingCallInfo, monitor_current_task
 
 
@@ -81,10 +80,10 @@ def test_the_hook_is_on_only_while_a_scope_is_open(run):
     seen = []
 
     async def main():
-        seen.append(sys.getprofile())
+        seen.append(watched())
         async with monitor_current_task(threshold_ms=THRESHOLD_MS, on_blocking_call=lambda info: None):
-            seen.append(sys.getprofile())
-        seen.append(sys.getprofile())
+            seen.append(watched())
+        seen.append(watched())
 
     run(main)
     assert seen[0] is None and seen[2] is None

@@ -146,6 +146,7 @@ class _ThreadHub:
                 except BaseException:
                     self._recipients = ()
                     raise
+                _say_fallback(self.native.fallback)
                 paused = self.native.paused_profiler
                 if paused is not None:
                     logger.warning(
@@ -162,6 +163,18 @@ class _ThreadHub:
             "profiler that uses it) took the place of loopwatch's hook: what ran meanwhile was "
             "not watched"
         )
+
+
+_fallback_said = False
+
+
+def _say_fallback(reason: Optional[str]) -> None:
+    """Says once per process why the legacy profile hook watches where sys.monitoring would."""
+    global _fallback_said
+    if reason is None or _fallback_said:
+        return
+    _fallback_said = True
+    logger.warning("loopwatch: watching through the legacy profile hook, not sys.monitoring: %s", reason)
 
 
 _local = threading.local()

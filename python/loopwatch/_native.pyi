@@ -14,6 +14,7 @@ __all__ = [
     "_bench_install_empty_hook",
     "_bench_uninstall_hook",
     "_code_reads",
+    "_watched",
 ]
 
 DEFAULT_EXCLUDES: list[str]
@@ -47,6 +48,10 @@ class ThreadMonitor:
     def hooked(self) -> bool: ...
     @property
     def paused_profiler(self) -> Any | None: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def fallback(self) -> Optional[str]: ...
     def __call__(self, _frame: Any, _event: Any, _arg: Any) -> None: ...
 
 def _bench_install_empty_hook() -> None:
@@ -57,6 +62,9 @@ def _bench_uninstall_hook() -> None:
 
 def _code_reads() -> str:
     """How the hook reads a frame's code: "struct" or "portable"."""
+
+def _watched() -> Optional[str]:
+    """How the calling thread is watched now: "monitoring", "legacy" or None."""
 
 @final
 class RecordingWriter:

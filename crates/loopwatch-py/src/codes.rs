@@ -116,6 +116,61 @@ pub unsafe fn exact_method_def(callable: *mut ffi::PyObject) -> Option<usize> {
     (!def.is_null()).then_some(def as usize)
 }
 
+/// The `PyMethodDef` of the C function a `sys.monitoring` C event names: a builtin function or
+/// method (of the exact types first, without a call into the interpreter), or a method
+/// descriptor (`obj.method()` is called through the descriptor, with no bound method made).
+///
+/// # Safety
+/// `callable` must be a valid object pointer.
+#[inline(always)]
+pub unsafe fn c_function_def(callable: *mut ffi::PyObject) -> Option<usize> {
+    if let Some(def) = exact_method_def(callable) {
+        return Some(def);
+    }
+    if callable.is_null() {
+        return None;
+    }
+    if ffi::Py_TYPE(callable) == &raw mut ffi::PyMethodDescr_Type {
+        let def = (*callable.cast::<ffi::PyMethodDescrObject>()).d_method;
+        return (!def.is_null()).then_some(def as usize);
+    }
+    method_def(callable)
+}
+
+/// The interpreter frame a frame object stands for (3.11+), where the layout was confirmed.
+///
+/// # Safety
+/// GIL held; `frame` is a live frame object.
+#[allow(clippy::cast_ptr_alignment)] // the offset of an aligned pointer field
+pub unsafe fn interpreter_frame_of(frame: *mut ffi::PyFrameObject) -> Option<usize> {
+    let offset = known().layout?.interpreter_frame?;
+    Some(frame.cast::<u8>().add(offset).cast::<usize>().read())
+}
+
+/// The tag of a code object `sys.monitoring` passed: its flags read straight from the struct
+/// where the layout was confirmed, else through the C API and the `co_extra` cache.
+///
+/// # Safety
+/// GIL held; `code` is a live object.
+#[inline(always)]
+pub unsafe fn fast_code_tag(known: &Known, code: *mut ffi::PyObject) -> Option<Tag> {
+    let layout = known.layout?;
+    (ffi::Py_TYPE(code) == &raw mut ffi::PyCode_Type)
+        .then(|| tag_for(known, code as usize, layout.flags_of(code).into()))
+}
+
+/// `fast_code_tag`, or the portable read where it has no answer.
+///
+/// # Safety
+/// As `fast_code_tag`.
+pub unsafe fn code_tag(known: &Known, code: *mut ffi::PyObject) -> Tag {
+    match fast_code_tag(known, code) {
+        Some(tag) => tag,
+        None if ffi::PyCode_Check(code) != 0 => tag_of(known, code.cast()),
+        None => Tag::PLAIN,
+    }
+}
+
 /// Where a frame keeps its code object and a code object its flags: offsets from each
 /// version's headers, trusted only after `confirmed` compared them with the C API.
 #[derive(Clone, Copy)]

@@ -1,18 +1,16 @@
-//! The C profile hook: translates CPython's events into tracker calls. The hot path reads the
-//! clock and the code's tag and pushes or pops one entry; everything else is the general path.
+//! The legacy C profile hook (`PyEval_SetProfile`): translates CPython's events into tracker
+//! events. The hot path reads the clock and the code's tag and pushes or pops one entry;
+//! everything else is the general path (`events`).
 
 use std::ffi::c_int;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use loopwatch_core::{Episode, Tag, Ticks};
+use loopwatch_core::Ticks;
 use pyo3::ffi;
-use pyo3::prelude::*;
 
-use crate::codes::{exact_method_def, fast_frame_tag, frame_tag, method_def};
-use crate::errors::{attached, SavedError};
-use crate::monitor::{State, ThreadMonitor};
-use crate::report::episode_to_python;
-use crate::resolve::PyResolver;
+use crate::codes::{exact_method_def, fast_frame_tag, method_def};
+use crate::events::{general_event, hot_event, Callee, Event, Origin};
+use crate::monitor::ThreadMonitor;
+use crate::resolve::FrameKeys;
 
 /// The profile function installed by `ThreadMonitor.install`; `obj` is that monitor.
 ///
@@ -67,8 +65,7 @@ unsafe extern "C" fn event_on_portable_clock(
     event_at(obj, frame, what, arg, now)
 }
 
-/// One event read at `now`: the hot path, else the general path. `general_event` cannot unwind
-/// (it is `extern "C"`), so the hot path needs no landing pad and saves few registers.
+/// One event read at `now`: the hot path, else the general path.
 #[inline(always)]
 unsafe fn event_at(
     obj: *mut ffi::PyObject,
@@ -77,156 +74,61 @@ unsafe fn event_at(
     arg: *mut ffi::PyObject,
     now: Ticks,
 ) -> c_int {
-    if hot_event(&mut *ThreadMonitor::state_of(obj), frame, what, arg, now) {
-        return 0;
-    }
-    general_event(obj, frame, what, arg, now)
-}
-
-/// Handles the events that make up nearly all of a program's run (a short call inside a task
-/// step or callback) with no function call and nothing that can fail. Returns false when the
-/// general path must decide.
-#[inline(always)]
-unsafe fn hot_event(
-    state: &mut State,
-    frame: *mut ffi::PyFrameObject,
-    what: c_int,
-    arg: *mut ffi::PyObject,
-    now: Ticks,
-) -> bool {
-    let known = state.known;
-    let Some(tracker) = state.tracker.as_mut().filter(|_| !state.paused) else {
-        // Not tracking, or loopwatch's own code is running: nothing to do.
-        return true;
-    };
-    match what {
-        ffi::PyTrace_CALL => match fast_frame_tag(known, frame) {
-            Some(tag) => tracker.try_push_plain(frame as u64, tag, false, now),
-            None => false,
-        },
-        ffi::PyTrace_RETURN => tracker.try_pop_plain(frame as u64, false, now),
+    let state = &mut *ThreadMonitor::state_of(obj);
+    let key = frame as u64;
+    // The hot path takes C functions of the two exact builtin types (nearly every C event),
+    // without the subtype check's call into the interpreter.
+    let (event, tag) = match what {
+        ffi::PyTrace_CALL => (Event::Call(key), fast_frame_tag(state.known, frame)),
+        ffi::PyTrace_RETURN => (Event::Return(key), None),
         ffi::PyTrace_C_CALL => match exact_method_def(arg) {
-            Some(def) if def != known.context_run_def => {
-                tracker.try_push_plain(def as u64, Tag::PLAIN, true, now)
-            }
-            _ => false,
+            Some(def) => (Event::CCall(def), None),
+            None => return c_event_on_subtype(obj, what, arg, now),
         },
         ffi::PyTrace_C_RETURN | ffi::PyTrace_C_EXCEPTION => match exact_method_def(arg) {
-            Some(def) => tracker.try_pop_plain(def as u64, true, now),
-            None => false,
+            Some(def) => (Event::CReturn(def), None),
+            None => return c_event_on_subtype(obj, what, arg, now),
         },
-        _ => true,
+        _ => return 0,
+    };
+    if hot_event(state, event, tag, now) {
+        return 0;
     }
+    let origin = match event {
+        Event::Call(_) => Origin::Frame(frame),
+        _ => Origin::None,
+    };
+    let callee = Callee {
+        callable: arg,
+        self_arg: std::ptr::null_mut(),
+    };
+    general_event(obj, event, origin, callee, FrameKeys::Objects, now)
 }
 
-/// Everything the hot path leaves: loop structure, coroutine steps, calls over the threshold.
-/// Returns the hook's result, always 0: non-zero would raise into the user's code. `extern "C"`
-/// because it never unwinds, which lets the hook jump to it instead of calling it.
-#[inline(never)]
-unsafe extern "C" fn general_event(
+/// A C event whose callable is not of an exact builtin type: a subclass of one (its
+/// `PyMethodDef` found through the C API), or not a C function at all (nothing to do).
+#[cold]
+unsafe fn c_event_on_subtype(
     obj: *mut ffi::PyObject,
-    frame: *mut ffi::PyFrameObject,
     what: c_int,
     arg: *mut ffi::PyObject,
     now: Ticks,
 ) -> c_int {
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let state = ThreadMonitor::state_of(obj);
-        if let Some(delivery) = handle_event(state, frame, what, arg, now) {
-            deliver(obj, delivery);
-        }
-    }));
-    if outcome.is_err() {
-        // A bug in loopwatch must not take the program down: stop tracking on this thread.
-        (*ThreadMonitor::state_of(obj)).tracker = None;
+    let state = &mut *ThreadMonitor::state_of(obj);
+    if state.tracker.is_none() || state.paused {
+        return 0;
     }
-    0
-}
-
-/// Episodes to hand to Python, taken out of the state so that no borrow is held meanwhile.
-pub struct Delivery {
-    pub episodes: Vec<Episode>,
-    pub sink: Py<PyAny>,
-}
-
-unsafe fn handle_event(
-    state: *mut State,
-    frame: *mut ffi::PyFrameObject,
-    what: c_int,
-    arg: *mut ffi::PyObject,
-    now: Ticks,
-) -> Option<Delivery> {
-    let state = &mut *state;
-    let known = state.known;
-    let tracker = state.tracker.as_mut()?;
-    let py = Python::assume_attached();
-    let mut resolver = PyResolver::new(py, arg);
-    match what {
-        ffi::PyTrace_CALL => {
-            let tag = frame_tag(known, frame);
-            let resume = if tag.contains(Tag::COROUTINE) {
-                resume_position(frame)
-            } else {
-                0
-            };
-            tracker.on_call(frame as u64, tag, resume, now, &mut resolver);
-        }
-        ffi::PyTrace_RETURN => tracker.on_return(frame as u64, now, &mut resolver),
-        ffi::PyTrace_C_CALL => {
-            if let Some(def) = method_def(arg) {
-                let tag = if def == known.context_run_def {
-                    Tag::DISPATCH
-                } else {
-                    Tag::PLAIN
-                };
-                tracker.on_c_call(def as u64, tag, now, &mut resolver);
-            }
-        }
-        ffi::PyTrace_C_RETURN | ffi::PyTrace_C_EXCEPTION => {
-            if let Some(def) = method_def(arg) {
-                tracker.on_c_return(def as u64, now, &mut resolver);
-            }
-        }
-        _ => {}
-    }
-    if tracker.has_episodes() {
-        return state.take_delivery();
-    }
-    None
-}
-
-/// Where a coroutine step resumes: the byte offset of the current instruction, plus one so that
-/// zero means unknown. Turned into a line only if the step turns out to block.
-#[inline]
-pub unsafe fn resume_position(frame: *mut ffi::PyFrameObject) -> i32 {
-    #[cfg(Py_3_11)]
-    {
-        ffi::PyFrame_GetLasti(frame).max(-1) + 1
-    }
-    #[cfg(not(Py_3_11))]
-    {
-        crate::codes::legacy_lasti_bytes(frame).map_or(0, |lasti| lasti.max(-1) + 1)
-    }
-}
-
-/// Calls the sink with each episode. The sink may deactivate the monitor (and so drop the
-/// thread's reference to it), so the monitor is kept alive until delivery is over. The delivery
-/// (with its reference to the sink) is dropped while attached, so it is released at once.
-#[cold]
-pub unsafe fn deliver(obj: *mut ffi::PyObject, delivery: Delivery) {
-    attached(|| {
-        let py = Python::assume_attached();
-        let _saved = SavedError::take();
-        ffi::Py_INCREF(obj);
-        let sink = delivery.sink.bind(py);
-        for episode in &delivery.episodes {
-            let outcome = episode_to_python(py, episode).and_then(|report| sink.call1((report,)));
-            if let Err(error) = outcome {
-                // The sink is loopwatch's own dispatcher; should it fail, say so and carry on.
-                error.write_unraisable(py, Some(sink));
-            }
-        }
-        drop(delivery);
-        ffi::Py_DECREF(obj);
-    });
+    let Some(def) = method_def(arg) else {
+        return 0;
+    };
+    let event = if what == ffi::PyTrace_C_CALL {
+        Event::CCall(def)
+    } else {
+        Event::CReturn(def)
+    };
+    let callee = Callee {
+        callable: arg,
+        self_arg: std::ptr::null_mut(),
+    };
+    general_event(obj, event, Origin::None, callee, FrameKeys::Objects, now)
 }

@@ -3,10 +3,13 @@
 
 mod codes;
 mod errors;
+mod events;
 mod floor;
 mod hook;
 mod locals;
 mod monitor;
+#[cfg(Py_3_12)]
+mod monitoring;
 mod recording;
 mod report;
 mod resolve;
@@ -26,6 +29,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codes::verify_legacy_lasti(py)?;
     #[cfg(not(Py_3_11))]
     locals::confirm_offset(py)?;
+    #[cfg(Py_3_12)]
+    monitoring::init();
     let scope_var = resolve::init(py)?;
     m.add("SCOPE", scope_var)?;
     m.add_class::<monitor::ThreadMonitor>()?;
@@ -33,6 +38,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recording::RecordingWriter>()?;
     m.add_class::<recording::RecordingReader>()?;
     m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;
+    m.add_function(wrap_pyfunction!(monitor::_watched, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_install_empty_hook, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_uninstall_hook, m)?)?;
     m.add(

@@ -8,9 +8,10 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::codes::{frame_tag, known, Known};
-use crate::hook::{chaining_profile_hook, deliver, profile_hook, resume_position, Delivery};
-use crate::resolve::PyResolver;
+use crate::codes::{frame_tag, interpreter_frame_of, known, Known};
+use crate::events::{deliver, resume_position, Callee, Delivery};
+use crate::hook::{chaining_profile_hook, profile_hook};
+use crate::resolve::{FrameKeys, PyResolver};
 use crate::threadstate::{self, ProfileSlot};
 
 /// Compiled include/exclude patterns (see `loopwatch` docs for the matching rule).
@@ -59,6 +60,60 @@ pub struct State {
     /// Set while loopwatch itself runs Python code with the hook in place (delivering outside
     /// the hook), so that this code is not mistaken for the user's.
     pub paused: bool,
+    /// How this thread is seen while installed.
+    backend: Backend,
+    /// Why `sys.monitoring` was asked for (or would have been chosen) but not used.
+    fallback: Option<String>,
+}
+
+/// The two ways of seeing a thread's calls; chosen at install, in `Backend::choose`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// `PyEval_SetProfile`: on every CPython; from 3.12 a shim over `sys.monitoring` that makes a
+    /// frame object for every event.
+    Legacy,
+    /// `sys.monitoring` directly (3.12+): no frame objects, cheaper callbacks.
+    Monitoring,
+}
+
+impl Backend {
+    /// The backend asked for by `LOOPWATCH_BACKEND` (`legacy` or `monitoring`), else the best one
+    /// this interpreter has. Only `sys.monitoring` being unavailable is said (as the reason).
+    fn choose() -> PyResult<(Backend, Option<String>)> {
+        let asked = std::env::var("LOOPWATCH_BACKEND").unwrap_or_default();
+        let unavailable = Self::monitoring_unavailable();
+        match (asked.as_str(), unavailable) {
+            ("legacy", _) => Ok((Backend::Legacy, None)),
+            ("" | "auto" | "monitoring", None) => Ok((Backend::Monitoring, None)),
+            // Before 3.12 the legacy hook is the only way: nothing to say unless asked.
+            ("" | "auto", Some(_)) if !cfg!(Py_3_12) => Ok((Backend::Legacy, None)),
+            ("" | "auto" | "monitoring", Some(reason)) => {
+                Ok((Backend::Legacy, Some(reason.to_owned())))
+            }
+            (other, _) => Err(PyValueError::new_err(format!(
+                "LOOPWATCH_BACKEND must be 'legacy', 'monitoring' or 'auto', got '{other}'"
+            ))),
+        }
+    }
+
+    #[cfg_attr(not(Py_3_12), allow(clippy::unnecessary_wraps))] // the 3.12+ answer may be None
+    fn monitoring_unavailable() -> Option<&'static str> {
+        #[cfg(Py_3_12)]
+        {
+            crate::monitoring::unavailable()
+        }
+        #[cfg(not(Py_3_12))]
+        {
+            Some("sys.monitoring exists from CPython 3.12")
+        }
+    }
+
+    fn frame_keys(self) -> FrameKeys {
+        match self {
+            Backend::Legacy => FrameKeys::Objects,
+            Backend::Monitoring => FrameKeys::Interpreter,
+        }
+    }
 }
 
 impl State {
@@ -137,6 +192,7 @@ impl ThreadMonitor {
 
     /// Pushes the Python frames running now, outermost first, timed from now.
     unsafe fn seed(py: Python<'_>, state: &mut State) {
+        let keys = state.backend.frame_keys();
         let Some(tracker) = state.tracker.as_mut() else {
             return;
         };
@@ -146,8 +202,12 @@ impl ThreadMonitor {
             ffi::Py_INCREF(frame.cast());
         }
         while !frame.is_null() {
+            let key = match keys {
+                FrameKeys::Objects => Some(frame as usize),
+                FrameKeys::Interpreter => interpreter_frame_of(frame),
+            };
             frames.push((
-                frame as u64,
+                key.unwrap_or(0) as u64,
                 frame_tag(state.known, frame),
                 resume_position(frame),
             ));
@@ -158,11 +218,16 @@ impl ThreadMonitor {
         }
         frames.reverse();
         let now = state.clock.now();
-        tracker.seed(&frames, now, &mut PyResolver::new(py, std::ptr::null_mut()));
+        tracker.seed(&frames, now, &mut PyResolver::new(py, Callee::NONE, keys));
     }
 
-    /// Whether our hook is still the thread's profile function.
+    /// Whether our hook is still the thread's profile function (or its `sys.monitoring`
+    /// registration still ours).
     fn is_current_hook(py: Python<'_>, me: *mut ffi::PyObject) -> bool {
+        #[cfg(Py_3_12)]
+        if unsafe { &*Self::state_of(me) }.backend == Backend::Monitoring {
+            return crate::monitoring::is_attached(me);
+        }
         match unsafe { threadstate::current() } {
             Some(slot) => slot.obj == me,
             None => py
@@ -170,6 +235,50 @@ impl ThreadMonitor {
                 .and_then(|sys| sys.call_method0("getprofile"))
                 .is_ok_and(|current| current.as_ptr() == me),
         }
+    }
+
+    /// Watches the thread through `sys.monitoring`. Gives the tracker back (afresh) when no tool
+    /// id is free, for the legacy hook to use instead.
+    #[cfg(Py_3_12)]
+    fn install_monitoring(
+        py: Python<'_>,
+        me: *mut ffi::PyObject,
+        state: &mut State,
+        tracker: Tracker,
+        sink: &Py<PyAny>,
+    ) -> PyResult<Option<Tracker>> {
+        state.backend = Backend::Monitoring;
+        state.previous = None;
+        state.chained = None;
+        state.thread = current_thread();
+        state.sink = Some(sink.clone_ref(py));
+        state.tracker = Some(tracker);
+        let attached = unsafe {
+            Self::seed(py, state);
+            crate::monitoring::attach(py, me)
+        };
+        if attached.as_ref().is_ok_and(|&yes| yes) {
+            return Ok(None);
+        }
+        let mut tracker = state.tracker.take().expect("installed just now");
+        state.sink = None;
+        attached?;
+        tracker.reset();
+        state.fallback =
+            Some("every sys.monitoring tool id it may use (3, 4 and 5) is taken".to_owned());
+        Ok(Some(tracker))
+    }
+
+    #[cfg(not(Py_3_12))]
+    #[allow(clippy::unnecessary_wraps)] // the signature of the 3.12+ version
+    fn install_monitoring(
+        _py: Python<'_>,
+        _me: *mut ffi::PyObject,
+        _state: &mut State,
+        tracker: Tracker,
+        _sink: &Py<PyAny>,
+    ) -> PyResult<Option<Tracker>> {
+        Ok(Some(tracker))
     }
 
     /// Reports what the running unit has blocked so far (to the current sink).
@@ -181,7 +290,8 @@ impl ThreadMonitor {
                 return Ok(());
             };
             let now = state.clock.now();
-            tracker.flush(now, &mut PyResolver::new(py, std::ptr::null_mut()));
+            let keys = state.backend.frame_keys();
+            tracker.flush(now, &mut PyResolver::new(py, Callee::NONE, keys));
             state.take_delivery()
         };
         if let Some(delivery) = delivery {
@@ -210,6 +320,8 @@ impl ThreadMonitor {
                 chained: None,
                 thread: 0,
                 paused: false,
+                backend: Backend::Legacy,
+                fallback: None,
             }),
         }
     }
@@ -235,6 +347,16 @@ impl ThreadMonitor {
             clock.nanos_per_tick(),
             filters.set.clone(),
         );
+        let (backend, fallback) = Backend::choose()?;
+        state.fallback = fallback;
+        let tracker = match backend {
+            Backend::Monitoring => match Self::install_monitoring(py, me, state, tracker, &sink)? {
+                Some(tracker) => tracker,
+                None => return Ok(()),
+            },
+            Backend::Legacy => tracker,
+        };
+        state.backend = Backend::Legacy;
         // Trust the thread-state read only where it agrees with what sys.getprofile() reports.
         let from_sys = py.import("sys")?.call_method0("getprofile")?;
         let previous = match unsafe { threadstate::current() } {
@@ -337,6 +459,11 @@ impl ThreadMonitor {
         state.tracker = None;
         state.sink = None;
         state.chained = None;
+        #[cfg(Py_3_12)]
+        if state.backend == Backend::Monitoring {
+            unsafe { crate::monitoring::detach(py, me)? };
+            return Ok(ours);
+        }
         let previous = state.previous.take();
         if ours {
             match previous {
@@ -382,6 +509,22 @@ impl ThreadMonitor {
         Ok(std::mem::replace(&mut state.paused, paused))
     }
 
+    /// How this thread is watched while installed: "monitoring" (`sys.monitoring`, 3.12+) or
+    /// "legacy" (the profile hook).
+    #[getter]
+    fn backend(&self) -> &'static str {
+        match unsafe { &*self.state.get() }.backend {
+            Backend::Legacy => "legacy",
+            Backend::Monitoring => "monitoring",
+        }
+    }
+
+    /// Why the last install did not use `sys.monitoring` where it would have, if so.
+    #[getter]
+    fn fallback(&self) -> Option<String> {
+        unsafe { &*self.state.get() }.fallback.clone()
+    }
+
     /// True while installed (even if another profiler has since replaced the hook).
     #[getter]
     fn installed(&self) -> bool {
@@ -416,4 +559,27 @@ impl ThreadMonitor {
             ffi::PyEval_SetProfile(Some(state.hook()), slf.as_ptr());
         }
     }
+}
+
+/// How loopwatch watches the calling thread now: "monitoring", "legacy", or None (not watched).
+/// For tests and diagnostics: `sys.getprofile()` says nothing of `sys.monitoring`.
+#[pyfunction]
+pub fn _watched(py: Python<'_>) -> PyResult<Option<&'static str>> {
+    #[cfg(Py_3_12)]
+    if crate::monitoring::watched_here() {
+        return Ok(Some("monitoring"));
+    }
+    let ours = |func: ffi::Py_tracefunc| {
+        let func = func as usize;
+        func == profile_hook as *const () as usize
+            || func == chaining_profile_hook as *const () as usize
+    };
+    let legacy = match unsafe { threadstate::current() } {
+        Some(slot) => slot.func.is_some_and(ours),
+        None => py
+            .import("sys")?
+            .call_method0("getprofile")?
+            .is_instance_of::<ThreadMonitor>(),
+    };
+    Ok(legacy.then_some("legacy"))
 }

@@ -10,8 +10,9 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyModule, PyString, PyType};
 
-use crate::codes::method_def;
+use crate::codes::{c_function_def, method_def};
 use crate::errors::{attached, SavedError};
+use crate::events::Callee;
 use crate::locals::local_variable;
 
 struct AsyncioHooks {
@@ -46,16 +47,36 @@ fn hooks() -> &'static AsyncioHooks {
     HOOKS.get().expect("loopwatch._native was initialised")
 }
 
-/// Answers the tracker's questions for one profile event.
+/// What the tracker's keys for Python frames are the addresses of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub enum FrameKeys {
+    /// Frame objects (the legacy profile hook).
+    Objects,
+    /// Interpreter frames (`sys.monitoring`, which hands over no frame object): the frame object
+    /// is made only when a frame must be named, by walking the thread's running frames.
+    Interpreter,
+}
+
+/// Answers the tracker's questions for one event.
 pub struct PyResolver<'py> {
     py: Python<'py>,
-    /// The C function of the current `c_call`/`c_return` event, if any.
-    event_callable: *mut ffi::PyObject,
+    /// The C function of the current C event, if any.
+    callee: Callee,
+    frames: FrameKeys,
 }
 
 impl<'py> PyResolver<'py> {
-    pub fn new(py: Python<'py>, event_callable: *mut ffi::PyObject) -> Self {
-        Self { py, event_callable }
+    pub fn new(py: Python<'py>, callee: Callee, frames: FrameKeys) -> Self {
+        Self { py, callee, frames }
+    }
+
+    /// The frame object of a running frame the tracker keyed, or `None` if it is not running.
+    fn frame_object(&self, key: u64) -> Option<*mut ffi::PyFrameObject> {
+        match self.frames {
+            FrameKeys::Objects => Some(key as *mut ffi::PyFrameObject),
+            FrameKeys::Interpreter => unsafe { running_frame_of(key) },
+        }
     }
 
     fn running_loop(&self) -> Option<Bound<'py, PyAny>> {
@@ -71,7 +92,8 @@ impl Resolver for PyResolver<'_> {
     }
 
     fn current_line(&mut self, key: u64) -> Option<u32> {
-        let line = unsafe { ffi::PyFrame_GetLineNumber(key as *mut ffi::PyFrameObject) };
+        let frame = self.frame_object(key)?;
+        let line = unsafe { ffi::PyFrame_GetLineNumber(frame) };
         (line > 0).then_some(line as u32)
     }
 
@@ -98,18 +120,23 @@ impl Resolver for PyResolver<'_> {
     }
 }
 
-impl PyResolver<'_> {
+impl<'py> PyResolver<'py> {
     fn describe_now(&mut self, frame: FrameRef) -> FrameInfo {
         let _saved = unsafe { SavedError::take() };
         let described = if frame.is_c {
-            let callable = self.event_callable;
-            if frame.returning && unsafe { method_def(callable) } == Some(frame.key as usize) {
-                describe_c_function(&unsafe { Bound::from_borrowed_ptr(self.py, callable) })
+            let callable = self.callee.callable;
+            if frame.returning && unsafe { c_function_def(callable) } == Some(frame.key as usize) {
+                unsafe { self.bound_callee() }.and_then(|callee| describe_c_function(&callee))
             } else {
                 Ok(describe_method_def(frame.key as *mut ffi::PyMethodDef))
             }
         } else {
-            unsafe { describe_frame(self.py, frame.key as *mut ffi::PyFrameObject, frame.resume) }
+            match self.frame_object(frame.key) {
+                Some(object) => unsafe { describe_frame(self.py, object, frame.resume) },
+                None => Err(pyo3::exceptions::PyLookupError::new_err(
+                    "frame not running",
+                )),
+            }
         };
         described.unwrap_or_else(|_| FrameInfo {
             name: "<unknown>".to_owned(),
@@ -119,8 +146,8 @@ impl PyResolver<'_> {
 
     fn dispatched_callback_now(&mut self, dispatcher_key: u64) -> Option<(FrameInfo, bool)> {
         let _saved = unsafe { SavedError::take() };
-        let frame =
-            unsafe { Bound::from_borrowed_ptr(self.py, dispatcher_key as *mut ffi::PyObject) };
+        let frame = self.frame_object(dispatcher_key)?;
+        let frame = unsafe { Bound::from_borrowed_ptr(self.py, frame.cast()) };
         let handle = local_variable(&frame, "self")?;
         let mut callback = handle.getattr("_callback").ok()?;
         let partial = hooks().partial_type.bind(self.py);
@@ -133,6 +160,19 @@ impl PyResolver<'_> {
         describe_python_callable(&callback)
             .ok()
             .map(|info| (info, false))
+    }
+
+    /// The C function of the event as a Python object: a method descriptor (what
+    /// `sys.monitoring` passes for `obj.method()`) bound to the object it was called on, as the
+    /// legacy hook sees it and as it is named.
+    unsafe fn bound_callee(&self) -> PyResult<Bound<'py, PyAny>> {
+        let callable = Bound::from_borrowed_ptr(self.py, self.callee.callable);
+        let kind = ffi::Py_TYPE(self.callee.callable);
+        if kind != &raw mut ffi::PyMethodDescr_Type || self.callee.self_arg.is_null() {
+            return Ok(callable);
+        }
+        let owner = Bound::from_borrowed_ptr(self.py, self.callee.self_arg);
+        callable.call_method1("__get__", (&owner, owner.get_type()))
     }
 
     /// The scope set in the running context, by its address: the scope object is kept alive
@@ -302,4 +342,32 @@ fn describe_python_callable(callable: &Bound<'_, PyAny>) -> PyResult<FrameInfo> 
             .and_then(|c| c.getattr("co_firstlineno").ok()?.extract().ok()),
         ..FrameInfo::default()
     })
+}
+
+/// The frame object of the running interpreter frame at `key`, found by walking the thread's
+/// frames from the innermost (making their frame objects, as a traceback does). Slow path only.
+///
+/// # Safety
+/// GIL held.
+unsafe fn running_frame_of(key: u64) -> Option<*mut ffi::PyFrameObject> {
+    let mut frame = ffi::PyEval_GetFrame();
+    if frame.is_null() {
+        return None;
+    }
+    ffi::Py_INCREF(frame.cast());
+    while !frame.is_null() {
+        let found = crate::codes::interpreter_frame_of(frame) == Some(key as usize);
+        let back = if found {
+            std::ptr::null_mut()
+        } else {
+            ffi::PyFrame_GetBack(frame)
+        };
+        // Frames on the running stack stay alive while they run: the address is enough.
+        ffi::Py_DECREF(frame.cast());
+        if found {
+            return Some(frame);
+        }
+        frame = back;
+    }
+    None
 }

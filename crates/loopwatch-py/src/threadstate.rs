@@ -74,3 +74,45 @@ pub unsafe fn verify(expected: ProfileSlot) -> bool {
     }
     ok
 }
+
+/// `PyThreadState.cframe` (3.12), whose first field is the current interpreter frame, or
+/// `PyThreadState.current_frame` (3.13-3.15): `offsetof` values from each version's headers.
+#[cfg(all(Py_3_12, not(Py_3_13)))]
+const CURRENT_FRAME_OFFSET: usize = 56;
+#[cfg(Py_3_13)]
+const CURRENT_FRAME_OFFSET: usize = 72;
+
+/// The interpreter frame running on the calling thread: what `sys.monitoring` events of Python
+/// code are keyed by, since they carry no frame. Trusted only once `confirm_current_frame` said so.
+///
+/// # Safety
+/// The caller must hold the GIL.
+#[cfg(Py_3_12)]
+#[inline(always)]
+#[allow(clippy::cast_ptr_alignment)] // an 8-aligned pointer field of the C struct
+pub unsafe fn current_interpreter_frame() -> usize {
+    let tstate = ffi::PyThreadState_Get().cast::<u8>();
+    let field = tstate.add(CURRENT_FRAME_OFFSET).cast::<usize>().read();
+    if cfg!(Py_3_13) {
+        field
+    } else {
+        // 3.12: the field is the `_PyCFrame *`, whose first member is the frame.
+        (field as *const usize).read()
+    }
+}
+
+/// Whether `current_interpreter_frame` reads what the C API says is running: the frame of the
+/// Python code that is calling into loopwatch now. The versions whose headers were not read, and
+/// free-threaded builds, are never trusted.
+///
+/// # Safety
+/// The caller must hold the GIL, called from Python code.
+#[cfg(Py_3_12)]
+pub unsafe fn confirm_current_frame() -> bool {
+    if cfg!(Py_3_16) || cfg!(Py_GIL_DISABLED) || !LAYOUT_VERIFIED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let frame = ffi::PyEval_GetFrame();
+    !frame.is_null()
+        && crate::codes::interpreter_frame_of(frame) == Some(current_interpreter_frame())
+}

@@ -1,0 +1,443 @@
+//! The exact mode seen through `sys.monitoring` (3.12+): callbacks written in Rust, called by
+//! CPython with the code object and offset (no frame object made), feed the same tracker events
+//! as the legacy hook. Monitoring is per interpreter: one tool id serves every watched thread,
+//! and a thread that is not watched pays one thread-local read per event.
+
+use std::cell::Cell;
+use std::ffi::c_int;
+use std::sync::OnceLock;
+
+use loopwatch_core::Ticks;
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::codes::{c_function_def, fast_code_tag};
+use crate::events::{general_event, hot_event, Callee, Event, Origin};
+use crate::monitor::{State, ThreadMonitor};
+use crate::resolve::FrameKeys;
+use crate::threadstate::current_interpreter_frame;
+
+/// The tool ids loopwatch asks for, in order: 3 and 4 have no role in PEP 669; 5 (the
+/// optimizer's) is taken last.
+const TOOL_IDS: [u8; 3] = [4, 3, 5];
+const TOOL_NAME: &str = "loopwatch";
+
+thread_local! {
+    /// This thread's `ThreadMonitor` while it watches through `sys.monitoring` (a strong
+    /// reference, held by the registration), else null. No destructor: read on every event.
+    static MONITOR: Cell<*mut ffi::PyObject> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Put in the thread's state dict while the thread is watched: a thread that ends still watched
+/// has that dict cleared on its way out, on its own thread with the GIL held, and so gives its
+/// share of the tool id back here (the legacy hook is dropped by CPython the same way).
+#[pyclass(module = "loopwatch._native")]
+struct EndOfThread;
+
+impl Drop for EndOfThread {
+    fn drop(&mut self) {
+        let obj = MONITOR.with(|m| m.replace(std::ptr::null_mut()));
+        if !obj.is_null() {
+            unsafe {
+                let py = Python::assume_attached();
+                let _saved = crate::errors::SavedError::take();
+                if let Err(error) = leave(py, obj) {
+                    error.write_unraisable(py, None);
+                }
+            }
+        }
+    }
+}
+
+const END_OF_THREAD_KEY: &std::ffi::CStr = c"loopwatch.monitoring";
+
+/// The interpreter-wide registration: the tool id held and how many threads use it.
+struct Registration {
+    tool: u8,
+    threads: usize,
+}
+
+/// Touched only with the GIL held (install and uninstall are Python calls).
+struct Shared(std::cell::UnsafeCell<Option<Registration>>);
+unsafe impl Sync for Shared {}
+static REGISTRATION: Shared = Shared(std::cell::UnsafeCell::new(None));
+
+/// Why this backend cannot be used in this process, decided once at import; `None` if it can.
+static UNAVAILABLE: OnceLock<Option<&'static str>> = OnceLock::new();
+
+/// Confirms at import that the current interpreter frame can be read (see `threadstate`).
+pub fn init() {
+    let reason = if unsafe { crate::threadstate::confirm_current_frame() } {
+        None
+    } else {
+        Some("the interpreter frame cannot be read on this build")
+    };
+    let _ = UNAVAILABLE.set(reason);
+}
+
+/// `None` when threads can be watched through `sys.monitoring`, else why not.
+pub fn unavailable() -> Option<&'static str> {
+    UNAVAILABLE.get().copied().flatten()
+}
+
+/// Starts delivering this thread's events to `obj`. Takes a tool id for the process with the
+/// first thread. `Ok(false)`: every tool id loopwatch may use is taken by other tools.
+///
+/// # Safety
+/// GIL held; `obj` is a `ThreadMonitor` whose state is ready for events.
+pub unsafe fn attach(py: Python<'_>, obj: *mut ffi::PyObject) -> PyResult<bool> {
+    let registration = &mut *REGISTRATION.0.get();
+    if registration.is_none() {
+        let Some(tool) = claim_tool(py)? else {
+            return Ok(false);
+        };
+        *registration = Some(Registration { tool, threads: 0 });
+    }
+    if let Some(registration) = registration.as_mut() {
+        registration.threads += 1;
+    }
+    ffi::Py_INCREF(obj);
+    let previous = MONITOR.with(|m| m.replace(obj));
+    if !previous.is_null() {
+        ffi::Py_DECREF(previous);
+    }
+    let guard = Bound::new(py, EndOfThread)?;
+    let dict = ffi::PyThreadState_GetDict();
+    if dict.is_null()
+        || ffi::PyDict_SetItemString(dict, END_OF_THREAD_KEY.as_ptr(), guard.as_ptr()) != 0
+    {
+        ffi::PyErr_Clear();
+    }
+    Ok(true)
+}
+
+/// Stops delivering this thread's events; the last thread gives the tool id back.
+///
+/// # Safety
+/// GIL held, on the thread that attached `obj`.
+pub unsafe fn detach(py: Python<'_>, obj: *mut ffi::PyObject) -> PyResult<()> {
+    let mine = MONITOR.with(|m| {
+        if m.get() == obj {
+            m.set(std::ptr::null_mut());
+            true
+        } else {
+            false
+        }
+    });
+    if !mine {
+        return Ok(());
+    }
+    let dict = ffi::PyThreadState_GetDict();
+    if dict.is_null() || ffi::PyDict_DelItemString(dict, END_OF_THREAD_KEY.as_ptr()) != 0 {
+        ffi::PyErr_Clear();
+    }
+    leave(py, obj)
+}
+
+/// One thread less on the registration; the last gives the tool id back.
+unsafe fn leave(py: Python<'_>, obj: *mut ffi::PyObject) -> PyResult<()> {
+    let registration = &mut *REGISTRATION.0.get();
+    let last = match registration.as_mut() {
+        Some(found) => {
+            found.threads -= 1;
+            found.threads == 0
+        }
+        None => false,
+    };
+    let outcome = match registration.take_if(|_| last) {
+        Some(ended) => release_tool(py, ended.tool),
+        None => Ok(()),
+    };
+    ffi::Py_DECREF(obj);
+    outcome
+}
+
+/// The events loopwatch takes, by their names in `sys.monitoring.events`, with the callback
+/// that translates each.
+const EVENTS: [(&str, ffi::vectorcallfunc); 9] = [
+    ("PY_START", on_python_call),
+    ("PY_RESUME", on_python_call),
+    ("PY_THROW", on_python_call),
+    ("PY_RETURN", on_python_return),
+    ("PY_YIELD", on_python_return),
+    ("PY_UNWIND", on_python_return),
+    ("CALL", on_c_call),
+    ("C_RETURN", on_c_return),
+    ("C_RAISE", on_c_return),
+];
+
+fn claim_tool(py: Python<'_>) -> PyResult<Option<u8>> {
+    let monitoring = py.import("sys")?.getattr("monitoring")?;
+    let Some(tool) = TOOL_IDS.into_iter().find(|&id| {
+        monitoring
+            .call_method1("get_tool", (id,))
+            .is_ok_and(|owner| owner.is_none())
+    }) else {
+        return Ok(None);
+    };
+    monitoring.call_method1("use_tool_id", (tool, TOOL_NAME))?;
+    let events = monitoring.getattr("events")?;
+    let mut mask: u64 = 0;
+    for (name, callback) in EVENTS {
+        let event: u64 = events.getattr(name)?.extract()?;
+        monitoring.call_method1(
+            "register_callback",
+            (tool, event, callback_object(py, callback)?),
+        )?;
+        mask |= event;
+    }
+    monitoring.call_method1("set_events", (tool, mask))?;
+    Ok(Some(tool))
+}
+
+fn release_tool(py: Python<'_>, tool: u8) -> PyResult<()> {
+    let monitoring = py.import("sys")?.getattr("monitoring")?;
+    // Only what is still ours: another tool may have freed the id and taken it meanwhile.
+    if monitoring
+        .call_method1("get_tool", (tool,))?
+        .extract::<Option<String>>()?
+        .as_deref()
+        != Some(TOOL_NAME)
+    {
+        return Ok(());
+    }
+    monitoring.call_method1("set_events", (tool, 0))?;
+    let events = monitoring.getattr("events")?;
+    for (name, _) in EVENTS {
+        let event: u64 = events.getattr(name)?.extract()?;
+        monitoring.call_method1("register_callback", (tool, event, py.None()))?;
+    }
+    monitoring.call_method1("free_tool_id", (tool,))?;
+    Ok(())
+}
+
+// --- the callbacks: objects CPython calls through vectorcall, with nothing in between ---------
+
+/// A callable object whose call is one Rust function (like CPython's own legacy-event handlers):
+/// cheaper to call than a builtin function, which checks the recursion limit on every call.
+#[repr(C)]
+struct NativeCallback {
+    ob_base: ffi::PyObject,
+    vectorcall: Option<ffi::vectorcallfunc>,
+}
+
+static CALLBACK_TYPE: OnceLock<usize> = OnceLock::new();
+
+fn callback_type(py: Python<'_>) -> PyResult<*mut ffi::PyTypeObject> {
+    if let Some(&kind) = CALLBACK_TYPE.get() {
+        return Ok(kind as *mut ffi::PyTypeObject);
+    }
+    // Leaked on purpose: a type made from a spec keeps pointing at its members for its life,
+    // which is the process's.
+    let members: &'static mut [ffi::PyMemberDef; 2] = Box::leak(Box::new([
+        ffi::PyMemberDef {
+            name: c"__vectorcalloffset__".as_ptr(),
+            type_code: ffi::Py_T_PYSSIZET,
+            offset: std::mem::offset_of!(NativeCallback, vectorcall) as ffi::Py_ssize_t,
+            flags: ffi::Py_READONLY,
+            doc: std::ptr::null(),
+        },
+        unsafe { std::mem::zeroed() },
+    ]));
+    let slots: &'static mut [ffi::PyType_Slot; 3] = Box::leak(Box::new([
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_members,
+            pfunc: members.as_mut_ptr().cast(),
+        },
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_call,
+            pfunc: ffi::PyVectorcall_Call as *mut std::ffi::c_void,
+        },
+        ffi::PyType_Slot {
+            slot: 0,
+            pfunc: std::ptr::null_mut(),
+        },
+    ]));
+    let spec: &'static mut ffi::PyType_Spec = Box::leak(Box::new(ffi::PyType_Spec {
+        name: c"loopwatch._native.MonitoringCallback".as_ptr(),
+        basicsize: std::mem::size_of::<NativeCallback>() as c_int,
+        itemsize: 0,
+        flags: (ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_HAVE_VECTORCALL) as _,
+        slots: slots.as_mut_ptr(),
+    }));
+    let kind = unsafe { ffi::PyType_FromSpec(spec) };
+    if kind.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    let _ = CALLBACK_TYPE.set(kind as usize);
+    Ok(kind.cast())
+}
+
+fn callback_object(py: Python<'_>, function: ffi::vectorcallfunc) -> PyResult<Bound<'_, PyAny>> {
+    let kind = callback_type(py)?;
+    unsafe {
+        let object = ffi::PyType_GenericAlloc(kind, 0);
+        if object.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        (*object.cast::<NativeCallback>()).vectorcall = Some(function);
+        Ok(Bound::from_owned_ptr(py, object))
+    }
+}
+
+#[inline(always)]
+unsafe fn none() -> *mut ffi::PyObject {
+    let none = ffi::Py_None();
+    ffi::Py_INCREF(none);
+    none
+}
+
+#[inline(always)]
+fn now(state: &State) -> Ticks {
+    match state.clock.counter_now() {
+        Some(now) => now,
+        None => state.clock.now(),
+    }
+}
+
+/// The thread's monitor, if it watches through `sys.monitoring`.
+#[inline(always)]
+fn watching() -> Option<*mut ffi::PyObject> {
+    let obj = MONITOR.with(Cell::get);
+    (!obj.is_null()).then_some(obj)
+}
+
+/// The instruction offset argument, in bytes; -1 if it is not an int.
+unsafe fn offset_of(arg: *mut ffi::PyObject) -> i32 {
+    let offset = ffi::PyLong_AsLong(arg);
+    if offset == -1 && !ffi::PyErr_Occurred().is_null() {
+        ffi::PyErr_Clear();
+    }
+    offset as i32
+}
+
+/// `PY_START`, `PY_RESUME`, `PY_THROW` (code, offset, ...): a Python frame starts or resumes.
+unsafe extern "C" fn on_python_call(
+    _callback: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    _nargsf: usize,
+    _names: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    if let Some(obj) = watching() {
+        let state = &mut *ThreadMonitor::state_of(obj);
+        let now = now(state);
+        let code = *args;
+        let event = Event::Call(current_interpreter_frame() as u64);
+        if !hot_event(state, event, fast_code_tag(state.known, code), now) {
+            let origin = Origin::Code {
+                code,
+                offset: offset_of(*args.add(1)),
+            };
+            general_event(
+                obj,
+                event,
+                origin,
+                Callee::NONE,
+                FrameKeys::Interpreter,
+                now,
+            );
+        }
+    }
+    none()
+}
+
+/// `PY_RETURN`, `PY_YIELD`, `PY_UNWIND`: a Python frame returns, suspends or raises out.
+unsafe extern "C" fn on_python_return(
+    _callback: *mut ffi::PyObject,
+    _args: *const *mut ffi::PyObject,
+    _nargsf: usize,
+    _names: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    if let Some(obj) = watching() {
+        let state = &mut *ThreadMonitor::state_of(obj);
+        let now = now(state);
+        let event = Event::Return(current_interpreter_frame() as u64);
+        if !hot_event(state, event, None, now) {
+            general_event(
+                obj,
+                event,
+                Origin::None,
+                Callee::NONE,
+                FrameKeys::Interpreter,
+                now,
+            );
+        }
+    }
+    none()
+}
+
+/// The C function a `CALL`/`C_RETURN`/`C_RAISE` event (code, offset, callable, arg0) names,
+/// if it is one the legacy hook would see: a builtin function or method, or a method descriptor.
+/// A Python function is rejected before any call into the interpreter.
+#[inline(always)]
+unsafe fn c_callee(args: *const *mut ffi::PyObject) -> Option<(usize, Callee)> {
+    let callable = *args.add(2);
+    let kind = ffi::Py_TYPE(callable);
+    if kind == &raw mut ffi::PyFunction_Type {
+        return None;
+    }
+    let def = c_function_def(callable)?;
+    Some((
+        def,
+        Callee {
+            callable,
+            self_arg: *args.add(3),
+        },
+    ))
+}
+
+/// `CALL`: any call; a C function's is the start of a C frame.
+unsafe extern "C" fn on_c_call(
+    _callback: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    _nargsf: usize,
+    _names: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    if let Some(obj) = watching() {
+        if let Some((def, callee)) = c_callee(args) {
+            c_event(obj, Event::CCall(def), callee);
+        }
+    }
+    none()
+}
+
+/// `C_RETURN`, `C_RAISE`: a C function returns or raises.
+unsafe extern "C" fn on_c_return(
+    _callback: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    _nargsf: usize,
+    _names: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    if let Some(obj) = watching() {
+        if let Some((def, callee)) = c_callee(args) {
+            c_event(obj, Event::CReturn(def), callee);
+        }
+    }
+    none()
+}
+
+#[inline(always)]
+unsafe fn c_event(obj: *mut ffi::PyObject, event: Event, callee: Callee) {
+    let state = &mut *ThreadMonitor::state_of(obj);
+    let now = now(state);
+    if !hot_event(state, event, None, now) {
+        general_event(
+            obj,
+            event,
+            Origin::None,
+            callee,
+            FrameKeys::Interpreter,
+            now,
+        );
+    }
+}
+
+/// Whether this thread's events go to `obj`.
+pub fn is_attached(obj: *mut ffi::PyObject) -> bool {
+    MONITOR.with(Cell::get) == obj
+}
+
+/// Whether the calling thread is watched through `sys.monitoring` now.
+pub fn watched_here() -> bool {
+    watching().is_some_and(|obj| unsafe { (*ThreadMonitor::state_of(obj)).tracker.is_some() })
+}
