@@ -95,11 +95,23 @@ async def call_free():
         await asyncio.sleep(0)
 
 
+def calls_in_this_thread() -> None:
+    for i in range(CALLS):
+        trivial(i)
+
+
+async def other_thread():
+    """(e) The loop waits while another, unwatched thread makes the calls of (a): what watching
+    one thread costs the others (from 3.12 any profile hook is interpreter-wide underneath)."""
+    await asyncio.to_thread(calls_in_this_thread)
+
+
 WORKLOADS: dict[str, Callable[[], Awaitable[None]]] = {
     "python_calls": python_calls,
     "c_calls": c_calls,
     "realistic_mix": realistic_mix,
     "call_free": call_free,
+    "other_thread": other_thread,
 }
 
 

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-TOOL_ORDER = ["floor", "loopwatch", "cProfile", "pyinstrument", "yappi", "aelm", "pyleak"]
-WORKLOAD_ORDER = ["python_calls", "c_calls", "realistic_mix", "call_free"]
+TOOL_ORDER = ["floor", "loopwatch", "loopwatch-legacy", "cProfile", "pyinstrument", "yappi", "aelm", "pyleak"]
+WORKLOAD_ORDER = ["python_calls", "c_calls", "realistic_mix", "call_free", "other_thread"]
 
 
 def overhead_tables(results_dir: Path) -> list[str]:

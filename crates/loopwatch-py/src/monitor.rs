@@ -548,7 +548,10 @@ impl ThreadMonitor {
     ) {
         let py = slf.py();
         let state = unsafe { &mut *slf.get().state.get() };
-        if state.tracker.is_none() || state.thread != current_thread() {
+        if state.tracker.is_none()
+            || state.thread != current_thread()
+            || state.backend == Backend::Monitoring
+        {
             return;
         }
         if let Some(tracker) = state.tracker.as_mut() {

@@ -161,9 +161,9 @@ const EVENTS: [(&str, ffi::vectorcallfunc); 9] = [
     ("PY_RETURN", on_python_return),
     ("PY_YIELD", on_python_return),
     ("PY_UNWIND", on_python_return),
-    ("CALL", on_c_call),
-    ("C_RETURN", on_c_return),
-    ("C_RAISE", on_c_return),
+    ("CALL", on_c_event::<false>),
+    ("C_RETURN", on_c_event::<true>),
+    ("C_RAISE", on_c_event::<true>),
 ];
 
 fn claim_tool(py: Python<'_>) -> PyResult<Option<u8>> {
@@ -386,8 +386,9 @@ unsafe fn c_callee(args: *const *mut ffi::PyObject) -> Option<(usize, Callee)> {
     ))
 }
 
-/// `CALL`: any call; a C function's is the start of a C frame.
-unsafe extern "C" fn on_c_call(
+/// `CALL` (`RETURNS` false): any call; a C function's is the start of a C frame. `C_RETURN`,
+/// `C_RAISE` (`RETURNS` true): a C function returns or raises.
+unsafe extern "C" fn on_c_event<const RETURNS: bool>(
     _callback: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
     _nargsf: usize,
@@ -395,22 +396,12 @@ unsafe extern "C" fn on_c_call(
 ) -> *mut ffi::PyObject {
     if let Some(obj) = watching() {
         if let Some((def, callee)) = c_callee(args) {
-            c_event(obj, Event::CCall(def), callee);
-        }
-    }
-    none()
-}
-
-/// `C_RETURN`, `C_RAISE`: a C function returns or raises.
-unsafe extern "C" fn on_c_return(
-    _callback: *mut ffi::PyObject,
-    args: *const *mut ffi::PyObject,
-    _nargsf: usize,
-    _names: *mut ffi::PyObject,
-) -> *mut ffi::PyObject {
-    if let Some(obj) = watching() {
-        if let Some((def, callee)) = c_callee(args) {
-            c_event(obj, Event::CReturn(def), callee);
+            let event = if RETURNS {
+                Event::CReturn(def)
+            } else {
+                Event::CCall(def)
+            };
+            c_event(obj, event, callee);
         }
     }
     none()
