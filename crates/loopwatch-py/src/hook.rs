@@ -65,7 +65,8 @@ unsafe extern "C" fn event_on_portable_clock(
     event_at(obj, frame, what, arg, now)
 }
 
-/// One event read at `now`: the hot path, else the general path.
+/// One event read at `now`: the hot path, else the general path. Each arm hands `hot_event` an
+/// event of a kind known here, so that its own dispatch on the kind folds away.
 #[inline(always)]
 unsafe fn event_at(
     obj: *mut ffi::PyObject,
@@ -78,25 +79,32 @@ unsafe fn event_at(
     let key = frame as u64;
     // The hot path takes C functions of the two exact builtin types (nearly every C event),
     // without the subtype check's call into the interpreter.
-    let (event, tag) = match what {
-        ffi::PyTrace_CALL => (Event::Call(key), fast_frame_tag(state.known, frame)),
-        ffi::PyTrace_RETURN => (Event::Return(key), None),
+    let (event, origin) = match what {
+        ffi::PyTrace_CALL => {
+            let event = Event::Call(key);
+            if hot_event(state, event, fast_frame_tag(state.known, frame), now) {
+                return 0;
+            }
+            (event, Origin::Frame(frame))
+        }
+        ffi::PyTrace_RETURN => {
+            let event = Event::Return(key);
+            if hot_event(state, event, None, now) {
+                return 0;
+            }
+            (event, Origin::None)
+        }
         ffi::PyTrace_C_CALL => match exact_method_def(arg) {
-            Some(def) => (Event::CCall(def), None),
+            Some(def) if hot_event(state, Event::CCall(def), None, now) => return 0,
+            Some(def) => (Event::CCall(def), Origin::None),
             None => return c_event_on_subtype(obj, what, arg, now),
         },
         ffi::PyTrace_C_RETURN | ffi::PyTrace_C_EXCEPTION => match exact_method_def(arg) {
-            Some(def) => (Event::CReturn(def), None),
+            Some(def) if hot_event(state, Event::CReturn(def), None, now) => return 0,
+            Some(def) => (Event::CReturn(def), Origin::None),
             None => return c_event_on_subtype(obj, what, arg, now),
         },
         _ => return 0,
-    };
-    if hot_event(state, event, tag, now) {
-        return 0;
-    }
-    let origin = match event {
-        Event::Call(_) => Origin::Frame(frame),
-        _ => Origin::None,
     };
     let callee = Callee {
         callable: arg,
