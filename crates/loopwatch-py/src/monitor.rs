@@ -264,8 +264,7 @@ impl ThreadMonitor {
         state.sink = None;
         attached?;
         tracker.reset();
-        state.fallback =
-            Some("every sys.monitoring tool id it may use (3, 4 and 5) is taken".to_owned());
+        state.fallback = Some(crate::monitoring::NO_FREE_TOOL_ID.to_owned());
         Ok(Some(tracker))
     }
 

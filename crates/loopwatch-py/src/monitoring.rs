@@ -21,6 +21,8 @@ use crate::threadstate::current_interpreter_frame;
 /// optimizer's) is taken last.
 const TOOL_IDS: [u8; 3] = [4, 3, 5];
 const TOOL_NAME: &str = "loopwatch";
+/// Why the legacy hook watches where `sys.monitoring` would have.
+pub const NO_FREE_TOOL_ID: &str = "every sys.monitoring tool id it may use (4, 3 and 5) is taken";
 
 thread_local! {
     /// This thread's `ThreadMonitor` while it watches through `sys.monitoring` (a strong
@@ -32,11 +34,20 @@ thread_local! {
 /// has that dict cleared on its way out, on its own thread with the GIL held, and so gives its
 /// share of the tool id back here (the legacy hook is dropped by CPython the same way).
 #[pyclass(module = "loopwatch._native")]
-struct EndOfThread;
+struct EndOfThread {
+    /// The monitor it stands for: one that replaced it, or a detach, leaves nothing to do.
+    monitor: usize,
+}
 
 impl Drop for EndOfThread {
     fn drop(&mut self) {
-        let obj = MONITOR.with(|m| m.replace(std::ptr::null_mut()));
+        let obj = MONITOR.with(|m| {
+            if m.get() as usize == self.monitor {
+                m.replace(std::ptr::null_mut())
+            } else {
+                std::ptr::null_mut()
+            }
+        });
         if !obj.is_null() {
             unsafe {
                 let py = Python::assume_attached();
@@ -86,6 +97,12 @@ pub fn unavailable() -> Option<&'static str> {
 /// # Safety
 /// GIL held; `obj` is a `ThreadMonitor` whose state is ready for events.
 pub unsafe fn attach(py: Python<'_>, obj: *mut ffi::PyObject) -> PyResult<bool> {
+    if watching().is_some() {
+        // The hub keeps one monitor a thread, and detaches it before it attaches again.
+        return Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "this thread is already watched through sys.monitoring",
+        ));
+    }
     let registration = &mut *REGISTRATION.0.get();
     if registration.is_none() {
         let Some(tool) = claim_tool(py)? else {
@@ -97,16 +114,20 @@ pub unsafe fn attach(py: Python<'_>, obj: *mut ffi::PyObject) -> PyResult<bool> 
         registration.threads += 1;
     }
     ffi::Py_INCREF(obj);
-    let previous = MONITOR.with(|m| m.replace(obj));
-    if !previous.is_null() {
-        ffi::Py_DECREF(previous);
-    }
-    let guard = Bound::new(py, EndOfThread)?;
+    MONITOR.with(|m| m.set(obj));
+    let guard = Bound::new(
+        py,
+        EndOfThread {
+            monitor: obj as usize,
+        },
+    )?;
     let dict = ffi::PyThreadState_GetDict();
     if dict.is_null()
         || ffi::PyDict_SetItemString(dict, END_OF_THREAD_KEY.as_ptr(), guard.as_ptr()) != 0
     {
         ffi::PyErr_Clear();
+        // Not kept by the thread: dropping it now would end the watch it stands for.
+        std::mem::forget(guard);
     }
     Ok(true)
 }
