@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::ffi::c_int;
 use std::sync::OnceLock;
 
-use loopwatch_core::Ticks;
+use loopwatch_core::{Tag, Ticks};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
@@ -340,24 +340,19 @@ unsafe extern "C" fn on_python_call(
     _names: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     if let Some(obj) = watching() {
-        let state = &mut *ThreadMonitor::state_of(obj);
-        let now = now(state);
         let code = *args;
         let event = Event::Call(current_interpreter_frame() as u64);
-        if !hot_event(state, event, fast_code_tag(state.known, code), now) {
-            let origin = Origin::Code {
-                code,
-                offset: offset_of(*args.add(1)),
-            };
-            general_event(
-                obj,
-                event,
-                origin,
-                Callee::NONE,
-                FrameKeys::Interpreter,
-                now,
-            );
-        }
+        let origin = || Origin::Code {
+            code,
+            offset: offset_of(*args.add(1)),
+        };
+        see(
+            obj,
+            event,
+            |state| fast_code_tag(state.known, code),
+            origin,
+            Callee::NONE,
+        );
     }
     none()
 }
@@ -370,19 +365,8 @@ unsafe extern "C" fn on_python_return(
     _names: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     if let Some(obj) = watching() {
-        let state = &mut *ThreadMonitor::state_of(obj);
-        let now = now(state);
         let event = Event::Return(current_interpreter_frame() as u64);
-        if !hot_event(state, event, None, now) {
-            general_event(
-                obj,
-                event,
-                Origin::None,
-                Callee::NONE,
-                FrameKeys::Interpreter,
-                now,
-            );
-        }
+        see(obj, event, |_| None, || Origin::None, Callee::NONE);
     }
     none()
 }
@@ -422,25 +406,26 @@ unsafe extern "C" fn on_c_event<const RETURNS: bool>(
             } else {
                 Event::CCall(def)
             };
-            c_event(obj, event, callee);
+            see(obj, event, |_| None, || Origin::None, callee);
         }
     }
     none()
 }
 
+/// One event of a watched thread, read now: the hot path, else the general path. `tag` is what
+/// the hot path may know of a call; `origin` is worked out for the general path only.
 #[inline(always)]
-unsafe fn c_event(obj: *mut ffi::PyObject, event: Event, callee: Callee) {
+unsafe fn see(
+    obj: *mut ffi::PyObject,
+    event: Event,
+    tag: impl FnOnce(&State) -> Option<Tag>,
+    origin: impl FnOnce() -> Origin,
+    callee: Callee,
+) {
     let state = &mut *ThreadMonitor::state_of(obj);
     let now = now(state);
-    if !hot_event(state, event, None, now) {
-        general_event(
-            obj,
-            event,
-            Origin::None,
-            callee,
-            FrameKeys::Interpreter,
-            now,
-        );
+    if !hot_event(state, event, tag(state), now) {
+        general_event(obj, event, origin(), callee, FrameKeys::Interpreter, now);
     }
 }
 
