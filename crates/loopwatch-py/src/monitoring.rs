@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::ffi::c_int;
 use std::sync::OnceLock;
 
-use loopwatch_core::{Tag, Ticks};
+use loopwatch_core::Tag;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
@@ -308,14 +308,6 @@ unsafe fn none() -> *mut ffi::PyObject {
     none
 }
 
-#[inline(always)]
-fn now(state: &State) -> Ticks {
-    match state.clock.counter_now() {
-        Some(now) => now,
-        None => state.clock.now(),
-    }
-}
-
 /// The thread's monitor, if it watches through `sys.monitoring`.
 #[inline(always)]
 fn watching() -> Option<*mut ffi::PyObject> {
@@ -423,7 +415,7 @@ unsafe fn see(
     callee: Callee,
 ) {
     let state = &mut *ThreadMonitor::state_of(obj);
-    let now = now(state);
+    let now = state.clock.now();
     if !hot_event(state, event, tag(state), now) {
         general_event(obj, event, origin(), callee, FrameKeys::Interpreter, now);
     }
