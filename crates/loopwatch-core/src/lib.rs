@@ -5,10 +5,14 @@ pub mod clock;
 pub mod cpu_wait;
 pub mod episode;
 pub mod filter;
+pub mod linetable;
 pub mod recording;
+pub mod stall;
 pub mod tracker;
 
 pub use clock::Clock;
 pub use episode::{Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
 pub use filter::{FilterError, FilterSet};
+pub use linetable::LineTable;
+pub use stall::{stall_report_due, RunningStall, SampledFrame};
 pub use tracker::{FrameRef, Resolver, Tag, Ticks, Tracker};

@@ -229,6 +229,14 @@ impl Tracker {
         self.unit_root.is_some()
     }
 
+    /// When the running unit (callback or task step) started, if one runs: what a watchdog on
+    /// another thread times a stall from. Changes only on the general path.
+    pub fn unit_started_at(&self) -> Option<Ticks> {
+        self.unit_root
+            .and_then(|root| self.stack.get(root))
+            .map(|entry| entry.start)
+    }
+
     /// Episodes finished since the last call, oldest first.
     pub fn take_episodes(&mut self) -> Vec<Episode> {
         std::mem::take(&mut self.finished)

@@ -601,3 +601,30 @@ fn a_forked_child_never_reports_the_parents_step_and_reports_its_own_loop() {
     assert_eq!(s.names(0), ["app.inner", "time.sleep"]);
     assert_eq!(s.episodes[0].duration_ns, 25);
 }
+
+#[test]
+fn the_running_units_start_is_known_while_it_runs_and_changes_only_off_the_hot_path() {
+    let mut s = Sim::new();
+    s.enter_dispatch();
+    assert_eq!(
+        s.tracker.unit_started_at(),
+        None,
+        "the loop's machinery is no unit"
+    );
+    s.advance(3).call(MAIN, Tag::COROUTINE);
+    assert_eq!(s.tracker.unit_started_at(), Some(s.now));
+    let started = s.now;
+    // Short calls inside the step leave it as it is.
+    s.advance(1)
+        .call(A, Tag::PLAIN)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(2);
+    s.c_ret(SLEEP).ret(A);
+    assert_eq!(s.tracker.unit_started_at(), Some(started));
+    // A flush times the step afresh from now: a watchdog sees a new stall.
+    s.advance(5).flush();
+    assert_eq!(s.tracker.unit_started_at(), Some(s.now));
+    s.ret(MAIN);
+    assert_eq!(s.tracker.unit_started_at(), None);
+    s.leave_dispatch();
+}

@@ -1,0 +1,138 @@
+//! Stalls reported while they happen: when a step that is still running is reported again, and
+//! the line the watchdog writes for it (without Python, so it gets out even if the loop's thread
+//! never gives the GIL back).
+
+use std::fmt::Write as _;
+
+use crate::tracker::Ticks;
+
+/// How many times longer than the threshold each report of a running stall waits than the one
+/// before: at 1x, 10x, 100x the threshold, and so on.
+pub const STALL_REPORT_GROWTH: u64 = 10;
+
+/// The most frames a line written for a running stall shows, innermost first.
+pub const STALL_LINE_FRAMES: usize = 8;
+
+/// How long a step must have run for its `report`-th report while running (0 = the first), in
+/// ticks; saturates rather than overflows.
+pub fn stall_report_due(threshold: Ticks, report: u32) -> Ticks {
+    STALL_REPORT_GROWTH
+        .checked_pow(report)
+        .and_then(|factor| threshold.checked_mul(factor))
+        .unwrap_or(Ticks::MAX)
+}
+
+/// One Python frame of a stack read while the step runs, innermost first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SampledFrame {
+    pub filename: String,
+    pub function: String,
+    pub line: Option<u32>,
+}
+
+/// A step still running, as the watchdog saw it.
+#[derive(Clone, Debug)]
+pub struct RunningStall {
+    pub pid: u32,
+    pub thread_name: String,
+    pub so_far_ms: f64,
+    /// Innermost first; empty when the stack could not be read.
+    pub stack: Vec<SampledFrame>,
+}
+
+impl RunningStall {
+    /// The lines written to stderr for it: a headline naming the innermost frame, then up to
+    /// `STALL_LINE_FRAMES` frames.
+    pub fn to_text(&self) -> String {
+        let mut text = format!(
+            "loopwatch[{}]: the event loop of thread '{}' has been blocked for {:.0} ms so far, still running",
+            self.pid, self.thread_name, self.so_far_ms
+        );
+        match self.stack.first() {
+            Some(top) => {
+                let _ = write!(text, ", at {}", frame_place(top));
+            }
+            None => text.push_str(" (its stack could not be read)"),
+        }
+        text.push('\n');
+        for frame in self.stack.iter().take(STALL_LINE_FRAMES) {
+            let _ = writeln!(text, "    {}", frame_place(frame));
+        }
+        if self.stack.len() > STALL_LINE_FRAMES {
+            let _ = writeln!(
+                text,
+                "    ... {} more frames",
+                self.stack.len() - STALL_LINE_FRAMES
+            );
+        }
+        text
+    }
+}
+
+fn frame_place(frame: &SampledFrame) -> String {
+    match frame.line {
+        Some(line) => format!("{}:{} in {}", frame.filename, line, frame.function),
+        None => format!("{} in {}", frame.filename, frame.function),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_of_a_running_stall_come_at_growing_multiples_of_the_threshold() {
+        assert_eq!(stall_report_due(50, 0), 50);
+        assert_eq!(stall_report_due(50, 1), 500);
+        assert_eq!(stall_report_due(50, 2), 5000);
+        assert_eq!(stall_report_due(u64::MAX / 2, 1), Ticks::MAX);
+        assert_eq!(stall_report_due(1, 40), Ticks::MAX);
+    }
+
+    fn frame(function: &str, line: Option<u32>) -> SampledFrame {
+        SampledFrame {
+            filename: "app.py".into(),
+            function: function.into(),
+            line,
+        }
+    }
+
+    #[test]
+    fn the_line_names_the_innermost_frame_and_cuts_long_stacks() {
+        let stall = RunningStall {
+            pid: 7,
+            thread_name: "MainThread".into(),
+            so_far_ms: 1234.4,
+            stack: (0..10)
+                .map(|i| frame(&format!("f{i}"), Some(i + 1)))
+                .collect(),
+        };
+        let text = stall.to_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "loopwatch[7]: the event loop of thread 'MainThread' has been blocked for 1234 ms so far, still running, at app.py:1 in f0"
+        );
+        assert_eq!(lines[1], "    app.py:1 in f0");
+        assert_eq!(lines.len(), 1 + STALL_LINE_FRAMES + 1);
+        assert_eq!(lines[lines.len() - 1], "    ... 2 more frames");
+    }
+
+    #[test]
+    fn a_stack_that_could_not_be_read_is_said() {
+        let stall = RunningStall {
+            pid: 7,
+            thread_name: "t".into(),
+            so_far_ms: 50.0,
+            stack: vec![],
+        };
+        assert!(stall
+            .to_text()
+            .starts_with("loopwatch[7]: the event loop of thread 't' has been blocked for 50 ms so far, still running (its stack could not be read)\n"));
+        let no_line = RunningStall {
+            stack: vec![frame("g", None)],
+            ..stall
+        };
+        assert!(no_line.to_text().contains(", at app.py in g\n"));
+    }
+}
