@@ -22,7 +22,7 @@ impl LineTable {
     /// `first_line`, or `None` where the table gives none (or is malformed).
     pub fn line_at(self, table: &[u8], first_line: i32, offset: usize) -> Option<u32> {
         let line = match self {
-            LineTable::Lnotab => lnotab_line(table, first_line, offset),
+            LineTable::Lnotab => Some(lnotab_line(table, first_line, offset)),
             LineTable::Pep626 => pep626_line(table, first_line, offset),
             LineTable::Locations => locations_line(table, first_line, offset),
         }?;
@@ -30,7 +30,7 @@ impl LineTable {
     }
 }
 
-fn lnotab_line(table: &[u8], first_line: i32, offset: usize) -> Option<i32> {
+fn lnotab_line(table: &[u8], first_line: i32, offset: usize) -> i32 {
     let mut line = first_line;
     let mut address = 0usize;
     for pair in table.chunks_exact(2) {
@@ -40,7 +40,7 @@ fn lnotab_line(table: &[u8], first_line: i32, offset: usize) -> Option<i32> {
         }
         line += i32::from(pair[1] as i8);
     }
-    Some(line)
+    line
 }
 
 fn pep626_line(table: &[u8], first_line: i32, offset: usize) -> Option<i32> {
