@@ -13,6 +13,7 @@ mod monitoring;
 mod recording;
 mod report;
 mod resolve;
+mod stackread;
 mod threadstate;
 
 use pyo3::prelude::*;
@@ -31,6 +32,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     locals::confirm_offset(py)?;
     #[cfg(Py_3_12)]
     monitoring::init();
+    stackread::init(py);
     let scope_var = resolve::init(py)?;
     m.add("SCOPE", scope_var)?;
     m.add_class::<monitor::ThreadMonitor>()?;
@@ -39,6 +41,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recording::RecordingReader>()?;
     m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;
     m.add_function(wrap_pyfunction!(monitor::_watched, m)?)?;
+    m.add_function(wrap_pyfunction!(stackread::_read_stack, m)?)?;
+    m.add_function(wrap_pyfunction!(stackread::_stack_reads, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_install_empty_hook, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_uninstall_hook, m)?)?;
     m.add(

@@ -1,0 +1,613 @@
+//! Reading a thread's Python stack from another thread, without the GIL, while it runs: what the
+//! watchdog does when a step has run past the threshold, even if a C call holds the GIL. As
+//! faulthandler and out-of-process samplers do, it follows the thread state's frame chain; every
+//! read goes through `process_vm_readv` on our own process, so an address that has just been freed
+//! gives an error instead of a fault, and every object read is checked (its type, its size) before
+//! it is believed. A stack that does not check out is cut or dropped, never guessed at.
+//!
+//! Offsets are `offsetof` values from each version's headers (3.9-3.15, x86_64 and other 64-bit
+//! Linux), confirmed at import against the interpreter's own view of the importing thread.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use loopwatch_core::{LineTable, SampledFrame};
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+/// How a version chains its frames.
+#[derive(Clone, Copy)]
+enum Chain {
+    /// 3.9, 3.10: `PyFrameObject`s; `f_lasti` counts bytes (3.9) or code units (3.10).
+    #[cfg_attr(Py_3_11, allow(dead_code))]
+    Objects {
+        back: usize,
+        code: usize,
+        lasti: usize,
+        lasti_bytes: usize,
+    },
+    /// 3.11+: `_PyInterpreterFrame`s; frames whose `owner` is at least `foreign_owner` are the
+    /// interpreter's own (C-stack entry and shim frames), not Python code.
+    #[cfg_attr(not(Py_3_11), allow(dead_code))]
+    Interpreter {
+        code: usize,
+        previous: usize,
+        instr: usize,
+        owner: usize,
+        foreign_owner: u8,
+    },
+}
+
+#[derive(Clone, Copy)]
+struct Layout {
+    /// The thread state's field for the running frame.
+    tstate_frame: usize,
+    /// 3.11, 3.12: that field is a `_PyCFrame *`, whose `current_frame` is at this offset.
+    via_cframe: Option<usize>,
+    chain: Chain,
+    co_filename: usize,
+    /// `co_qualname` from 3.11, `co_name` before.
+    co_name: usize,
+    co_firstlineno: usize,
+    co_linetable: usize,
+    /// 3.11+: where the code's instructions start inside the code object.
+    co_code_adaptive: usize,
+    table: LineTable,
+    /// `sizeof(PyASCIIObject)` and `sizeof(PyCompactUnicodeObject)`: where a string's characters start.
+    ascii_size: usize,
+    compact_size: usize,
+    /// 3.14+: the low bits of a `_PyStackRef` are tags, not address.
+    tag_bits: usize,
+}
+
+#[cfg(not(Py_3_10))]
+const LAYOUT: Layout = Layout {
+    tstate_frame: 24,
+    via_cframe: None,
+    chain: Chain::Objects {
+        back: 24,
+        code: 32,
+        lasti: 104,
+        lasti_bytes: 1,
+    },
+    co_filename: 104,
+    co_name: 112,
+    co_firstlineno: 40,
+    co_linetable: 120,
+    co_code_adaptive: 0,
+    table: LineTable::Lnotab,
+    ascii_size: 48,
+    compact_size: 72,
+    tag_bits: 0,
+};
+#[cfg(all(Py_3_10, not(Py_3_11)))]
+const LAYOUT: Layout = Layout {
+    chain: Chain::Objects {
+        back: 24,
+        code: 32,
+        lasti: 96,
+        lasti_bytes: 2,
+    },
+    table: LineTable::Pep626,
+    tstate_frame: 24,
+    via_cframe: None,
+    co_filename: 104,
+    co_name: 112,
+    co_firstlineno: 40,
+    co_linetable: 120,
+    co_code_adaptive: 0,
+    ascii_size: 48,
+    compact_size: 72,
+    tag_bits: 0,
+};
+#[cfg(all(Py_3_11, not(Py_3_12)))]
+const LAYOUT: Layout = Layout {
+    tstate_frame: 56,
+    via_cframe: Some(8),
+    chain: Chain::Interpreter {
+        code: 32,
+        previous: 48,
+        instr: 56,
+        owner: 69,
+        foreign_owner: 3, // 3.11 has none
+    },
+    co_filename: 112,
+    co_name: 128,
+    co_firstlineno: 72,
+    co_linetable: 136,
+    co_code_adaptive: 184,
+    table: LineTable::Locations,
+    ascii_size: 48,
+    compact_size: 72,
+    tag_bits: 0,
+};
+#[cfg(all(Py_3_12, not(Py_3_13)))]
+const LAYOUT: Layout = Layout {
+    tstate_frame: 56,
+    via_cframe: Some(0),
+    chain: Chain::Interpreter {
+        code: 0,
+        previous: 8,
+        instr: 56,
+        owner: 70,
+        foreign_owner: 3, // FRAME_OWNED_BY_CSTACK
+    },
+    co_filename: 112,
+    co_name: 128,
+    co_firstlineno: 68,
+    co_linetable: 136,
+    co_code_adaptive: 192,
+    table: LineTable::Locations,
+    ascii_size: 40,
+    compact_size: 56,
+    tag_bits: 0,
+};
+#[cfg(all(Py_3_13, not(Py_3_14)))]
+const LAYOUT: Layout = Layout {
+    tstate_frame: 72,
+    via_cframe: None,
+    chain: Chain::Interpreter {
+        code: 0,
+        previous: 8,
+        instr: 56,
+        owner: 70,
+        foreign_owner: 3, // FRAME_OWNED_BY_CSTACK
+    },
+    co_filename: 112,
+    co_name: 128,
+    co_firstlineno: 68,
+    co_linetable: 136,
+    co_code_adaptive: 200,
+    table: LineTable::Locations,
+    ascii_size: 40,
+    compact_size: 56,
+    tag_bits: 0,
+};
+// 3.15 has the 3.14 layout for everything read here (checked against both headers).
+#[cfg(Py_3_14)]
+const LAYOUT: Layout = Layout {
+    tstate_frame: 72,
+    via_cframe: None,
+    chain: Chain::Interpreter {
+        code: 0,
+        previous: 8,
+        instr: 56,
+        owner: 74,
+        foreign_owner: 3, // FRAME_OWNED_BY_INTERPRETER, then (3.14) FRAME_OWNED_BY_CSTACK
+    },
+    co_filename: 112,
+    co_name: 128,
+    co_firstlineno: 68,
+    co_linetable: 136,
+    co_code_adaptive: 208,
+    table: LineTable::Locations,
+    ascii_size: 40,
+    compact_size: 56,
+    tag_bits: 3,
+};
+
+/// `ob_type`, `ob_size` (of a `PyVarObject`), the characters of a `bytes`.
+const OB_TYPE: usize = 8;
+const OB_SIZE: usize = 16;
+const BYTES_DATA: usize = 32;
+/// `PyASCIIObject.length` and `.state` (its bit fields: kind, compact, ascii).
+const STR_LENGTH: usize = 16;
+const STR_STATE: usize = 32;
+const STATE_KIND: u32 = 0x1c;
+const STATE_COMPACT: u32 = 0x20;
+const STATE_ASCII: u32 = 0x40;
+
+/// The most frames, characters and line-table bytes believed: far above real ones, a bound on
+/// what a damaged read can make us do.
+const MAX_DEPTH: usize = 1024;
+const MAX_NAME: usize = 1024;
+const MAX_TABLE: usize = 1 << 20;
+
+/// The addresses of the types whose objects are read: a read is believed only of an object whose
+/// `ob_type` is one of them.
+#[derive(Clone, Copy)]
+struct Types {
+    code: usize,
+    unicode: usize,
+    bytes: usize,
+    frame: usize,
+}
+
+/// Why the reader is off in this process, decided once at import; `None` if it is on.
+static UNAVAILABLE: OnceLock<Option<&'static str>> = OnceLock::new();
+static TYPES: OnceLock<Types> = OnceLock::new();
+
+/// Memory of our own process, read so that an unmapped address is an error, not a fault.
+struct Memory {
+    pid: i32,
+}
+
+#[cfg(target_os = "linux")]
+mod sys {
+    use std::ffi::{c_ulong, c_void};
+
+    #[repr(C)]
+    pub struct IoVec {
+        pub base: *mut c_void,
+        pub len: usize,
+    }
+
+    extern "C" {
+        pub fn process_vm_readv(
+            pid: i32,
+            local: *const IoVec,
+            local_count: c_ulong,
+            remote: *const IoVec,
+            remote_count: c_ulong,
+            flags: c_ulong,
+        ) -> isize;
+        pub fn getpid() -> i32;
+    }
+}
+
+impl Memory {
+    fn new() -> Self {
+        #[cfg(target_os = "linux")]
+        let pid = unsafe { sys::getpid() };
+        #[cfg(not(target_os = "linux"))]
+        let pid = 0;
+        Memory { pid }
+    }
+
+    /// Fills `buf` from `address`, whole or not at all.
+    fn read(&self, address: usize, buf: &mut [u8]) -> bool {
+        if address == 0 || buf.is_empty() {
+            return buf.is_empty();
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let local = sys::IoVec {
+                base: buf.as_mut_ptr().cast(),
+                len: buf.len(),
+            };
+            let remote = sys::IoVec {
+                base: address as *mut _,
+                len: buf.len(),
+            };
+            let read = unsafe { sys::process_vm_readv(self.pid, &local, 1, &remote, 1, 0) };
+            read == buf.len() as isize
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = self.pid;
+            false
+        }
+    }
+
+    fn word(&self, address: usize) -> Option<usize> {
+        let mut buf = [0u8; 8];
+        self.read(address, &mut buf)
+            .then(|| usize::from_ne_bytes(buf))
+    }
+
+    fn u32_at(&self, address: usize) -> Option<u32> {
+        let mut buf = [0u8; 4];
+        self.read(address, &mut buf)
+            .then(|| u32::from_ne_bytes(buf))
+    }
+
+    fn byte(&self, address: usize) -> Option<u8> {
+        let mut buf = [0u8; 1];
+        self.read(address, &mut buf).then_some(buf[0])
+    }
+
+    fn is_a(&self, object: usize, type_address: usize) -> bool {
+        object != 0 && object % 8 == 0 && self.word(object + OB_TYPE) == Some(type_address)
+    }
+
+    /// A `str` object's text: only compact strings (every string a code object holds).
+    fn string(&self, object: usize, types: &Types) -> Option<String> {
+        if !self.is_a(object, types.unicode) {
+            return None;
+        }
+        let length = self.word(object + STR_LENGTH)?;
+        let state = self.u32_at(object + STR_STATE)?;
+        if length > MAX_NAME || state & STATE_COMPACT == 0 {
+            return None;
+        }
+        if state & STATE_ASCII != 0 {
+            let mut buf = vec![0u8; length];
+            self.read(object + LAYOUT.ascii_size, &mut buf)
+                .then_some(())?;
+            return buf.is_ascii().then(|| String::from_utf8(buf).ok())?;
+        }
+        let kind = ((state & STATE_KIND) >> 2) as usize;
+        if !matches!(kind, 1 | 2 | 4) {
+            return None;
+        }
+        let mut buf = vec![0u8; length * kind];
+        self.read(object + LAYOUT.compact_size, &mut buf)
+            .then_some(())?;
+        buf.chunks_exact(kind)
+            .map(|unit| {
+                let mut code = [0u8; 4];
+                code[..kind].copy_from_slice(unit);
+                char::from_u32(u32::from_le_bytes(code))
+            })
+            .collect()
+    }
+
+    /// A `bytes` object's content.
+    fn bytes(&self, object: usize, types: &Types) -> Option<Vec<u8>> {
+        if !self.is_a(object, types.bytes) {
+            return None;
+        }
+        let size = self.word(object + OB_SIZE)?;
+        if size > MAX_TABLE {
+            return None;
+        }
+        let mut buf = vec![0u8; size];
+        self.read(object + BYTES_DATA, &mut buf).then_some(buf)
+    }
+}
+
+/// What a code object says about itself, read once per stack.
+struct CodeFacts {
+    filename: String,
+    function: String,
+    first_line: i32,
+    table: Vec<u8>,
+    /// Bytes of instructions (3.11+), to check an instruction pointer against.
+    code_bytes: usize,
+}
+
+fn code_facts(memory: &Memory, code: usize, types: &Types) -> Option<CodeFacts> {
+    if !memory.is_a(code, types.code) {
+        return None;
+    }
+    let filename = memory.string(memory.word(code + LAYOUT.co_filename)?, types)?;
+    let function = memory.string(memory.word(code + LAYOUT.co_name)?, types)?;
+    let first_line = memory.u32_at(code + LAYOUT.co_firstlineno)? as i32;
+    let table = memory.bytes(memory.word(code + LAYOUT.co_linetable)?, types)?;
+    let code_bytes = memory.word(code + OB_SIZE)?.saturating_mul(2);
+    Some(CodeFacts {
+        filename,
+        function,
+        first_line,
+        table,
+        code_bytes,
+    })
+}
+
+/// One frame found on the chain: its code object and the byte offset of its instruction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct RawFrame {
+    /// The frame's own address: the same frame running on between two reads keeps it.
+    frame: usize,
+    code: usize,
+    offset: Option<usize>,
+}
+
+/// The chain of frames from the thread state, innermost first; cut where a link does not check out.
+fn raw_frames(memory: &Memory, tstate: usize, types: &Types) -> Option<Vec<RawFrame>> {
+    let mut frames = Vec::new();
+    let mut at = memory.word(tstate + LAYOUT.tstate_frame)?;
+    if let Some(offset) = LAYOUT.via_cframe {
+        if at == 0 {
+            return Some(frames);
+        }
+        at = memory.word(at + offset)?;
+    }
+    while at != 0 && frames.len() < MAX_DEPTH {
+        if at % 8 != 0 {
+            return None;
+        }
+        match LAYOUT.chain {
+            Chain::Objects {
+                back,
+                code,
+                lasti,
+                lasti_bytes,
+            } => {
+                if !memory.is_a(at, types.frame) {
+                    return None;
+                }
+                let lasti = memory.u32_at(at + lasti)? as i32;
+                frames.push(RawFrame {
+                    frame: at,
+                    code: memory.word(at + code)?,
+                    offset: usize::try_from(lasti).ok().map(|i| i * lasti_bytes),
+                });
+                at = memory.word(at + back)?;
+            }
+            Chain::Interpreter {
+                code,
+                previous,
+                instr,
+                owner,
+                foreign_owner,
+            } => {
+                if memory.byte(at + owner)? < foreign_owner {
+                    let code = memory.word(at + code)? & !LAYOUT.tag_bits;
+                    let start = code + LAYOUT.co_code_adaptive;
+                    let pointer = memory.word(at + instr)?;
+                    frames.push(RawFrame {
+                        frame: at,
+                        code,
+                        offset: pointer.checked_sub(start),
+                    });
+                }
+                at = memory.word(at + previous)?;
+            }
+        }
+    }
+    Some(frames)
+}
+
+/// Names the frames; a frame whose code does not check out ends the stack there (what lies
+/// beyond it cannot be trusted to be this thread's).
+fn name_frames(memory: &Memory, raw: &[RawFrame], types: &Types) -> Vec<SampledFrame> {
+    let mut facts: HashMap<usize, Option<CodeFacts>> = HashMap::new();
+    let mut frames = Vec::with_capacity(raw.len());
+    for frame in raw {
+        let Some(code) = facts
+            .entry(frame.code)
+            .or_insert_with(|| code_facts(memory, frame.code, types))
+        else {
+            break;
+        };
+        let line = frame
+            .offset
+            .filter(|&offset| LAYOUT.co_code_adaptive == 0 || offset < code.code_bytes)
+            .and_then(|offset| LAYOUT.table.line_at(&code.table, code.first_line, offset));
+        frames.push(SampledFrame {
+            filename: code.filename.clone(),
+            function: code.function.clone(),
+            line,
+        });
+    }
+    frames
+}
+
+/// Reads the Python stack of the thread whose `PyThreadState` is at `tstate`, innermost first.
+/// The thread may be running: the chain is read twice and only the outer frames that both reads
+/// agree on (the same frame running the same code) are kept, with the lines of the second read,
+/// so every frame given was on the stack. `None`: the reader is off, or nothing could be read.
+pub fn read_stack(tstate: usize) -> Option<Vec<SampledFrame>> {
+    if unavailable().is_some() {
+        return None;
+    }
+    let types = TYPES.get()?;
+    let memory = Memory::new();
+    let first = raw_frames(&memory, tstate, types)?;
+    let second = raw_frames(&memory, tstate, types)?;
+    let common = first
+        .iter()
+        .rev()
+        .zip(second.iter().rev())
+        .take_while(|(a, b)| a.frame == b.frame && a.code == b.code)
+        .count();
+    Some(name_frames(
+        &memory,
+        &second[second.len() - common..],
+        types,
+    ))
+}
+
+/// The calling thread's `PyThreadState`, as `read_stack` takes it.
+pub fn current_thread_state() -> usize {
+    unsafe { ffi::PyThreadState_Get() as usize }
+}
+
+/// `None` when stacks can be read, else why not (also before `init` has decided).
+pub fn unavailable() -> Option<&'static str> {
+    UNAVAILABLE
+        .get()
+        .copied()
+        .unwrap_or(Some("not checked yet"))
+}
+
+/// Decides at import whether the reader can be trusted: it must read the importing thread's
+/// stack exactly as the interpreter gives it (file, function and line of every frame).
+pub fn init(py: Python<'_>) {
+    let _ = TYPES.set({
+        Types {
+            code: std::ptr::addr_of_mut!(ffi::PyCode_Type) as usize,
+            unicode: std::ptr::addr_of_mut!(ffi::PyUnicode_Type) as usize,
+            bytes: std::ptr::addr_of_mut!(ffi::PyBytes_Type) as usize,
+            frame: std::ptr::addr_of_mut!(ffi::PyFrame_Type) as usize,
+        }
+    });
+    let reason = if !cfg!(all(target_os = "linux", target_pointer_width = "64")) {
+        Some("reading another thread's stack is implemented on 64-bit Linux only")
+    } else if cfg!(Py_3_16) || cfg!(Py_GIL_DISABLED) {
+        Some("the frame layout of this CPython build was not read")
+    } else if std::env::var_os("LOOPWATCH_NO_STACK_READS").is_some() {
+        Some("LOOPWATCH_NO_STACK_READS is set")
+    } else {
+        match own_stack_agrees(py) {
+            Ok(true) => None,
+            Ok(false) => Some("the frame layout of this CPython build did not check out"),
+            Err(()) => Some("process_vm_readv is not permitted here"),
+        }
+    };
+    let _ = UNAVAILABLE.set(reason);
+}
+
+/// The calling thread's stack as the interpreter gives it: (file, function, line), innermost first.
+fn interpreter_stack(py: Python<'_>) -> PyResult<Vec<(String, String, Option<u32>)>> {
+    let mut stack = Vec::new();
+    let mut frame = unsafe { ffi::PyEval_GetFrame() };
+    if !frame.is_null() {
+        unsafe { ffi::Py_INCREF(frame.cast()) };
+    }
+    while !frame.is_null() {
+        unsafe {
+            let code = Bound::from_owned_ptr(py, ffi::PyFrame_GetCode(frame).cast());
+            let name = if cfg!(Py_3_11) {
+                "co_qualname"
+            } else {
+                "co_name"
+            };
+            let line = ffi::PyFrame_GetLineNumber(frame);
+            stack.push((
+                code.getattr("co_filename")?.extract()?,
+                code.getattr(name)?.extract()?,
+                u32::try_from(line).ok().filter(|&l| l > 0),
+            ));
+            let back = ffi::PyFrame_GetBack(frame);
+            ffi::Py_DECREF(frame.cast());
+            frame = back;
+        }
+    }
+    Ok(stack)
+}
+
+/// `Err` when memory cannot be read at all; else whether the reader agrees with the interpreter.
+fn own_stack_agrees(py: Python<'_>) -> Result<bool, ()> {
+    let memory = Memory::new();
+    let mut probe = [0u8; 8];
+    let here = std::ptr::addr_of!(probe) as usize;
+    if !memory.read(here, &mut probe) {
+        return Err(());
+    }
+    let Ok(expected) = interpreter_stack(py) else {
+        return Ok(false);
+    };
+    let Some(types) = TYPES.get() else {
+        return Ok(false);
+    };
+    let read = raw_frames(&memory, current_thread_state(), types)
+        .map(|raw| name_frames(&memory, &raw, types));
+    let Some(read) = read else {
+        return Ok(false);
+    };
+    let read: Vec<(String, String, Option<u32>)> = read
+        .into_iter()
+        .map(|f| (f.filename, f.function, f.line))
+        .collect();
+    Ok(!expected.is_empty() && read == expected)
+}
+
+/// For tests and diagnostics: the calling thread's stack read as the watchdog reads it
+/// (`[(filename, function, line)]`, innermost first), or, with `tstate`, another thread's, read
+/// with the GIL released. `None` when the reader is off.
+#[pyfunction]
+#[pyo3(signature = (tstate=None))]
+pub fn _read_stack(
+    py: Python<'_>,
+    tstate: Option<usize>,
+) -> Option<Vec<(String, String, Option<u32>)>> {
+    let frames = match tstate {
+        None => read_stack(current_thread_state()),
+        Some(tstate) => py.detach(|| read_stack(tstate)),
+    }?;
+    Some(
+        frames
+            .into_iter()
+            .map(|f| (f.filename, f.function, f.line))
+            .collect(),
+    )
+}
+
+/// For tests: the calling thread's `PyThreadState` address, for `_read_stack`, and why the
+/// reader is off (or None).
+#[pyfunction]
+pub fn _stack_reads() -> (usize, Option<&'static str>) {
+    (current_thread_state(), unavailable())
+}
