@@ -137,12 +137,13 @@ class _ThreadHub:
                 self._say_replaced()
                 self.native.uninstall()
                 self.active = []
+            stall_reports = any(monitor._report_stalls for monitor in active)
             if self.active:
-                self.native.reconfigure(threshold_ms, filters, self.deliver)
+                self.native.reconfigure(threshold_ms, filters, self.deliver, stall_reports)
             else:
                 self._recipients = tuple(active)
                 try:
-                    self.native.install(threshold_ms, filters, self.deliver)
+                    self.native.install(threshold_ms, filters, self.deliver, stall_reports)
                 except BaseException:
                     self._recipients = ()
                     raise
@@ -283,6 +284,11 @@ class EventLoopMonitor(_AlsoAsync):
         record_to: a file that every report is added to, rate limit or not, for
             ``loopwatch report`` (see `loopwatch._recording`). Created if missing; added to if it
             is already a recording; `RecordingError` if it cannot be written.
+        report_stalls: a step still running past the threshold is reported while it runs, at
+            1x, 10x, 100x... the threshold: loopwatch's watchdog thread reads the loop thread's
+            Python stack and writes it to stderr itself, so the report gets out even while a C
+            call holds the GIL or never returns. The report made when the step ends says how
+            many times (``reports_while_running``). ``False``: only that final report.
 
     A pattern is a module name (``myapp``, ``myapp.db``: the module and everything in it), or a
     file path if it contains a ``/`` (a directory and everything under it). ``*``, ``?`` and
@@ -300,8 +306,12 @@ class EventLoopMonitor(_AlsoAsync):
         on_blocking_call: Optional[BlockingCallCallback] = None,
         reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
         record_to: Optional[PathArg] = None,
+        report_stalls: bool = True,
     ) -> None:
         self._threshold_ms = _check_threshold(threshold_ms)
+        if not isinstance(report_stalls, bool):
+            raise TypeError(f"report_stalls must be True or False, got {type(report_stalls).__name__}")
+        self._report_stalls = report_stalls
         self._reports_per_minute = check_reports_per_minute(reports_per_minute)
         self._rate_limit = CulpritRateLimit(reports_per_minute) if reports_per_minute is not None else None
         self._include_paths = _check_patterns("include_paths", include_paths)
@@ -453,6 +463,7 @@ class EventLoopMonitor(_AlsoAsync):
             "on_blocking_call": self._on_blocking_call,
             "reports_per_minute": self._reports_per_minute,
             "record_to": self._recorder.path if self._recorder is not None else None,
+            "report_stalls": self._report_stalls,
         }
 
     def _dispatch(self, info: BlockingCallInfo) -> None:
@@ -546,6 +557,7 @@ def event_loop_monitor_ctx(
     on_blocking_call: Optional[BlockingCallCallback] = None,
     reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
     record_to: Optional[PathArg] = None,
+    report_stalls: bool = True,
 ) -> _MonitorContext:
     """Monitors the event loop of the current thread while the block (or decorated function) runs.
 
@@ -561,5 +573,6 @@ def event_loop_monitor_ctx(
         "on_blocking_call": on_blocking_call,
         "reports_per_minute": reports_per_minute,
         "record_to": record_to,
+        "report_stalls": report_stalls,
     }
     return _MonitorContext(enabled, settings)

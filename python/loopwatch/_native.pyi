@@ -14,6 +14,8 @@ __all__ = [
     "_bench_install_empty_hook",
     "_bench_uninstall_hook",
     "_code_reads",
+    "_read_stack",
+    "_stack_reads",
     "_watched",
 ]
 
@@ -33,10 +35,18 @@ class ThreadMonitor:
 
     def __new__(cls) -> ThreadMonitor: ...
     def install(
-        self, threshold_ms: float, filters: Filters, sink: Callable[[dict[str, Any]], None]
+        self,
+        threshold_ms: float,
+        filters: Filters,
+        sink: Callable[[dict[str, Any]], None],
+        stall_reports: bool = True,
     ) -> None: ...
     def reconfigure(
-        self, threshold_ms: float, filters: Filters, sink: Callable[[dict[str, Any]], None]
+        self,
+        threshold_ms: float,
+        filters: Filters,
+        sink: Callable[[dict[str, Any]], None],
+        stall_reports: bool = True,
     ) -> None: ...
     def uninstall(self) -> bool: ...
     def flush(self) -> None: ...
@@ -65,6 +75,14 @@ def _code_reads() -> str:
 
 def _watched() -> Optional[str]:
     """How the calling thread is watched now: "monitoring", "legacy" or None."""
+
+def _read_stack(tstate: Optional[int] = None) -> Optional[list[tuple[str, str, Optional[int]]]]:
+    """A thread's Python stack read as the watchdog reads it, innermost first: the calling
+    thread's, or with `tstate` (from `_stack_reads`) another's, read with the GIL released.
+    None when stacks cannot be read here."""
+
+def _stack_reads() -> tuple[int, Optional[str]]:
+    """The calling thread's PyThreadState address, and why stacks cannot be read (or None)."""
 
 @final
 class RecordingWriter:

@@ -95,6 +95,9 @@ class BlockingCallInfo:
     delivered (see ``reports_per_minute``)."""
     process_id: int = 0
     """The process the episode happened in (``os.getpid()``)."""
+    reports_while_running: int = 0
+    """How many times loopwatch's watchdog reported this stall to stderr while it still ran (see
+    ``report_stalls``); this report, made when it ended, is the one that counts."""
     _scope: Optional[int] = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -119,6 +122,7 @@ class BlockingCallInfo:
             threshold_ms=raw["threshold_ns"] / 1e6,
             culprit_duration_ms=culprit.duration_ms,
             cpu_wait_ms=raw["cpu_wait_ns"] / 1e6,
+            reports_while_running=raw.get("reports_while_running", 0),
             _scope=raw.get("scope"),
         )
 
@@ -225,6 +229,9 @@ class BlockingCallInfo:
         lines.append(where)
         if self.culprit_duration_ms < 0.9 * self.duration_ms:
             lines.append(f"  {self.method_name} itself ran {self.culprit_duration_ms:.1f} ms of it")
+        if self.reports_while_running:
+            times = "once" if self.reports_while_running == 1 else f"{self.reports_while_running} times"
+            lines.append(f"  reported {times} while it ran (on stderr); this is its full duration")
         if self.cpu_wait_ms >= 0.1 * self.duration_ms:
             lines.append(
                 f"  {self.cpu_wait_ms:.1f} ms of it the loop's thread waited for a CPU (a busy machine)"

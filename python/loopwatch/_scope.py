@@ -75,6 +75,7 @@ class _ScopeHub:
             exclude_paths=paths._exclude_paths,
             on_blocking_call=self._route,
             reports_per_minute=None,  # each scope applies its own
+            report_stalls=settings._report_stalls,
         )
 
     def _route(self, info: BlockingCallInfo) -> None:
@@ -140,6 +141,7 @@ def monitor_current_task(
     context: Optional[Mapping[str, Any]] = None,
     reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
     record_to: Optional[PathArg] = None,
+    report_stalls: bool = False,
 ) -> TaskScope:
     """Monitors only the current task (and tasks it creates inside the block), for one request or
     job in a busy service: other tasks on the same loop are never reported, even while the hook is
@@ -149,6 +151,10 @@ def monitor_current_task(
     Scopes open at the same time on one thread share one hook: the lowest threshold and the first
     scope's include/exclude patterns apply to it, and each scope gets only episodes at or over its
     own threshold.
+
+    ``report_stalls`` is off by default here: a stall reported while it runs is the loop's, and the
+    watchdog that reports it cannot tell which task the running step belongs to, so it could name
+    a task outside the scope.
     """
     if context is not None and not isinstance(context, Mapping):
         raise TypeError(f"context must be a mapping, got {type(context).__name__}")
@@ -159,5 +165,6 @@ def monitor_current_task(
         on_blocking_call=on_blocking_call,
         reports_per_minute=reports_per_minute,
         record_to=record_to,
+        report_stalls=report_stalls,
     )
     return TaskScope(settings, context)

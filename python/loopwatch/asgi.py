@@ -45,6 +45,8 @@ class LoopwatchMiddleware:
             one is made up.
         reports_per_minute, record_to: see `EventLoopMonitor`; each recorded report keeps
             its request's ``context``.
+        report_stalls: see `monitor_current_task` (off by default: a stall reported while it
+            runs may be another request's).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class LoopwatchMiddleware:
         request_id_header: str = "x-request-id",
         reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
         record_to: Optional[PathArg] = None,
+        report_stalls: bool = False,
     ) -> None:
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string, or None to select by sampling only")
@@ -78,7 +81,13 @@ class LoopwatchMiddleware:
         self._sample_rate = float(sample_rate)
         # Checked now, where a mistake is made, rather than at the first selected request.
         self._settings = EventLoopMonitor(
-            threshold_ms, include_paths, exclude_paths, on_blocking_call, reports_per_minute, record_to
+            threshold_ms,
+            include_paths,
+            exclude_paths,
+            on_blocking_call,
+            reports_per_minute,
+            record_to,
+            report_stalls,
         )._checked_settings()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -33,6 +33,46 @@ pub fn thread_cpu_wait_ns() -> Option<u64> {
     None
 }
 
+/// Another thread's run-queue wait, read from a thread that watches it (the watchdog): the file
+/// of the thread with kernel id `tid`, opened once.
+pub struct OtherThreadCpuWait {
+    #[cfg(target_os = "linux")]
+    file: Option<std::fs::File>,
+}
+
+impl OtherThreadCpuWait {
+    pub fn open(tid: i64) -> Self {
+        #[cfg(target_os = "linux")]
+        {
+            let path = format!("/proc/self/task/{tid}/schedstat");
+            Self {
+                file: std::fs::File::open(path).ok(),
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = tid;
+            Self {}
+        }
+    }
+
+    /// The thread's cumulative wait for a CPU in nanoseconds, or `None` where unknown (also once
+    /// the thread has ended).
+    pub fn wait_ns(&self) -> Option<u64> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::FileExt;
+            let mut text = [0u8; 96];
+            let read = self.file.as_ref()?.read_at(&mut text, 0).ok()?;
+            parse_schedstat(&text[..read])
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None
+        }
+    }
+}
+
 /// The run-queue wait out of a `schedstat` line: `<on-cpu ns> <waiting ns> <timeslices>`.
 pub fn parse_schedstat(text: &[u8]) -> Option<u64> {
     std::str::from_utf8(text)

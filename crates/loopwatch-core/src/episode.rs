@@ -79,6 +79,9 @@ pub struct Episode {
     pub task_name: Option<String>,
     /// The binding's token for the monitoring scope the task ran in (per-request monitoring).
     pub scope: Option<u64>,
+    /// How many times a watchdog reported this stall while it was still running.
+    #[serde(default)]
+    pub reports_while_running: u32,
 }
 
 /// What the tracker learns about the task that runs a unit, asked once at its first slow frame.

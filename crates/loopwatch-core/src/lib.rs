@@ -14,5 +14,5 @@ pub use clock::Clock;
 pub use episode::{Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
 pub use filter::{FilterError, FilterSet};
 pub use linetable::LineTable;
-pub use stall::{stall_report_due, RunningStall, SampledFrame};
+pub use stall::{stall_report_due, Look, RunningStall, SampledFrame, StallTimer};
 pub use tracker::{FrameRef, Resolver, Tag, Ticks, Tracker};

@@ -22,6 +22,78 @@ pub fn stall_report_due(threshold: Ticks, report: u32) -> Ticks {
         .unwrap_or(Ticks::MAX)
 }
 
+/// What the watchdog remembers of one watched thread between two looks at it, and what it
+/// decides at each: nothing to do, look again later, or report the running stall now.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StallTimer {
+    /// The unit last seen: odd while one runs (see the binding's `Watch`).
+    seq: u64,
+    reports: u32,
+    /// The thread's cumulative wait for a CPU when this stall was first seen (ns).
+    cpu_wait_base: Option<u64>,
+}
+
+/// What to do about one watched thread after a look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Look {
+    /// No unit runs.
+    Idle,
+    /// A unit runs, not yet due for a report: look again at this tick.
+    Until(Ticks),
+    /// Report it: it has run `so_far` ticks; this is its `number`-th report (from 1); the next
+    /// is due at `next`.
+    Report {
+        so_far: Ticks,
+        number: u32,
+        next: Ticks,
+    },
+}
+
+impl StallTimer {
+    /// Looks at a thread whose unit counter reads `seq` (odd: a unit runs, started at `started`).
+    /// A stall is timed as the tracker times an episode: what the thread spent waiting for a CPU
+    /// since the stall was first seen (`cpu_wait_ns`, cumulative, where the OS says) is not the
+    /// code's, so it delays the report rather than makes one.
+    pub fn look(
+        &mut self,
+        seq: u64,
+        started: Ticks,
+        now: Ticks,
+        threshold: Ticks,
+        nanos_per_tick: f64,
+        cpu_wait_ns: Option<u64>,
+    ) -> Look {
+        if seq != self.seq {
+            *self = StallTimer {
+                seq,
+                reports: 0,
+                cpu_wait_base: cpu_wait_ns,
+            };
+        }
+        if seq % 2 == 0 {
+            return Look::Idle;
+        }
+        let waited_ns = match (self.cpu_wait_base, cpu_wait_ns) {
+            (Some(base), Some(now_ns)) => now_ns.saturating_sub(base),
+            _ => 0,
+        };
+        let waited = (waited_ns as f64 / nanos_per_tick) as Ticks;
+        let so_far = now.saturating_sub(started);
+        let blocked = so_far.saturating_sub(waited);
+        let due = stall_report_due(threshold, self.reports);
+        if blocked < due {
+            return Look::Until(now.saturating_add(due - blocked));
+        }
+        self.reports += 1;
+        let next_due = stall_report_due(threshold, self.reports);
+        Look::Report {
+            so_far,
+            number: self.reports,
+            next: now.saturating_add(next_due.saturating_sub(blocked)),
+        }
+    }
+}
+
 /// One Python frame of a stack read while the step runs, innermost first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SampledFrame {
@@ -87,6 +159,56 @@ mod tests {
         assert_eq!(stall_report_due(50, 2), 5000);
         assert_eq!(stall_report_due(u64::MAX / 2, 1), Ticks::MAX);
         assert_eq!(stall_report_due(1, 40), Ticks::MAX);
+    }
+
+    #[test]
+    fn a_running_unit_is_reported_at_the_threshold_then_at_ten_and_a_hundred_times_it() {
+        let mut timer = StallTimer::default();
+        assert_eq!(timer.look(2, 0, 100, 50, 1.0, None), Look::Idle);
+        assert_eq!(timer.look(3, 100, 110, 50, 1.0, None), Look::Until(150));
+        assert_eq!(
+            timer.look(3, 100, 151, 50, 1.0, None),
+            Look::Report {
+                so_far: 51,
+                number: 1,
+                next: 600
+            }
+        );
+        assert_eq!(timer.look(3, 100, 400, 50, 1.0, None), Look::Until(600));
+        assert_eq!(
+            timer.look(3, 100, 600, 50, 1.0, None),
+            Look::Report {
+                so_far: 500,
+                number: 2,
+                next: 5100
+            }
+        );
+        // The next unit starts afresh.
+        assert_eq!(timer.look(4, 100, 700, 50, 1.0, None), Look::Idle);
+        assert_eq!(
+            timer.look(5, 700, 760, 50, 1.0, None),
+            Look::Report {
+                so_far: 60,
+                number: 1,
+                next: 1200
+            }
+        );
+    }
+
+    #[test]
+    fn time_spent_waiting_for_a_cpu_delays_the_report() {
+        let mut timer = StallTimer::default();
+        // First seen with 1000 ns waited so far; 30 more by the next look.
+        assert_eq!(timer.look(1, 0, 10, 50, 1.0, Some(1000)), Look::Until(50));
+        assert_eq!(timer.look(1, 0, 60, 50, 1.0, Some(1030)), Look::Until(80));
+        assert_eq!(
+            timer.look(1, 0, 80, 50, 1.0, Some(1030)),
+            Look::Report {
+                so_far: 80,
+                number: 1,
+                next: 530
+            }
+        );
     }
 
     fn frame(function: &str, line: Option<u32>) -> SampledFrame {

@@ -229,6 +229,14 @@ impl Tracker {
         self.unit_root.is_some()
     }
 
+    /// Says of the episodes just finished (those of the unit that has just ended) that a watchdog
+    /// reported their stall `reports` times while it ran.
+    pub fn note_reports_while_running(&mut self, reports: u32) {
+        for episode in &mut self.finished {
+            episode.reports_while_running = reports;
+        }
+    }
+
     /// When the running unit (callback or task step) started, if one runs: what a watchdog on
     /// another thread times a stall from. Changes only on the general path.
     pub fn unit_started_at(&self) -> Option<Ticks> {
@@ -660,6 +668,7 @@ impl Tracker {
             culprit,
             task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
             scope: self.unit_task.as_ref().and_then(|task| task.scope),
+            reports_while_running: 0,
         })
     }
 
@@ -740,6 +749,7 @@ impl Tracker {
             // By its return, `Context.run` has left the callback's context: no task or scope.
             task_name: None,
             scope: None,
+            reports_while_running: 0,
         });
     }
 

@@ -173,6 +173,12 @@ unsafe fn handle_event(
         }
         Event::CReturn(def) => tracker.on_c_return(def as u64, now, &mut resolver),
     }
+    if let Some(watch) = state.watch.as_mut() {
+        let reported = watch.publish(tracker.unit_started_at());
+        if reported > 0 {
+            tracker.note_reports_while_running(reported);
+        }
+    }
     if tracker.has_episodes() {
         return state.take_delivery();
     }

@@ -15,6 +15,7 @@ mod report;
 mod resolve;
 mod stackread;
 mod threadstate;
+mod watchdog;
 
 use pyo3::prelude::*;
 

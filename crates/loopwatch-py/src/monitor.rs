@@ -13,6 +13,7 @@ use crate::events::{deliver, resume_position, Callee, Delivery};
 use crate::hook::{chaining_profile_hook, profile_hook};
 use crate::resolve::{FrameKeys, PyResolver};
 use crate::threadstate::{self, ProfileSlot};
+use crate::watchdog::WatchHandle;
 
 /// Compiled include/exclude patterns (see `loopwatch` docs for the matching rule).
 #[pyclass(frozen, module = "loopwatch._native")]
@@ -64,6 +65,9 @@ pub struct State {
     backend: Backend,
     /// Why `sys.monitoring` was asked for (or would have been chosen) but not used.
     fallback: Option<String>,
+    /// The thread's slot with the watchdog, which reports a stall while it runs; `None` when
+    /// not installed (or every slot was taken).
+    pub watch: Option<WatchHandle>,
 }
 
 /// The two ways of seeing a thread's calls; chosen at install, in `Backend::choose`.
@@ -280,6 +284,15 @@ impl ThreadMonitor {
         Ok(Some(tracker))
     }
 
+    /// The calling thread's name (`threading.current_thread().name`), for stall reports.
+    fn thread_name(py: Python<'_>) -> String {
+        py.import("threading")
+            .and_then(|threading| threading.call_method0("current_thread"))
+            .and_then(|thread| thread.getattr("name"))
+            .and_then(|name| name.extract())
+            .unwrap_or_else(|_| "?".to_owned())
+    }
+
     /// Reports what the running unit has blocked so far (to the current sink).
     fn flush_and_deliver(&self, me: *mut ffi::PyObject) -> PyResult<()> {
         let delivery = {
@@ -291,6 +304,9 @@ impl ThreadMonitor {
             let now = state.clock.now();
             let keys = state.backend.frame_keys();
             tracker.flush(now, &mut PyResolver::new(py, Callee::NONE, keys));
+            if let Some(watch) = state.watch.as_mut() {
+                watch.publish(tracker.unit_started_at());
+            }
             state.take_delivery()
         };
         if let Some(delivery) = delivery {
@@ -321,16 +337,20 @@ impl ThreadMonitor {
                 paused: false,
                 backend: Backend::Legacy,
                 fallback: None,
+                watch: None,
             }),
         }
     }
 
     /// Installs the hook on the calling thread. `sink` receives one dict per episode.
+    /// `stall_reports`: the watchdog reports a step still running past the threshold, to stderr.
+    #[pyo3(signature = (threshold_ms, filters, sink, stall_reports=true))]
     fn install(
         slf: &Bound<'_, Self>,
         threshold_ms: f64,
         filters: &Filters,
         sink: Py<PyAny>,
+        stall_reports: bool,
     ) -> PyResult<()> {
         let py = slf.py();
         let me = slf.as_ptr();
@@ -341,12 +361,15 @@ impl ThreadMonitor {
             ));
         }
         let clock = Clock::new();
-        let tracker = Tracker::new(
-            Self::threshold_ticks(threshold_ms)?,
-            clock.nanos_per_tick(),
-            filters.set.clone(),
-        );
+        let threshold = Self::threshold_ticks(threshold_ms)?;
+        let tracker = Tracker::new(threshold, clock.nanos_per_tick(), filters.set.clone());
         let (backend, fallback) = Backend::choose()?;
+        state.watch = WatchHandle::register(
+            crate::stackread::current_thread_state(),
+            &Self::thread_name(py),
+            threshold,
+            stall_reports,
+        );
         state.fallback = fallback;
         let tracker = match backend {
             Backend::Monitoring => match Self::install_monitoring(py, me, state, tracker, &sink)? {
@@ -414,11 +437,13 @@ impl ThreadMonitor {
 
     /// Applies new settings. What the running step blocked so far goes to the old sink first,
     /// and the step is judged afresh from now under the new settings.
+    #[pyo3(signature = (threshold_ms, filters, sink, stall_reports=true))]
     fn reconfigure(
         slf: &Bound<'_, Self>,
         threshold_ms: f64,
         filters: &Filters,
         sink: Py<PyAny>,
+        stall_reports: bool,
     ) -> PyResult<()> {
         let this = slf.get();
         let threshold = Self::threshold_ticks(threshold_ms)?;
@@ -433,6 +458,9 @@ impl ThreadMonitor {
         if let Some(tracker) = state.tracker.as_mut() {
             tracker.configure(threshold, filters.set.clone());
             state.sink = Some(sink);
+            if let Some(watch) = state.watch.as_ref() {
+                watch.configure(threshold, stall_reports);
+            }
         }
         Ok(())
     }
@@ -458,6 +486,7 @@ impl ThreadMonitor {
         state.tracker = None;
         state.sink = None;
         state.chained = None;
+        state.watch = None;
         #[cfg(Py_3_12)]
         if state.backend == Backend::Monitoring {
             unsafe { crate::monitoring::detach(py, me)? };
@@ -497,6 +526,9 @@ impl ThreadMonitor {
         let state = self.state()?;
         if let Some(tracker) = state.tracker.as_mut() {
             tracker.forget_the_parent();
+        }
+        if let Some(watch) = state.watch.as_mut() {
+            watch.after_fork_in_child();
         }
         Ok(())
     }

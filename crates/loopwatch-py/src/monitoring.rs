@@ -50,6 +50,8 @@ impl Drop for EndOfThread {
         });
         if !obj.is_null() {
             unsafe {
+                // The thread state is about to go: the watchdog must stop reading it now.
+                (*ThreadMonitor::state_of(obj)).watch = None;
                 let py = Python::assume_attached();
                 let _saved = crate::errors::SavedError::take();
                 if let Err(error) = leave(py, obj) {

@@ -14,6 +14,7 @@ pub fn episode_to_python<'py>(py: Python<'py>, episode: &Episode) -> PyResult<Bo
     report.set_item("culprit", episode.culprit)?;
     report.set_item("task_name", episode.task_name.as_deref())?;
     report.set_item("scope", episode.scope)?;
+    report.set_item("reports_while_running", episode.reports_while_running)?;
     let frames = episode
         .stack
         .iter()

@@ -474,20 +474,23 @@ pub fn read_stack(tstate: usize) -> Option<Vec<SampledFrame>> {
     }
     let types = TYPES.get()?;
     let memory = Memory::new();
-    let first = raw_frames(&memory, tstate, types)?;
-    let second = raw_frames(&memory, tstate, types)?;
-    let common = first
-        .iter()
-        .rev()
-        .zip(second.iter().rev())
-        .take_while(|(a, b)| a.frame == b.frame && a.code == b.code)
-        .count();
-    Some(name_frames(
-        &memory,
-        &second[second.len() - common..],
-        types,
-    ))
+    // A thread that changes its stack while we read may leave a link that does not check out:
+    // that read is dropped and the stack read again, a few times at most.
+    (0..READ_ATTEMPTS).find_map(|_| {
+        let first = raw_frames(&memory, tstate, types)?;
+        let second = raw_frames(&memory, tstate, types)?;
+        let common = first
+            .iter()
+            .rev()
+            .zip(second.iter().rev())
+            .take_while(|(a, b)| a.frame == b.frame && a.code == b.code)
+            .count();
+        Some(name_frames(&memory, &second[second.len() - common..], types))
+    })
 }
+
+/// How many times `read_stack` reads a changing stack before it gives up.
+const READ_ATTEMPTS: usize = 4;
 
 /// The calling thread's `PyThreadState`, as `read_stack` takes it.
 pub fn current_thread_state() -> usize {

@@ -1,0 +1,446 @@
+//! The watchdog: one thread of loopwatch's own, in Rust, that times each watched loop's running
+//! step from outside and reports a stall while it still runs, with the loop thread's Python stack
+//! read without the GIL. It needs nothing from the loop's thread, so a report gets out even if a C
+//! call there holds the GIL for good: it writes the report to stderr itself.
+//!
+//! A watched thread publishes only when a unit (callback or task step) starts or ends, which the
+//! tracker decides off the hot path. The watchdog wakes every `POLL` while some thread is watched
+//! and its loop is busy, sleeps until a running unit is due, and parks when the loops it watches
+//! have been idle for a while. Slots are static and never freed, so the watchdog never reads
+//! memory a thread has given back, and nothing here takes a lock a fork could leave held.
+
+use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use loopwatch_core::cpu_wait::OtherThreadCpuWait;
+use loopwatch_core::{Clock, Look, RunningStall, StallTimer, Ticks};
+
+use crate::stackread::read_stack;
+
+/// The most threads watched at once; a thread beyond them is watched without stall reports.
+const SLOTS: usize = 64;
+/// How often the watchdog looks while a loop is busy: the most a unit can run before it is seen.
+const POLL: Duration = Duration::from_millis(5);
+/// Looks with nothing new (no unit started or ended anywhere) before the watchdog parks.
+const IDLE_LOOKS_BEFORE_PARKING: u32 = 200;
+/// Bytes of a thread name kept for the report.
+const NAME_WORDS: usize = 8;
+
+/// One watched thread, as the watchdog sees it. Written by that thread, read by the watchdog.
+struct Watch {
+    in_use: AtomicBool,
+    /// Bumped when the slot is taken and given back: what the watchdog read of a slot whose
+    /// generation changed meanwhile is thrown away.
+    generation: AtomicU64,
+    /// Odd while a unit runs; bumped at each start and end, so each stall has its own number.
+    seq: AtomicU64,
+    started: AtomicU64,
+    threshold: AtomicU64,
+    enabled: AtomicBool,
+    tstate: AtomicU64,
+    tid: AtomicI64,
+    name: [AtomicU64; NAME_WORDS],
+    /// How many reports the watchdog made of unit `reported_seq` while it ran.
+    reported_seq: AtomicU64,
+    reported: AtomicU32,
+}
+
+impl Watch {
+    const fn new() -> Self {
+        Watch {
+            in_use: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            threshold: AtomicU64::new(u64::MAX),
+            enabled: AtomicBool::new(false),
+            tstate: AtomicU64::new(0),
+            tid: AtomicI64::new(0),
+            name: [const { AtomicU64::new(0) }; NAME_WORDS],
+            reported_seq: AtomicU64::new(u64::MAX),
+            reported: AtomicU32::new(0),
+        }
+    }
+
+    fn set_name(&self, name: &str) {
+        let mut bytes = [0u8; NAME_WORDS * 8];
+        let mut end = name.len().min(bytes.len());
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        for (word, chunk) in self.name.iter().zip(bytes.chunks_exact(8)) {
+            word.store(
+                u64::from_ne_bytes(chunk.try_into().expect("8 bytes")),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn name(&self) -> String {
+        let bytes: Vec<u8> = self
+            .name
+            .iter()
+            .flat_map(|word| word.load(Ordering::Relaxed).to_ne_bytes())
+            .take_while(|&b| b != 0)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+static WATCHES: [Watch; SLOTS] = [const { Watch::new() }; SLOTS];
+/// Set by the watchdog before it parks; a thread whose unit starts then wakes it.
+static PARKED: AtomicBool = AtomicBool::new(false);
+/// The watchdog thread of this process (a leaked handle), and the process it was started in: the
+/// child of a fork has none until it watches a loop.
+static WATCHDOG: AtomicPtr<std::thread::Thread> = AtomicPtr::new(std::ptr::null_mut());
+static WATCHDOG_PID: AtomicU32 = AtomicU32::new(0);
+/// Asks the watchdog to end (before a fork); it clears `RUNNING` as it goes.
+static STOP: AtomicBool = AtomicBool::new(false);
+static RUNNING: AtomicBool = AtomicBool::new(false);
+/// Set after a fork, in parent and child: the next unit to start starts the watchdog again.
+static RESTART: AtomicBool = AtomicBool::new(false);
+/// The running watchdog, joined when it ends before a fork (a thread that has returned may
+/// still count as one until it is joined). Locked only by threads that fork or start it.
+static JOIN: std::sync::Mutex<Option<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(None);
+/// How long a fork waits for the watchdog to end before it goes on with it running.
+const STOP_WAIT: Duration = Duration::from_millis(200);
+
+/// A watched thread's hold on its slot; kept in the thread's monitor state. Gives the slot back
+/// when dropped.
+pub struct WatchHandle {
+    index: usize,
+    /// The running unit's start as last published.
+    published: Option<Ticks>,
+}
+
+/// The kernel's id of the calling thread (`/proc/self/task/<tid>`), 0 where there is none.
+fn current_tid() -> i64 {
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" {
+            fn gettid() -> i32;
+        }
+        i64::from(unsafe { gettid() })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}
+
+impl WatchHandle {
+    /// Takes a slot for the calling thread (whose `PyThreadState` is `tstate`) and makes sure the
+    /// watchdog runs. `None` when every slot is taken.
+    pub fn register(tstate: usize, name: &str, threshold: Ticks, enabled: bool) -> Option<Self> {
+        let index = WATCHES.iter().position(|watch| {
+            watch
+                .in_use
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })?;
+        let watch = &WATCHES[index];
+        watch.generation.fetch_add(1, Ordering::AcqRel);
+        watch.tstate.store(tstate as u64, Ordering::Relaxed);
+        watch.tid.store(current_tid(), Ordering::Relaxed);
+        watch.set_name(name);
+        watch.threshold.store(threshold, Ordering::Relaxed);
+        watch.enabled.store(enabled, Ordering::Relaxed);
+        let seq = watch.seq.load(Ordering::Relaxed);
+        watch.seq.store(seq + seq % 2, Ordering::SeqCst);
+        ensure_watchdog();
+        wake();
+        Some(WatchHandle {
+            index,
+            published: None,
+        })
+    }
+
+    fn watch(&self) -> &'static Watch {
+        &WATCHES[self.index]
+    }
+
+    /// New settings: the threshold (ticks) and whether stalls are reported while they run.
+    pub fn configure(&self, threshold: Ticks, enabled: bool) {
+        self.watch().threshold.store(threshold, Ordering::Relaxed);
+        self.watch().enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Tells the watchdog when the running unit started (`None`: none runs). Called off the hot
+    /// path after each event that may start or end a unit; does nothing unless that changed.
+    /// Returns, when a unit has just ended, how many times it was reported while it ran.
+    #[inline]
+    pub fn publish(&mut self, running_since: Option<Ticks>) -> u32 {
+        if self.published == running_since {
+            return 0;
+        }
+        let watch = self.watch();
+        let seq = watch.seq.load(Ordering::Relaxed);
+        let ended = if seq % 2 == 1 { seq } else { u64::MAX };
+        match running_since {
+            Some(started) => {
+                if RESTART.load(Ordering::Relaxed) {
+                    ensure_watchdog();
+                }
+                watch.started.store(started, Ordering::Relaxed);
+                // Odd: a new unit (the next number even if one ran: it is judged afresh).
+                watch.seq.store(seq + 1 + seq % 2, Ordering::SeqCst);
+                if PARKED.load(Ordering::SeqCst) {
+                    wake();
+                }
+            }
+            None => watch.seq.store(seq + seq % 2, Ordering::SeqCst),
+        }
+        self.published = running_since;
+        if watch.reported_seq.load(Ordering::Acquire) == ended {
+            watch.reported.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// In the child of a fork made on this thread: the other threads are gone, and this one has
+    /// a new kernel id. Their slots are given back; the watchdog is started again when needed.
+    pub fn after_fork_in_child(&mut self) {
+        for (index, watch) in WATCHES.iter().enumerate() {
+            if index != self.index && watch.in_use.load(Ordering::Relaxed) {
+                watch.generation.fetch_add(1, Ordering::AcqRel);
+                watch.in_use.store(false, Ordering::Release);
+            }
+        }
+        self.watch().tid.store(current_tid(), Ordering::Relaxed);
+        self.watch().generation.fetch_add(1, Ordering::AcqRel);
+        self.publish(None);
+        ensure_watchdog();
+    }
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        let watch = self.watch();
+        let seq = watch.seq.load(Ordering::Relaxed);
+        watch.seq.store(seq + seq % 2, Ordering::SeqCst);
+        watch.generation.fetch_add(1, Ordering::AcqRel);
+        watch.in_use.store(false, Ordering::Release);
+    }
+}
+
+fn own_pid() -> u32 {
+    std::process::id()
+}
+
+/// Starts the watchdog thread of this process if it is not running.
+fn ensure_watchdog() {
+    let pid = own_pid();
+    RESTART.store(false, Ordering::Relaxed);
+    if WATCHDOG_PID.load(Ordering::Acquire) == pid {
+        return;
+    }
+    if WATCHDOG_PID.swap(pid, Ordering::AcqRel) == pid {
+        return; // another thread of this process started it just now
+    }
+    register_fork_handlers();
+    STOP.store(false, Ordering::SeqCst);
+    RUNNING.store(true, Ordering::SeqCst);
+    let spawned = std::thread::Builder::new()
+        .name("loopwatch-watchdog".into())
+        .spawn(run);
+    match spawned {
+        Ok(handle) => {
+            let thread = Box::into_raw(Box::new(handle.thread().clone()));
+            // The handle of a previous watchdog (before a fork) is left leaked.
+            WATCHDOG.store(thread, Ordering::Release);
+            if let Ok(mut join) = JOIN.lock() {
+                *join = Some(handle);
+            }
+        }
+        Err(_) => {
+            RUNNING.store(false, Ordering::SeqCst);
+            WATCHDOG_PID.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// A fork copies only the forking thread, and CPython warns (from 3.12) when a process that has
+/// other threads forks: so the watchdog ends before each fork and starts again in parent and
+/// child with the first unit that runs after it. `pthread_atfork` rather than Python's
+/// `os.register_at_fork`, whose parent hooks run before CPython counts the threads.
+fn register_fork_handlers() {
+    #[cfg(unix)]
+    {
+        static REGISTERED: AtomicBool = AtomicBool::new(false);
+        extern "C" {
+            fn pthread_atfork(
+                prepare: Option<unsafe extern "C" fn()>,
+                parent: Option<unsafe extern "C" fn()>,
+                child: Option<unsafe extern "C" fn()>,
+            ) -> i32;
+        }
+        unsafe extern "C" fn before_fork() {
+            stop_watchdog();
+        }
+        unsafe extern "C" fn after_fork() {
+            if WATCHDOG_PID.load(Ordering::Acquire) == 0 {
+                RESTART.store(true, Ordering::Relaxed);
+            }
+        }
+        if !REGISTERED.swap(true, Ordering::AcqRel) {
+            unsafe { pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork)) };
+        }
+    }
+}
+
+/// Ends the watchdog thread, waiting for it at most `STOP_WAIT`.
+fn stop_watchdog() {
+    if WATCHDOG_PID.load(Ordering::Acquire) != own_pid() || !RUNNING.load(Ordering::SeqCst) {
+        return;
+    }
+    STOP.store(true, Ordering::SeqCst);
+    wake();
+    let deadline = std::time::Instant::now() + STOP_WAIT;
+    while RUNNING.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    if !RUNNING.load(Ordering::SeqCst) {
+        if let Some(handle) = JOIN.lock().ok().and_then(|mut join| join.take()) {
+            let _ = handle.join();
+        }
+        WATCHDOG_PID.store(0, Ordering::Release);
+    }
+}
+
+fn wake() {
+    let thread = WATCHDOG.load(Ordering::Acquire);
+    if !thread.is_null() && WATCHDOG_PID.load(Ordering::Acquire) == own_pid() {
+        unsafe { (*thread).unpark() };
+    }
+}
+
+/// What the watchdog keeps per slot between looks.
+#[derive(Default)]
+struct Seen {
+    generation: u64,
+    timer: StallTimer,
+    cpu_wait: Option<OtherThreadCpuWait>,
+}
+
+fn run() {
+    let clock = Clock::new();
+    let mut seen: Vec<Seen> = (0..SLOTS).map(|_| Seen::default()).collect();
+    let mut last_seqs = [0u64; SLOTS];
+    let mut idle_looks = 0u32;
+    loop {
+        if STOP.load(Ordering::SeqCst) {
+            RUNNING.store(false, Ordering::SeqCst);
+            return;
+        }
+        let now = clock.now();
+        let mut next: Option<Ticks> = None;
+        let mut busy = false;
+        let mut changed = false;
+        for (index, watch) in WATCHES.iter().enumerate() {
+            if !watch.in_use.load(Ordering::Acquire) {
+                continue;
+            }
+            let generation = watch.generation.load(Ordering::Acquire);
+            let mine = &mut seen[index];
+            if mine.generation != generation {
+                *mine = Seen {
+                    generation,
+                    timer: StallTimer::default(),
+                    cpu_wait: Some(OtherThreadCpuWait::open(watch.tid.load(Ordering::Relaxed))),
+                };
+            }
+            let seq = watch.seq.load(Ordering::Acquire);
+            changed |= std::mem::replace(&mut last_seqs[index], seq) != seq;
+            if seq % 2 == 0 || !watch.enabled.load(Ordering::Relaxed) {
+                continue;
+            }
+            busy = true;
+            let started = watch.started.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            if watch.seq.load(Ordering::Relaxed) != seq {
+                continue; // it ended while we read
+            }
+            let threshold = watch.threshold.load(Ordering::Relaxed);
+            let wait = mine.cpu_wait.as_ref().and_then(OtherThreadCpuWait::wait_ns);
+            let look = mine
+                .timer
+                .look(seq, started, now, threshold, clock.nanos_per_tick(), wait);
+            match look {
+                Look::Idle => {}
+                Look::Until(at) => next = Some(next.map_or(at, |n| n.min(at))),
+                Look::Report {
+                    so_far,
+                    number,
+                    next: at,
+                } => {
+                    report(watch, generation, seq, so_far, number, &clock);
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+        }
+        idle_looks = if changed || busy { 0 } else { idle_looks + 1 };
+        if idle_looks >= IDLE_LOOKS_BEFORE_PARKING {
+            PARKED.store(true, Ordering::SeqCst);
+            // A unit that started before the flag was seen is found by this look; one that starts
+            // after it sees the flag and wakes us.
+            let started_meanwhile = WATCHES.iter().enumerate().any(|(index, watch)| {
+                watch.in_use.load(Ordering::SeqCst)
+                    && watch.seq.load(Ordering::SeqCst) != last_seqs[index]
+            });
+            if !started_meanwhile {
+                std::thread::park();
+            }
+            PARKED.store(false, Ordering::SeqCst);
+            idle_looks = 0;
+            continue;
+        }
+        let sleep = next.map_or(POLL, |at| {
+            let ticks = at.saturating_sub(clock.now());
+            Duration::from_nanos((ticks as f64 * clock.nanos_per_tick()) as u64).min(POLL)
+        });
+        std::thread::park_timeout(sleep);
+    }
+}
+
+/// Reads the stalled thread's stack and writes the report; counts it for the unit's final report.
+fn report(watch: &Watch, generation: u64, seq: u64, so_far: Ticks, number: u32, clock: &Clock) {
+    let stack = read_stack(watch.tstate.load(Ordering::Relaxed) as usize).unwrap_or_default();
+    if watch.generation.load(Ordering::Acquire) != generation
+        || watch.seq.load(Ordering::Acquire) != seq
+    {
+        return; // the thread stopped being watched, or the unit ended, while we read
+    }
+    watch.reported.store(number, Ordering::Relaxed);
+    watch.reported_seq.store(seq, Ordering::Release);
+    let stall = RunningStall {
+        pid: own_pid(),
+        thread_name: watch.name(),
+        so_far_ms: so_far as f64 * clock.nanos_per_tick() / 1e6,
+        stack,
+    };
+    write_stderr(stall.to_text().as_bytes());
+}
+
+/// Writes to the process's stderr directly (no Python, no lock), in as few writes as it takes.
+fn write_stderr(mut bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        extern "C" {
+            fn write(fd: i32, buf: *const std::ffi::c_void, count: usize) -> isize;
+        }
+        while !bytes.is_empty() {
+            let written = unsafe { write(2, bytes.as_ptr().cast(), bytes.len()) };
+            if written <= 0 {
+                return;
+            }
+            bytes = &bytes[written as usize..];
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(bytes);
+    }
+}

@@ -1,0 +1,316 @@
+"""Stalls reported while they happen: loopwatch's watchdog thread reads the loop thread's Python
+stack without the GIL and writes the report to stderr itself, at the threshold and again at 10x and
+100x it, even while a C call holds the GIL; the final report says how many times. Real loops, real
+threads, real processes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from conftest import BACKENDS, clean_env, items_summed_in, line_of, write
+
+from loopwatch import EventLoopMonitor, _native
+
+pytestmark = pytest.mark.skipif(
+    _native._stack_reads()[1] is not None, reason=f"stacks cannot be read here: {_native._stack_reads()[1]}"
+)
+
+STALL = re.compile(
+    r"loopwatch\[(?P<pid>\d+)\]: the event loop of thread '(?P<thread>[^']*)' has been blocked for "
+    r"(?P<ms>\d+) ms so far, still running(, at (?P<where>.*))?$"
+)
+
+
+def stall_lines(stderr: str) -> list[re.Match[str]]:
+    return [m for m in map(STALL.match, stderr.splitlines()) if m]
+
+
+def run_program(path: Path, backend: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(LOOPWATCH_BACKEND=backend),
+    )
+
+
+HOLDS_THE_GIL = """
+import asyncio, sys
+import loopwatch
+
+ITEMS = int(sys.argv[1])
+REPORT_STALLS = sys.argv[2] == "on"
+finals = []
+
+def crunch():
+    return sum(range(ITEMS))  # the call
+
+async def handler():
+    await asyncio.sleep(0)
+    print("START", file=sys.stderr, flush=True)
+    crunch()  # crunch called
+    print("END", file=sys.stderr, flush=True)
+
+async def main():
+    with loopwatch.EventLoopMonitor(threshold_ms=100, on_blocking_call=finals.append,
+                                    report_stalls=REPORT_STALLS):
+        await handler()
+        await asyncio.sleep(0.01)
+    for info in finals:
+        print("FINAL", info.method_name, round(info.duration_ms), info.reports_while_running)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_c_call_holding_the_gil_is_reported_while_it_runs(tmp_path: Path, backend: str) -> None:
+    program = write(tmp_path / "app.py", HOLDS_THE_GIL)
+    done = run_program(program, backend, str(items_summed_in(0.6)), "on")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    start, end = lines.index("START"), lines.index("END")
+    stalls = stall_lines(done.stderr)
+    assert stalls, done.stderr
+    first = stalls[0]
+    # Written while the call still ran: between the program's own lines before and after it.
+    assert start < lines.index(first.group(0)) < end
+    assert int(first.group("pid")) > 0 and first.group("thread") == "MainThread"
+    assert 100 <= int(first.group("ms")) < 1000
+    # Its stack is the loop thread's Python stack, innermost first: the call's line, its caller.
+    assert first.group("where") == f"{program}:{line_of(program, 'the call')} in crunch"
+    stack = lines[lines.index(first.group(0)) + 1 :]
+    assert stack[0].strip() == f"{program}:{line_of(program, 'the call')} in crunch"
+    assert stack[1].strip() == f"{program}:{line_of(program, 'crunch called')} in handler"
+    # The final report counts the reports made while it ran, and it alone is handed on.
+    finals = [line.split() for line in done.stdout.splitlines() if line.startswith("FINAL")]
+    assert len(finals) == 1, done.stdout
+    _, culprit, duration_ms, reported = finals[0]
+    assert culprit == "sum" and int(duration_ms) >= 100
+    assert int(reported) == len(stalls)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_report_stalls_false_writes_nothing_while_a_step_runs(tmp_path: Path, backend: str) -> None:
+    program = write(tmp_path / "app.py", HOLDS_THE_GIL)
+    done = run_program(program, backend, str(items_summed_in(0.3)), "off")
+    assert done.returncode == 0, done.stderr
+    assert stall_lines(done.stderr) == []
+    assert [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("FINAL")] == ["0"]
+
+
+SLEEPS_AND_STEPS = """
+import asyncio, sys, time
+import loopwatch
+
+async def short_steps():
+    for _ in range(40):
+        time.sleep(0.01)  # under the threshold: never a stall
+        await asyncio.sleep(0)
+
+async def main():
+    with loopwatch.EventLoopMonitor(threshold_ms=float(sys.argv[1]), on_blocking_call=lambda info: None):
+        await short_steps()
+        print("START", file=sys.stderr, flush=True)
+        time.sleep(float(sys.argv[2]))  # the long sleep
+        print("END", file=sys.stderr, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_long_sleep_is_reported_at_ten_times_the_threshold_too_and_short_steps_never(
+    tmp_path: Path, backend: str
+) -> None:
+    program = write(tmp_path / "app.py", SLEEPS_AND_STEPS)
+    done = run_program(program, backend, "50", "0.8")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    stalls = stall_lines(done.stderr)
+    assert [int(m.group("ms")) // 50 for m in stalls] == [1, 10], done.stderr + done.stdout
+    assert all(lines.index("START") < lines.index(m.group(0)) < lines.index("END") for m in stalls)
+    assert {m.group("where") for m in stalls} == {f"{program}:{line_of(program, 'the long sleep')} in main"}
+
+
+FORKS = """
+import asyncio, os, sys, time
+import loopwatch
+
+async def child_work():
+    time.sleep(0.3)  # the child's block
+
+async def main():
+    with loopwatch.EventLoopMonitor(threshold_ms=50, on_blocking_call=lambda info: None):
+        pid = os.fork()
+        if pid == 0:
+            asyncio.run(child_work())  # a loop of the child's own
+            os._exit(0)
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        print("CHILD", pid, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_child_reports_its_own_stall_while_it_runs(tmp_path: Path, backend: str) -> None:
+    program = write(tmp_path / "app.py", FORKS)
+    done = run_program(program, backend)
+    assert done.returncode == 0, done.stderr
+    child = int(done.stdout.split()[-1])
+    stalls = stall_lines(done.stderr)
+    children = [m for m in stalls if int(m.group("pid")) == child]
+    assert len(children) == 1, done.stderr
+    assert children[0].group("where") == f"{program}:{line_of(program, 'the child' + chr(39) + 's block')} in child_work"
+    # The watchdog ends before each fork: CPython finds no other thread to warn about.
+    assert "multi-threaded" not in done.stderr
+
+
+def interpreter_stack() -> list[tuple[str, str, Optional[int]]]:
+    """The calling thread's stack as the interpreter tells it, innermost first, named as the
+    reader names frames (qualified names from 3.11)."""
+    frame: Any = sys._getframe(1)
+    stack = []
+    while frame is not None:
+        code = frame.f_code
+        name = code.co_qualname if sys.version_info >= (3, 11) else code.co_name
+        stack.append((code.co_filename, name, frame.f_lineno))
+        frame = frame.f_back
+    return stack
+
+
+def test_the_stack_read_without_the_gil_is_the_interpreters() -> None:
+    def inner() -> tuple[Any, Any]:
+        return _native._read_stack(), interpreter_stack()
+
+    read, expected = inner()
+    # The reader starts one frame further in (`inner` calling it) on the same line.
+    assert read[1:] == expected[1:]
+    assert read[0][:2] == expected[0][:2]
+
+
+def _known_functions() -> dict[tuple[str, str], range]:
+    """Every function the busy thread below may be running, with its lines."""
+    known = {}
+    for func in (_busy_thread, _recurse, _generate, _unwind, _spawn_and_join):
+        code = func.__code__
+        name = code.co_qualname if sys.version_info >= (3, 11) else code.co_name
+        lines = [line for _, _, line in code.co_lines() if line is not None] if sys.version_info >= (3, 10) else []
+        known[(code.co_filename, name)] = range(code.co_firstlineno, max(lines, default=code.co_firstlineno + 40) + 1)
+    return known
+
+
+def _recurse(depth: int) -> int:
+    if depth == 0:
+        return sum(range(50))
+    return _recurse(depth - 1) + 1
+
+
+def _generate(n: int) -> Any:
+    for i in range(n):
+        yield _recurse(i % 7)
+
+
+def _unwind(depth: int) -> None:
+    if depth == 0:
+        raise ValueError("unwinding")
+    _unwind(depth - 1)
+
+
+def _spawn_and_join() -> None:
+    helper = threading.Thread(target=_recurse, args=(3,))
+    helper.start()
+    helper.join()
+
+
+def _busy_thread(stop: threading.Event, states: list[int]) -> None:
+    states.append(_native._stack_reads()[0])
+    rounds = 0
+    while not stop.is_set():
+        _recurse(rounds % 40)
+        sum(_generate(20))
+        try:
+            _unwind(rounds % 25)
+        except ValueError:
+            pass
+        if rounds % 50 == 0:
+            _spawn_and_join()
+        rounds += 1
+
+
+def test_stacks_read_from_a_thread_that_changes_its_stack_as_fast_as_it_can_name_only_its_frames() -> None:
+    known = _known_functions()
+    stop = threading.Event()
+    states: list[int] = []
+    thread = threading.Thread(target=_busy_thread, args=(stop, states))
+    thread.start()
+    samples = 0
+    dropped = 0
+    frames_seen = 0
+    deadline = time.monotonic() + 5
+    try:
+        while not states:
+            time.sleep(0.001)
+        while time.monotonic() < deadline:
+            stack = _native._read_stack(states[0])
+            samples += 1
+            if stack is None:  # a read that did not check out is dropped, never guessed at
+                dropped += 1
+                continue
+            for filename, function, line in stack:
+                frames_seen += 1
+                if (filename, function) in known:
+                    assert line is None or line in known[(filename, function)], (function, line, stack)
+                else:
+                    # Only the thread machinery the busy thread runs under.
+                    assert filename == threading.__file__, (filename, function, stack)
+    finally:
+        stop.set()
+        thread.join()
+    assert samples > 500
+    assert dropped < samples / 10, (dropped, samples)
+    assert frames_seen > samples - dropped
+
+
+def test_a_thread_that_ended_reads_as_no_stack_not_garbage() -> None:
+    states: list[int] = []
+    thread = threading.Thread(target=lambda: states.append(_native._stack_reads()[0]))
+    thread.start()
+    thread.join()
+    for _ in range(100):
+        stack = _native._read_stack(states[0])
+        assert stack is None or all(filename.endswith(".py") for filename, _, _ in stack)
+
+
+def test_report_stalls_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="report_stalls must be True or False, got str"):
+        EventLoopMonitor(report_stalls="yes")  # type: ignore[arg-type]
+
+
+def test_a_final_report_says_it_was_reported_while_running() -> None:
+    from loopwatch import BlockingCallInfo, StackFrame
+
+    frame = StackFrame(name="time.sleep", filename=None, lineno=None, duration_ms=900.0, is_c_call=True)
+    info = BlockingCallInfo(method_name="time.sleep", duration_ms=900.0, is_c_call=True, stack=(frame,),
+                            culprit_duration_ms=900.0, reports_while_running=2)
+    assert "  reported 2 times while it ran (on stderr); this is its full duration" in info.format().splitlines()
+    assert "while it ran" not in BlockingCallInfo(method_name="f", duration_ms=60.0, stack=(frame,),
+                                                   culprit_duration_ms=60.0).format()
+
+
+def test_traceback_module_agrees_on_lines_of_the_current_frame() -> None:
+    # The reader's lines are the interpreter's (PEP 626 line tables), not the definitions'.
+    here = traceback.extract_stack(limit=1)[0]
+    read = _native._read_stack()
+    assert read is not None and read[0] == (here.filename, read[0][1], here.lineno + 1)
