@@ -144,6 +144,7 @@ class BlockingCallInfo:
             "end_lineno": self.end_lineno,
             "task_name": self.task_name,
             "context": {str(k): str(v) for k, v in self.context.items()} if self.context else None,
+            "reports_while_running": self.reports_while_running,
             "stack": [
                 (
                     f.name,
@@ -229,9 +230,6 @@ class BlockingCallInfo:
         lines.append(where)
         if self.culprit_duration_ms < 0.9 * self.duration_ms:
             lines.append(f"  {self.method_name} itself ran {self.culprit_duration_ms:.1f} ms of it")
-        if self.reports_while_running:
-            times = "once" if self.reports_while_running == 1 else f"{self.reports_while_running} times"
-            lines.append(f"  reported {times} while it ran (on stderr); this is its full duration")
         if self.cpu_wait_ms >= 0.1 * self.duration_ms:
             lines.append(
                 f"  {self.cpu_wait_ms:.1f} ms of it the loop's thread waited for a CPU (a busy machine)"
@@ -252,6 +250,9 @@ class BlockingCallInfo:
             if len(frames) > budget:
                 lines.append(f"    ... {len(frames) - budget} more")
             budget = max(budget - len(frames), 1)
+        if self.reports_while_running:
+            times = "once" if self.reports_while_running == 1 else f"{self.reports_while_running} times"
+            lines.append(f"  reported {times} while it ran (on stderr); this is its full duration")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -89,6 +89,15 @@ pub struct RecordedEpisode {
     #[serde(default)]
     pub context: BTreeMap<String, String>,
     pub stack: Vec<RecordedFrame>,
+    /// How many times the stall was reported while it still ran; absent (0) in recordings of
+    /// loopwatch before it reported stalls while they ran.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reports_while_running: u32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 impl RecordedEpisode {
@@ -362,6 +371,7 @@ mod tests {
             end_lineno: None,
             task_name: Some("Task-1".to_owned()),
             context: BTreeMap::from([("request_id".to_owned(), "r1".to_owned())]),
+            reports_while_running: 0,
             stack: vec![RecordedFrame {
                 name: name.to_owned(),
                 filename: None,

@@ -48,6 +48,7 @@ fn record() -> impl Strategy<Value = Record> {
         ],
     )
         .prop_map(|(method_name, duration_ms, stack, context, kind)| {
+            let reports_while_running = (duration_ms as u32) % 3;
             Record::Episode(Box::new(RecordedEpisode {
                 timestamp: 1.7e9,
                 process_id: 1,
@@ -65,6 +66,7 @@ fn record() -> impl Strategy<Value = Record> {
                 task_name: Some("Task-1".into()),
                 context: context.into_iter().collect::<BTreeMap<_, _>>(),
                 stack,
+                reports_while_running,
             }))
         });
     let session = (

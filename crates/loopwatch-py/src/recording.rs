@@ -256,6 +256,9 @@ fn episode_from_python(dict: &Bound<'_, PyDict>) -> PyResult<RecordedEpisode> {
         end_lineno: item(dict, "end_lineno")?,
         task_name: item(dict, "task_name")?,
         context: context.unwrap_or_default(),
+        reports_while_running: dict
+            .get_item("reports_while_running")?
+            .map_or(Ok(0), |value| value.extract())?,
         stack: stack
             .into_iter()
             .map(
@@ -306,6 +309,7 @@ fn episode_to_python<'py>(
     dict.set_item("lineno", episode.lineno)?;
     dict.set_item("end_lineno", episode.end_lineno)?;
     dict.set_item("task_name", episode.task_name.as_deref())?;
+    dict.set_item("reports_while_running", episode.reports_while_running)?;
     dict.set_item(
         "context",
         if episode.context.is_empty() {

@@ -485,7 +485,11 @@ pub fn read_stack(tstate: usize) -> Option<Vec<SampledFrame>> {
             .zip(second.iter().rev())
             .take_while(|(a, b)| a.frame == b.frame && a.code == b.code)
             .count();
-        Some(name_frames(&memory, &second[second.len() - common..], types))
+        Some(name_frames(
+            &memory,
+            &second[second.len() - common..],
+            types,
+        ))
     })
 }
 
