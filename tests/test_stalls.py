@@ -314,3 +314,48 @@ def test_traceback_module_agrees_on_lines_of_the_current_frame() -> None:
     here = traceback.extract_stack(limit=1)[0]
     read = _native._read_stack()
     assert read is not None and read[0] == (here.filename, read[0][1], here.lineno + 1)
+
+
+HANGS = """
+import asyncio, os, sys, time
+import loopwatch
+
+async def main():
+    with loopwatch.EventLoopMonitor(threshold_ms=50, record_to=sys.argv[1], on_blocking_call=lambda info: None):
+        await asyncio.sleep(0)
+        time.sleep(0.2)  # ends
+        await asyncio.sleep(0)
+        print("READY", flush=True)
+        time.sleep(0.7)  # never ends
+        os._exit(0)  # as if killed while blocked: no report of the end
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_recording_shows_a_stall_that_never_ended_and_not_one_that_did(tmp_path: Path, backend: str) -> None:
+    from loopwatch import read_recording
+
+    program = write(tmp_path / "app.py", HANGS)
+    recording = tmp_path / "run.lwrec"
+    done = run_program(program, backend, str(recording))
+    assert done.returncode == 0, done.stderr
+    read = read_recording(recording)
+    assert read.problem is None
+    ends = f"{program}:{line_of(program, 'ends')} in main"
+    hangs = f"{program}:{line_of(program, 'never ends')} in main"
+    # Every report made while running is in the file, written by the watchdog itself.
+    assert [(s.where, s.number) for s in read.stalls] == [(ends, 1), (hangs, 1), (hangs, 2)]
+    assert all(s.thread_name == "MainThread" and s.stack for s in read.stalls)
+    # The first stall ended: its report says so and follows it; the second never did.
+    assert [(e.method_name, e.reports_while_running) for e in read.episodes] == [("time.sleep", 1)]
+    assert [(s.where, s.number) for s in read.unfinished_stalls] == [(hangs, 2)]
+    assert read.unfinished_stalls[0].so_far_ms >= 500
+    report = subprocess.run(
+        [sys.executable, "-m", "loopwatch", "report", str(recording)], capture_output=True, text=True, timeout=60
+    )
+    assert report.returncode == 0, report.stderr
+    text = report.stdout
+    assert "1 stall reported while running with no report of its end" in text
+    assert f"\n      {hangs}\n" in text, text

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from loopwatch._recording import Recording, RecordingError, Session, read_recording
     from loopwatch._report import BlockingCallCallback, BlockingCallInfo, StackFrame
     from loopwatch._scope import TaskScope, monitor_current_task
+    from loopwatch._stalls import StallInfo
 
 # Loaded on first use: importing `loopwatch` (as pytest does with the plugin, and every Python
 # start does with LOOPWATCH=1 unset) costs nothing, and a broken native build fails only code
@@ -42,6 +43,7 @@ _HOME = {
     "BlockingCallCallback": "loopwatch._report",
     "BlockingCallInfo": "loopwatch._report",
     "StackFrame": "loopwatch._report",
+    "StallInfo": "loopwatch._stalls",
     "TaskScope": "loopwatch._scope",
     "monitor_current_task": "loopwatch._scope",
 }
@@ -55,6 +57,7 @@ __all__ = [
     "RecordingError",
     "Session",
     "StackFrame",
+    "StallInfo",
     "TaskScope",
     "event_loop_monitor_ctx",
     "monitor_current_task",

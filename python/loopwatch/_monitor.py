@@ -137,13 +137,14 @@ class _ThreadHub:
                 self._say_replaced()
                 self.native.uninstall()
                 self.active = []
-            stall_reports = any(monitor._report_stalls for monitor in active)
+            stalls = [monitor for monitor in active if monitor._report_stalls]
+            recordings = list(dict.fromkeys(m._recorder.file for m in stalls if m._recorder is not None))
             if self.active:
-                self.native.reconfigure(threshold_ms, filters, self.deliver, stall_reports)
+                self.native.reconfigure(threshold_ms, filters, self.deliver, bool(stalls), recordings)
             else:
                 self._recipients = tuple(active)
                 try:
-                    self.native.install(threshold_ms, filters, self.deliver, stall_reports)
+                    self.native.install(threshold_ms, filters, self.deliver, bool(stalls), recordings)
                 except BaseException:
                     self._recipients = ()
                     raise
@@ -287,8 +288,9 @@ class EventLoopMonitor(_AlsoAsync):
         report_stalls: a step still running past the threshold is reported while it runs, at
             1x, 10x, 100x... the threshold: loopwatch's watchdog thread reads the loop thread's
             Python stack and writes it to stderr itself, so the report gets out even while a C
-            call holds the GIL or never returns. The report made when the step ends says how
-            many times (``reports_while_running``). ``False``: only that final report.
+            call holds the GIL or never returns; and adds them to ``record_to``, so a recording
+            shows a step that never ended. The report made when the step ends says how many times
+            (``reports_while_running``). ``False``: only that final report.
 
     A pattern is a module name (``myapp``, ``myapp.db``: the module and everything in it), or a
     file path if it contains a ``/`` (a directory and everything under it). ``*``, ``?`` and

@@ -40,6 +40,7 @@ class ThreadMonitor:
         filters: Filters,
         sink: Callable[[dict[str, Any]], None],
         stall_reports: bool = True,
+        stall_recordings: list[str] = ...,
     ) -> None: ...
     def reconfigure(
         self,
@@ -47,6 +48,7 @@ class ThreadMonitor:
         filters: Filters,
         sink: Callable[[dict[str, Any]], None],
         stall_reports: bool = True,
+        stall_recordings: list[str] = ...,
     ) -> None: ...
     def uninstall(self) -> bool: ...
     def flush(self) -> None: ...

@@ -3,8 +3,9 @@ and read back for ``loopwatch report``. The format, and what counts as damage, a
 
 A recording is a MessagePack stream: the string ``"loopwatch-recording"``, the format version,
 then one ``bin`` per record, holding a map with a ``"type"``: ``"session"`` (a process that
-recorded: ``process_id``, ``argv``, ``started_at``, ``python_version``, ``loopwatch_version``) or
-``"episode"`` (the fields of `BlockingCallInfo`). Each record reaches the OS in one write, so a
+recorded: ``process_id``, ``argv``, ``started_at``, ``python_version``, ``loopwatch_version``),
+``"episode"`` (the fields of `BlockingCallInfo`) or ``"stall"`` (a stall reported while it still
+ran, written by the watchdog thread itself: the fields of `StallInfo`). Each record reaches the OS in one write, so a
 program that crashes or is killed leaves whole records; several threads and processes (forked
 workers, children started with ``LOOPWATCH_RECORD``) can add to one file.
 """
@@ -24,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 
 from loopwatch import _native
 from loopwatch._report import BlockingCallInfo
+from loopwatch._stalls import StallInfo
 
 __all__ = ["Recorder", "Recording", "RecordingError", "Session", "open_recorder", "read_recording"]
 
@@ -57,14 +59,22 @@ class Recording:
     problem: Optional[str]
     """One line when the file is cut short or damaged after its start (what could be read is in
     ``episodes``); ``None`` when it is whole."""
+    stalls: tuple[StallInfo, ...] = ()
+    """Every report of a stall made while it still ran, in the order written."""
+    unfinished_stalls: tuple[StallInfo, ...] = ()
+    """The last report of each stall that no report of its end follows in the file: the step
+    was still running when the recording stopped (a hang, a process killed while blocked), or it
+    ended with nothing to blame."""
 
 
 class Recorder:
     """Adds reports to one recording file. Made by `open_recorder`; shared by every monitor of the
     process that records to the same file."""
 
-    def __init__(self, path: str, writer: _native.RecordingWriter) -> None:
+    def __init__(self, path: str, writer: _native.RecordingWriter, file: str = "") -> None:
         self.path = path
+        self.file = file or path
+        """The absolute path, for loopwatch's watchdog, which adds its reports of stalls."""
         self._writer = writer
         self._lock = threading.Lock()
         self._session_of: Optional[int] = None
@@ -125,7 +135,7 @@ def open_recorder(path: PathArg, *, truncate: bool = False) -> Recorder:
                 writer = _native.RecordingWriter(key)
             except (OSError, ValueError) as error:
                 raise _cannot_record(shown, error) from None
-            recorder = _recorders[key] = Recorder(shown, writer)
+            recorder = _recorders[key] = Recorder(shown, writer, key)
     if truncate:
         recorder.restart()
     return recorder
@@ -155,6 +165,9 @@ def read_recording(
         raise RecordingError(f"{shown}: {error}") from None
     sessions: list[Session] = []
     episodes: list[BlockingCallInfo] = []
+    stalls: list[StallInfo] = []
+    # Each thread's stall reported last, until a report of a stall's end follows it.
+    running: dict[tuple[int, int], StallInfo] = {}
     damage: list[str] = []
     # For stacks="worst": each culprit's longest episode so far, by its index in `episodes`.
     longest: dict[str, tuple[int, float]] = {}
@@ -170,6 +183,12 @@ def read_recording(
                 else:
                     value["stack"] = ()
             episodes.append(BlockingCallInfo._from_record(value))
+            if value.get("reports_while_running"):
+                running.pop((value["process_id"], value["thread_id"]), None)
+        elif kind == "stall":
+            stall = StallInfo._from_record(value)
+            stalls.append(stall)
+            running[(stall.process_id, stall.thread_id)] = stall
         elif kind == "session":
             sessions.append(_session(value))
         else:
@@ -182,7 +201,7 @@ def read_recording(
     if damage:
         more = f" (and {len(damage) - 1} more damaged records)" if len(damage) > 1 else ""
         problem = f"{shown}: {damage[0]}{more}; read {len(episodes)} episodes"
-    return Recording(shown, tuple(sessions), tuple(episodes), problem)
+    return Recording(shown, tuple(sessions), tuple(episodes), problem, tuple(stalls), tuple(running.values()))
 
 
 def _session(raw: dict[str, Any]) -> Session:

@@ -257,6 +257,7 @@ def render_text(summary: Summary, top: int = DEFAULT_TOP) -> str:
     if not count:
         lines.append("")
         lines.append("No episodes: nothing blocked the loop past the threshold while recording.")
+        lines += _unfinished_stalls_text(recording)
         return "\n".join(lines) + "\n"
 
     shown = summary.culprits[:top]
@@ -286,7 +287,28 @@ def render_text(summary: Summary, top: int = DEFAULT_TOP) -> str:
             f"{local_time(worst.timestamp, with_date=True, millis=True)}, pid {worst.process_id}"
         )
         lines += ["   " + one_line(line) for line in worst.format(max_frames=STACK_FRAMES).splitlines()]
+    lines += _unfinished_stalls_text(recording)
     return "\n".join(lines) + "\n"
+
+
+def _unfinished_stalls_text(recording: Recording) -> list[str]:
+    """The stalls reported while they ran that no report of their end follows: hangs first."""
+    stalls = recording.unfinished_stalls
+    if not stalls:
+        return []
+    lines = [
+        "",
+        f"{plural(len(stalls), 'stall')} reported while running with no report of its end "
+        "(still running when the recording stopped, or ended with nothing to blame):",
+    ]
+    for stall in sorted(stalls, key=lambda s: -s.so_far_ms):
+        lines.append("")
+        lines.append(
+            f"- pid {stall.process_id}, thread {one_line(stall.thread_name)!r}: blocked for at least "
+            f"{stall.so_far_ms:.0f} ms from {local_time(stall.timestamp, with_date=True, millis=True)}"
+        )
+        lines += ["  " + one_line(line) for line in stall.format(max_frames=STACK_FRAMES).splitlines()[1:]]
+    return lines
 
 
 # ---- JSON ----------------------------------------------------------------------------------------
@@ -352,6 +374,18 @@ def render_json(summary: Summary, top: int = DEFAULT_TOP) -> dict[str, Any]:
         "first_at": summary.first_at,
         "last_at": summary.last_at,
         "percentiles": "nearest-rank",
+        "unfinished_stalls": [
+            {
+                "process_id": stall.process_id,
+                "thread_id": stall.thread_id,
+                "thread_name": stall.thread_name,
+                "started_at": stall.timestamp,
+                "so_far_ms": _ms(stall.so_far_ms),
+                "reports": stall.number,
+                "stack": [list(frame) for frame in stall.stack],
+            }
+            for stall in recording.unfinished_stalls
+        ],
         "culprits_total": len(summary.culprits),
         "culprits": [
             {

@@ -124,11 +124,50 @@ impl RecordedEpisode {
     }
 }
 
+/// One frame of a stack read while a stall still ran, innermost first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordedSample {
+    pub filename: String,
+    pub function: String,
+    pub lineno: Option<u32>,
+}
+
+/// A stall reported while it still ran, written by the watchdog itself (no Python): a step that
+/// never ends (a hang, a process killed while blocked) is in the recording all the same. Its
+/// episode, if it ends, follows it in the file with `reports_while_running` set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordedStall {
+    /// When the stall started, in seconds since the epoch.
+    pub timestamp: f64,
+    pub process_id: u32,
+    /// The thread as Python names it (`threading.get_ident()`) and its name.
+    pub thread_id: u64,
+    pub thread_name: String,
+    /// How long it had run when reported.
+    pub so_far_ms: f64,
+    pub threshold_ms: f64,
+    /// 1 for its first report, then 2, 3...
+    pub number: u32,
+    /// The loop thread's Python stack, innermost first; empty if it could not be read.
+    pub stack: Vec<RecordedSample>,
+}
+
+impl RecordedStall {
+    fn problem(&self) -> Option<&'static str> {
+        let times = [self.timestamp, self.so_far_ms, self.threshold_ms];
+        if times.iter().any(|t| !t.is_finite() || *t < 0.0) {
+            return Some("a time that is negative or not a number");
+        }
+        None
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Record {
     Session(SessionRecord),
     Episode(Box<RecordedEpisode>),
+    Stall(Box<RecordedStall>),
     /// A record of a kind this version does not know (written by a newer loopwatch): skipped.
     #[serde(other)]
     Unknown,
@@ -142,6 +181,36 @@ pub fn encode(record: &Record) -> Vec<u8> {
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(&payload);
     frame
+}
+
+/// Appends one record to a recording opened for appending, in one write where the OS allows.
+/// A record written in part (a full disk) is cut back off, so that it cannot hide the records
+/// written after it.
+pub fn append(file: &mut std::fs::File, record: &Record) -> io::Result<()> {
+    use std::io::Write;
+    let frame = encode(record);
+    let mut written = 0;
+    while written < frame.len() {
+        match file.write(&frame[written..]) {
+            Ok(0) => return Err(undo_partial(file, written, io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(undo_partial(file, written, e)),
+        }
+    }
+    Ok(())
+}
+
+fn undo_partial(file: &mut std::fs::File, written: usize, error: io::Error) -> io::Error {
+    use std::io::Seek;
+    if written > 0 {
+        if let (Ok(end), Ok(meta)) = (file.stream_position(), file.metadata()) {
+            if meta.len() == end {
+                let _ = file.set_len(end - written as u64);
+            }
+        }
+    }
+    error
 }
 
 /// Why a file cannot be read as a recording at all.
@@ -316,12 +385,15 @@ impl<R: Read> Iterator for RecordReader<R> {
 
 fn decode(payload: &[u8]) -> Result<Record, String> {
     let record: Record = rmp_serde::from_slice(payload).map_err(|e| e.to_string())?;
-    if let Record::Episode(episode) = &record {
-        if let Some(problem) = episode.problem() {
-            return Err(problem.to_owned());
-        }
+    let problem = match &record {
+        Record::Episode(episode) => episode.problem(),
+        Record::Stall(stall) => stall.problem(),
+        Record::Session(_) | Record::Unknown => None,
+    };
+    match problem {
+        Some(problem) => Err(problem.to_owned()),
+        None => Ok(record),
     }
-    Ok(record)
 }
 
 fn unreadable(offset: u64, error: &io::Error) -> Damage {

@@ -2,6 +2,7 @@
 //! running, and on removal reports what is pending and restores the previous profile function.
 
 use std::cell::UnsafeCell;
+use std::path::PathBuf;
 
 use loopwatch_core::{Clock, FilterSet, Ticks, Tracker};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -344,13 +345,15 @@ impl ThreadMonitor {
 
     /// Installs the hook on the calling thread. `sink` receives one dict per episode.
     /// `stall_reports`: the watchdog reports a step still running past the threshold, to stderr.
-    #[pyo3(signature = (threshold_ms, filters, sink, stall_reports=true))]
+    /// `stall_recordings`: recordings that get a record of each such report.
+    #[pyo3(signature = (threshold_ms, filters, sink, stall_reports=true, stall_recordings=Vec::new()))]
     fn install(
         slf: &Bound<'_, Self>,
         threshold_ms: f64,
         filters: &Filters,
         sink: Py<PyAny>,
         stall_reports: bool,
+        stall_recordings: Vec<PathBuf>,
     ) -> PyResult<()> {
         let py = slf.py();
         let me = slf.as_ptr();
@@ -366,10 +369,14 @@ impl ThreadMonitor {
         let (backend, fallback) = Backend::choose()?;
         state.watch = WatchHandle::register(
             crate::stackread::current_thread_state(),
+            current_thread(),
             &Self::thread_name(py),
             threshold,
             stall_reports,
         );
+        if let Some(watch) = state.watch.as_ref() {
+            watch.set_recordings(stall_recordings);
+        }
         state.fallback = fallback;
         let tracker = match backend {
             Backend::Monitoring => match Self::install_monitoring(py, me, state, tracker, &sink)? {
@@ -437,13 +444,14 @@ impl ThreadMonitor {
 
     /// Applies new settings. What the running step blocked so far goes to the old sink first,
     /// and the step is judged afresh from now under the new settings.
-    #[pyo3(signature = (threshold_ms, filters, sink, stall_reports=true))]
+    #[pyo3(signature = (threshold_ms, filters, sink, stall_reports=true, stall_recordings=Vec::new()))]
     fn reconfigure(
         slf: &Bound<'_, Self>,
         threshold_ms: f64,
         filters: &Filters,
         sink: Py<PyAny>,
         stall_reports: bool,
+        stall_recordings: Vec<PathBuf>,
     ) -> PyResult<()> {
         let this = slf.get();
         let threshold = Self::threshold_ticks(threshold_ms)?;
@@ -460,6 +468,7 @@ impl ThreadMonitor {
             state.sink = Some(sink);
             if let Some(watch) = state.watch.as_ref() {
                 watch.configure(threshold, stall_reports);
+                watch.set_recordings(stall_recordings);
             }
         }
         Ok(())

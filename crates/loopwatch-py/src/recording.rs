@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use loopwatch_core::recording::{
-    encode, starts_recording, OpenError, Record, RecordReader, RecordedEpisode, RecordedFrame,
-    SessionRecord, FILE_START,
+    append, starts_recording, OpenError, Record, RecordReader, RecordedEpisode, RecordedFrame,
+    RecordedStall, SessionRecord, FILE_START,
 };
 use loopwatch_core::EpisodeKind;
 use pyo3::exceptions::{PyOSError, PyStopIteration, PyValueError};
@@ -109,24 +109,7 @@ impl RecordingWriter {
     }
 
     fn write(&self, record: &Record) -> PyResult<()> {
-        let frame = encode(record);
-        let mut file = self.lock();
-        let mut written = 0;
-        while written < frame.len() {
-            match file.write(&frame[written..]) {
-                Ok(0) => {
-                    return Err(os_error(undo_partial(
-                        &mut file,
-                        written,
-                        io::ErrorKind::WriteZero.into(),
-                    )))
-                }
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(os_error(undo_partial(&mut file, written, e))),
-            }
-        }
-        Ok(())
+        append(&mut self.lock(), record).map_err(os_error)
     }
 }
 
@@ -146,18 +129,26 @@ fn os_error(error: io::Error) -> PyErr {
 
 /// A record written in part (the disk filled up) would hide every record after it: cut it off,
 /// unless someone else has written after it meanwhile. Gives back the error that stopped it.
-fn undo_partial(file: &mut File, written: usize, error: io::Error) -> io::Error {
-    if written > 0 {
-        if let (Ok(end), Ok(meta)) = (file.stream_position(), file.metadata()) {
-            if meta.len() == end {
-                let _ = file.set_len(end - written as u64);
-            }
-        }
-    }
-    error
+/// A stall reported while it ran, as Python reads it (`loopwatch._stalls.StallInfo`'s fields).
+fn stall_to_python<'py>(py: Python<'py>, stall: &RecordedStall) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("timestamp", stall.timestamp)?;
+    dict.set_item("process_id", stall.process_id)?;
+    dict.set_item("thread_id", stall.thread_id)?;
+    dict.set_item("thread_name", &stall.thread_name)?;
+    dict.set_item("so_far_ms", stall.so_far_ms)?;
+    dict.set_item("threshold_ms", stall.threshold_ms)?;
+    dict.set_item("number", stall.number)?;
+    let stack: Vec<(&str, &str, Option<u32>)> = stall
+        .stack
+        .iter()
+        .map(|f| (f.filename.as_str(), f.function.as_str(), f.lineno))
+        .collect();
+    dict.set_item("stack", stack)?;
+    Ok(dict)
 }
 
-/// Reads a recording record by record: `("session", dict)`, `("episode", dict)`, or
+/// Reads a recording record by record: `("session", dict)`, `("episode", dict)`, `("stall", dict)`, or
 /// `("damage", message)` where the file is damaged (reading goes on if it can).
 #[pyclass(unsendable, module = "loopwatch._native")]
 pub struct RecordingReader {
@@ -209,6 +200,9 @@ impl RecordingReader {
                 }
                 Some(Ok(Record::Episode(episode))) => {
                     Ok(("episode", episode_to_python(py, &episode)?.into_any()))
+                }
+                Some(Ok(Record::Stall(stall))) => {
+                    Ok(("stall", stall_to_python(py, &stall)?.into_any()))
                 }
                 Some(Ok(Record::Unknown)) => continue,
             };

@@ -9,10 +9,13 @@
 //! have been idle for a while. Slots are static and never freed, so the watchdog never reads
 //! memory a thread has given back, and nothing here takes a lock a fork could leave held.
 
+use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use loopwatch_core::cpu_wait::OtherThreadCpuWait;
+use loopwatch_core::recording::{append, Record, RecordedSample, RecordedStall};
 use loopwatch_core::{Clock, Look, RunningStall, StallTimer, Ticks};
 
 use crate::stackread::read_stack;
@@ -39,6 +42,11 @@ struct Watch {
     enabled: AtomicBool,
     tstate: AtomicU64,
     tid: AtomicI64,
+    /// The thread as Python names it (`threading.get_ident()`).
+    ident: AtomicU64,
+    /// Recordings that get a record of each report; locked briefly by the thread that sets
+    /// them, only tried by the watchdog (which never waits for it).
+    recordings: Mutex<Vec<PathBuf>>,
     name: [AtomicU64; NAME_WORDS],
     /// How many reports the watchdog made of unit `reported_seq` while it ran.
     reported_seq: AtomicU64,
@@ -56,6 +64,8 @@ impl Watch {
             enabled: AtomicBool::new(false),
             tstate: AtomicU64::new(0),
             tid: AtomicI64::new(0),
+            ident: AtomicU64::new(0),
+            recordings: Mutex::new(Vec::new()),
             name: [const { AtomicU64::new(0) }; NAME_WORDS],
             reported_seq: AtomicU64::new(u64::MAX),
             reported: AtomicU32::new(0),
@@ -132,7 +142,13 @@ fn current_tid() -> i64 {
 impl WatchHandle {
     /// Takes a slot for the calling thread (whose `PyThreadState` is `tstate`) and makes sure the
     /// watchdog runs. `None` when every slot is taken.
-    pub fn register(tstate: usize, name: &str, threshold: Ticks, enabled: bool) -> Option<Self> {
+    pub fn register(
+        tstate: usize,
+        ident: u64,
+        name: &str,
+        threshold: Ticks,
+        enabled: bool,
+    ) -> Option<Self> {
         let index = WATCHES.iter().position(|watch| {
             watch
                 .in_use
@@ -143,7 +159,11 @@ impl WatchHandle {
         watch.generation.fetch_add(1, Ordering::AcqRel);
         watch.tstate.store(tstate as u64, Ordering::Relaxed);
         watch.tid.store(current_tid(), Ordering::Relaxed);
+        watch.ident.store(ident, Ordering::Relaxed);
         watch.set_name(name);
+        if let Ok(mut recordings) = watch.recordings.lock() {
+            recordings.clear();
+        }
         watch.threshold.store(threshold, Ordering::Relaxed);
         watch.enabled.store(enabled, Ordering::Relaxed);
         let seq = watch.seq.load(Ordering::Relaxed);
@@ -164,6 +184,13 @@ impl WatchHandle {
     pub fn configure(&self, threshold: Ticks, enabled: bool) {
         self.watch().threshold.store(threshold, Ordering::Relaxed);
         self.watch().enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    /// The recordings that get a record of each report made while a stall runs.
+    pub fn set_recordings(&self, paths: Vec<PathBuf>) {
+        if let Ok(mut recordings) = self.watch().recordings.lock() {
+            *recordings = paths;
+        }
     }
 
     /// Tells the watchdog when the running unit started (`None`: none runs). Called off the hot
@@ -404,7 +431,8 @@ fn run() {
     }
 }
 
-/// Reads the stalled thread's stack and writes the report; counts it for the unit's final report.
+/// Reads the stalled thread's stack and writes the report, to stderr and to the thread's
+/// recordings; counts it for the unit's final report.
 fn report(watch: &Watch, generation: u64, seq: u64, so_far: Ticks, number: u32, clock: &Clock) {
     let stack = read_stack(watch.tstate.load(Ordering::Relaxed) as usize).unwrap_or_default();
     if watch.generation.load(Ordering::Acquire) != generation
@@ -414,13 +442,49 @@ fn report(watch: &Watch, generation: u64, seq: u64, so_far: Ticks, number: u32, 
     }
     watch.reported.store(number, Ordering::Relaxed);
     watch.reported_seq.store(seq, Ordering::Release);
+    let ms = |ticks: Ticks| ticks as f64 * clock.nanos_per_tick() / 1e6;
     let stall = RunningStall {
         pid: own_pid(),
         thread_name: watch.name(),
-        so_far_ms: so_far as f64 * clock.nanos_per_tick() / 1e6,
+        so_far_ms: ms(so_far),
         stack,
     };
     write_stderr(stall.to_text().as_bytes());
+    let recordings = watch
+        .recordings
+        .try_lock()
+        .map(|paths| paths.clone())
+        .unwrap_or_default();
+    if recordings.is_empty() {
+        return;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64());
+    let record = Record::Stall(Box::new(RecordedStall {
+        timestamp: now - stall.so_far_ms / 1e3,
+        process_id: stall.pid,
+        thread_id: watch.ident.load(Ordering::Relaxed),
+        thread_name: stall.thread_name,
+        so_far_ms: stall.so_far_ms,
+        threshold_ms: ms(watch.threshold.load(Ordering::Relaxed)),
+        number,
+        stack: stall
+            .stack
+            .into_iter()
+            .map(|frame| RecordedSample {
+                filename: frame.filename,
+                function: frame.function,
+                lineno: frame.line,
+            })
+            .collect(),
+    }));
+    for path in recordings {
+        // Only files the program's recorder opened (and checked) are added to: never created.
+        if let Ok(mut file) = std::fs::OpenOptions::new().append(true).open(path) {
+            let _ = append(&mut file, &record);
+        }
+    }
 }
 
 /// Writes to the process's stderr directly (no Python, no lock), in as few writes as it takes.
