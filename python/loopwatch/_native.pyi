@@ -20,6 +20,7 @@ __all__ = [
 ]
 
 DEFAULT_EXCLUDES: list[str]
+__version__: str
 SCOPE: ContextVar[Any]
 
 @final

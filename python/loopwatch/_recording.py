@@ -102,10 +102,10 @@ class Recorder:
             raise _cannot_record(self.path, error) from None
 
     def _write_session(self) -> None:
-        from loopwatch import __version__
-
+        # The extension's version is the package's (maturin takes it from Cargo.toml), and asking
+        # it costs nothing: reading the installed metadata held the loop for ~50 ms the first time.
         self._writer.write_session(
-            os.getpid(), list(sys.argv), time.time(), platform.python_version(), __version__
+            os.getpid(), list(sys.argv), time.time(), platform.python_version(), _native.__version__
         )
         self._session_of = os.getpid()
 

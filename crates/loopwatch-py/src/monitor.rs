@@ -546,6 +546,14 @@ impl ThreadMonitor {
     /// setting. For loopwatch's own work with the hook in place: the reports' callbacks.
     fn set_paused(&self, paused: bool) -> PyResult<bool> {
         let state = self.state()?;
+        if let (Some(watch), Some(tracker)) = (state.watch.as_mut(), state.tracker.as_ref()) {
+            // loopwatch's own work is no stall of the program's: the watchdog does not time it.
+            watch.publish(if paused {
+                None
+            } else {
+                tracker.unit_started_at()
+            });
+        }
         Ok(std::mem::replace(&mut state.paused, paused))
     }
 

@@ -485,11 +485,11 @@ pub fn read_stack(tstate: usize) -> Option<Vec<SampledFrame>> {
             .zip(second.iter().rev())
             .take_while(|(a, b)| a.frame == b.frame && a.code == b.code)
             .count();
-        Some(name_frames(
-            &memory,
-            &second[second.len() - common..],
-            types,
-        ))
+        if common == 0 && !second.is_empty() {
+            return None; // not even the outermost frame agreed: read again
+        }
+        let named = name_frames(&memory, &second[second.len() - common..], types);
+        (!named.is_empty() || common == 0).then_some(named)
     })
 }
 
