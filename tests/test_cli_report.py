@@ -215,6 +215,7 @@ DOCUMENT_KEYS = {
     "first_at",
     "last_at",
     "percentiles",
+    "unfinished_stalls",
     "culprits_total",
     "culprits",
 }

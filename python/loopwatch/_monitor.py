@@ -345,6 +345,9 @@ class EventLoopMonitor(_AlsoAsync):
         hub = _hub()
         if self in hub.active:
             return
+        if self._recorder is not None and self._report_stalls:
+            # Before the watchdog adds its first record of a stall, the file says who writes.
+            self._recorder.start_session()
         hub.change([*hub.active, self])
         self._threads.add(threading.get_ident())
 

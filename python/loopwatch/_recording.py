@@ -82,11 +82,19 @@ class Recorder:
 
     def write(self, info: BlockingCallInfo) -> None:
         """Appends one report. Never raises: a failure (a full disk) is logged once, then counted."""
+        self._append(info)
+
+    def start_session(self) -> None:
+        """Writes this process's session record if it has not yet. Never raises."""
+        self._append(None)
+
+    def _append(self, info: Optional[BlockingCallInfo]) -> None:
         try:
             with self._lock:
                 if self._session_of != os.getpid():  # first write, or first in a forked child
                     self._write_session()
-                self._writer.write_episode(info._to_record())
+                if info is not None:
+                    self._writer.write_episode(info._to_record())
         except Exception as error:
             self._failures += 1
             if self._failures == 1:

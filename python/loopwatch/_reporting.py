@@ -21,6 +21,12 @@ Culprits are ordered by total blocked time, most first.
       "first_at": 1700000000.1,         # start of the first episode (null without episodes)
       "last_at": 1700000012.4,          # end of the last episode
       "percentiles": "nearest-rank",
+      "unfinished_stalls": [{           # stalls reported while running that no report of their
+        "process_id", "thread_id",      # end follows: still running when the recording stopped
+        "thread_name", "started_at", "so_far_ms",
+        "reports",                      # how many times it was reported while running
+        "stack": [["filename", "function", "lineno"]]   # innermost first, read while it ran
+      }],
       "culprits_total": 5,              # before --top
       "culprits": [{                    # the --top N worst, by total blocked time
         "rank": 1, "culprit": "time.sleep", "is_c_call": true,

@@ -201,8 +201,16 @@ impl WatchHandle {
         if self.published == running_since {
             return 0;
         }
+        self.published = running_since;
         let watch = self.watch();
         let seq = watch.seq.load(Ordering::Relaxed);
+        if !watch.enabled.load(Ordering::Relaxed) {
+            // Not reported while running: the watchdog is neither told nor woken.
+            if seq % 2 == 1 {
+                watch.seq.store(seq + 1, Ordering::SeqCst);
+            }
+            return 0;
+        }
         let ended = if seq % 2 == 1 { seq } else { u64::MAX };
         match running_since {
             Some(started) => {
@@ -218,7 +226,6 @@ impl WatchHandle {
             }
             None => watch.seq.store(seq + seq % 2, Ordering::SeqCst),
         }
-        self.published = running_since;
         if watch.reported_seq.load(Ordering::Acquire) == ended {
             watch.reported.load(Ordering::Relaxed)
         } else {
