@@ -35,6 +35,7 @@ ENV_THRESHOLD_MS = "LOOPWATCH_THRESHOLD_MS"
 ENV_INCLUDE = "LOOPWATCH_INCLUDE"
 ENV_EXCLUDE = "LOOPWATCH_EXCLUDE"
 ENV_RECORD = "LOOPWATCH_RECORD"
+ENV_REPORT_STALLS = "LOOPWATCH_REPORT_STALLS"
 PATTERN_SEPARATOR = ","
 _ON = ("1", "true", "yes", "on")
 _OFF = ("", "0", "false", "no", "off")
@@ -59,6 +60,8 @@ class Settings:
     exclude: tuple[str, ...] = ()
     record: Optional[str] = None
     """An absolute path, or None."""
+    report_stalls: bool = True
+    """Whether a step still running past the threshold is reported while it runs."""
 
     def environment(self) -> dict[str, str]:
         """The variables that make a Python process started with them monitored the same way."""
@@ -68,6 +71,7 @@ class Settings:
             ENV_INCLUDE: PATTERN_SEPARATOR.join(self.include),
             ENV_EXCLUDE: PATTERN_SEPARATOR.join(self.exclude),
             ENV_RECORD: self.record or "",
+            ENV_REPORT_STALLS: "1" if self.report_stalls else "0",
         }
 
 
@@ -117,6 +121,11 @@ def settings_from_environment(environ: Mapping[str, str]) -> Optional[Settings]:
         raise SettingsError(f"{ENV_ENABLED}: must be 1 (on) or 0 (off), got {environ[ENV_ENABLED]!r}")
     threshold = environ.get(ENV_THRESHOLD_MS, "").strip()
     record = environ.get(ENV_RECORD, "")
+    stalls = environ.get(ENV_REPORT_STALLS, "1").strip().lower()
+    if stalls not in _ON and stalls not in _OFF:
+        raise SettingsError(
+            f"{ENV_REPORT_STALLS}: must be 1 (on) or 0 (off), got {environ[ENV_REPORT_STALLS]!r}"
+        )
     return Settings(
         threshold_ms=_named(ENV_THRESHOLD_MS, parse_threshold, threshold)
         if threshold
@@ -124,6 +133,7 @@ def settings_from_environment(environ: Mapping[str, str]) -> Optional[Settings]:
         include=_patterns_from_environment(environ, ENV_INCLUDE),
         exclude=_patterns_from_environment(environ, ENV_EXCLUDE),
         record=_named(ENV_RECORD, check_record_path, record) if record else None,
+        report_stalls=stalls in _ON,
     )
 
 
@@ -237,6 +247,7 @@ class _WholeProgram:
             "on_blocking_call": self.reporter,
             # The reporter applies the limit itself, so that it still counts every episode.
             "reports_per_minute": None,
+            "report_stalls": self.settings.report_stalls,
         }
         if self.settings.record is not None:
             options["record_to"] = self.settings.record

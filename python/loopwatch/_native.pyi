@@ -17,6 +17,7 @@ __all__ = [
     "_read_stack",
     "_stack_reads",
     "_watched",
+    "__version__",
 ]
 
 DEFAULT_EXCLUDES: list[str]

@@ -5,9 +5,9 @@ A recording is a MessagePack stream: the string ``"loopwatch-recording"``, the f
 then one ``bin`` per record, holding a map with a ``"type"``: ``"session"`` (a process that
 recorded: ``process_id``, ``argv``, ``started_at``, ``python_version``, ``loopwatch_version``),
 ``"episode"`` (the fields of `BlockingCallInfo`) or ``"stall"`` (a stall reported while it still
-ran, written by the watchdog thread itself: the fields of `StallInfo`). Each record reaches the OS in one write, so a
-program that crashes or is killed leaves whole records; several threads and processes (forked
-workers, children started with ``LOOPWATCH_RECORD``) can add to one file.
+ran, written by the watchdog thread itself: the fields of `StallInfo`). Each record reaches the OS
+in one write, so a program that crashes or is killed leaves whole records; several threads and
+processes (forked workers, children started with ``LOOPWATCH_RECORD``) can add to one file.
 """
 
 from __future__ import annotations

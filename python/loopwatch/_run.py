@@ -128,6 +128,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write every episode to FILE, for `loopwatch report FILE` (a recording is started "
         "afresh; any other existing file is refused)",
     )
+    parser.add_argument(
+        "--no-report-stalls",
+        dest="report_stalls",
+        action="store_false",
+        help="do not report a step while it still runs past the threshold (by default loopwatch's "
+        "watchdog writes its stack to stderr at 1x, 10x and 100x the threshold)",
+    )
     # The program's command line never reaches argparse (see split_command_line): the CLI puts
     # it here. The parser's own error() gives `main` the usual usage error (exit 2).
     parser.set_defaults(program=Program(), usage_error=parser.error)
@@ -143,6 +150,7 @@ def main(args: argparse.Namespace) -> int:
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         record=args.record,
+        report_stalls=args.report_stalls,
     )
     name = program.argv[0]
     if not program.module:

@@ -44,7 +44,9 @@ class StallInfo:
             f"and was still running, at {self.where}"
         ]
         for filename, function, lineno in self.stack[:max_frames]:
-            lines.append(f"    {filename}:{lineno} in {function}" if lineno else f"    {filename} in {function}")
+            lines.append(
+                f"    {filename}:{lineno} in {function}" if lineno else f"    {filename} in {function}"
+            )
         if len(self.stack) > max_frames:
             lines.append(f"    ... {len(self.stack) - max_frames} more frames")
         return "\n".join(lines)

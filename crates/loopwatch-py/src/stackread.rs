@@ -5,7 +5,7 @@
 //! gives an error instead of a fault, and every object read is checked (its type, its size) before
 //! it is believed. A stack that does not check out is cut or dropped, never guessed at.
 //!
-//! Offsets are `offsetof` values from each version's headers (3.9-3.15, x86_64 and other 64-bit
+//! Offsets are `offsetof` values from each version's headers (3.9-3.15, `x86_64` and other 64-bit
 //! Linux), confirmed at import against the interpreter's own view of the importing thread.
 
 use std::collections::HashMap;
@@ -269,7 +269,9 @@ impl Memory {
                 base: address as *mut _,
                 len: buf.len(),
             };
-            let read = unsafe { sys::process_vm_readv(self.pid, &local, 1, &remote, 1, 0) };
+            let read = unsafe {
+                sys::process_vm_readv(self.pid, &raw const local, 1, &raw const remote, 1, 0)
+            };
             read == buf.len() as isize
         }
         #[cfg(not(target_os = "linux"))]

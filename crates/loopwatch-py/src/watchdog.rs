@@ -279,19 +279,16 @@ fn ensure_watchdog() {
     let spawned = std::thread::Builder::new()
         .name("loopwatch-watchdog".into())
         .spawn(run);
-    match spawned {
-        Ok(handle) => {
-            let thread = Box::into_raw(Box::new(handle.thread().clone()));
-            // The handle of a previous watchdog (before a fork) is left leaked.
-            WATCHDOG.store(thread, Ordering::Release);
-            if let Ok(mut join) = JOIN.lock() {
-                *join = Some(handle);
-            }
+    if let Ok(handle) = spawned {
+        let thread = Box::into_raw(Box::new(handle.thread().clone()));
+        // The handle of a previous watchdog (before a fork) is left leaked.
+        WATCHDOG.store(thread, Ordering::Release);
+        if let Ok(mut join) = JOIN.lock() {
+            *join = Some(handle);
         }
-        Err(_) => {
-            RUNNING.store(false, Ordering::SeqCst);
-            WATCHDOG_PID.store(0, Ordering::Release);
-        }
+    } else {
+        RUNNING.store(false, Ordering::SeqCst);
+        WATCHDOG_PID.store(0, Ordering::Release);
     }
 }
 
