@@ -463,3 +463,101 @@ def test_a_wrong_report_stalls_setting_is_named() -> None:
         SettingsError, match="LOOPWATCH_REPORT_STALLS: must be 1 \\(on\\) or 0 \\(off\\), got 'maybe'"
     ):
         settings_from_environment({"LOOPWATCH": "1", "LOOPWATCH_REPORT_STALLS": "maybe"})
+
+
+CALLBACKS = """
+import asyncio, sys, threading, time
+import loopwatch
+
+ITEMS = int(sys.argv[1])
+seen = []
+
+def say(line):
+    # One write per line: the courier thread prints too.
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+
+def on_stall(info):
+    # Runs on loopwatch's courier thread, while the loop's thread still runs the step.
+    seen.append((info.number, round(info.so_far_ms), info.where, threading.current_thread().name))
+    say(f"STALL {info.number}")
+
+def crunch(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.01)  # gives the GIL up: the callback runs meanwhile
+    return sum(range(ITEMS))  # holds the GIL: a report made now waits for the callback
+
+async def main():
+    finals = []
+    with loopwatch.EventLoopMonitor(threshold_ms=50, on_blocking_call=finals.append, on_stall=on_stall):
+        await asyncio.sleep(0)
+        say("START")
+        crunch(0.3)  # the stall
+        say("END")
+        await asyncio.sleep(0.05)
+    for number, so_far, where, thread in seen:
+        print("SEEN", number, so_far, where, thread, sep="|")
+    print("FINAL", [info.reports_while_running for info in finals])
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_stall_gets_each_report_while_the_step_still_runs(tmp_path: Path, backend: str) -> None:
+    program = write(tmp_path / "app.py", CALLBACKS)
+    done = run_program(program, backend, str(items_summed_in(0.2)))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # The first report reached the callback while the loop's thread was still in the step.
+    assert lines.index("STALL 1") < lines.index("END"), done.stdout
+    seen = [line.split("|")[1:] for line in lines if line.startswith("SEEN")]
+    stall = f"{program}:{line_of(program, 'the stall')} in main"
+    assert [int(number) for number, *_ in seen] == list(range(1, len(seen) + 1))
+    assert {thread for *_, thread in seen} == {"loopwatch-stalls"}
+    # Where the step was at each report: crunch's lines, or (by 10x the threshold) past them.
+    assert seen[0][2].endswith(" in crunch") and all(
+        where.startswith(f"{program}:") for _, _, where, _ in seen
+    ), seen
+    assert int(seen[0][1]) >= 50
+    # Every report of the stall reached the callback, and the final report counts them.
+    assert lines[-1] == f"FINAL [{len(seen)}]"
+    # Its stack, on stderr, goes through the line of the stall.
+    assert f"\n    {stall}\n" in done.stderr
+
+
+def test_on_stall_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="on_stall must be callable, got int"):
+        EventLoopMonitor(on_stall=3)  # type: ignore[arg-type]
+
+
+FORK_WITH_COURIER = """
+import asyncio, os, sys, time, warnings
+import loopwatch
+
+warnings.simplefilter("error")  # a fork that CPython thinks multi-threaded would raise here
+
+async def main():
+    with loopwatch.EventLoopMonitor(threshold_ms=50, on_stall=lambda info: None):
+        await asyncio.sleep(0)
+        time.sleep(0.1)  # the courier and the watchdog are running now
+        await asyncio.sleep(0)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("FORKED", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_neither_the_watchdog_nor_the_courier_makes_a_fork_multi_threaded(tmp_path: Path) -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    program = write(tmp_path / "app.py", FORK_WITH_COURIER)
+    done = run_program(program, BACKENDS[-1])
+    assert done.returncode == 0, done.stderr
+    assert "FORKED" in done.stdout
+    assert "multi-threaded" not in done.stderr

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Iterable
 from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, cast
 
-from loopwatch import _native
+from loopwatch import _native, _stalls
 from loopwatch._limits import (
     DEFAULT_REPORTS_PER_MINUTE,
     DEFAULT_THRESHOLD_MS,
@@ -28,6 +28,7 @@ from loopwatch._limits import (
 )
 from loopwatch._recording import PathArg, Recorder, open_recorder
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo
+from loopwatch._stalls import StallCallback, StallInfo
 
 __all__ = ["DEFAULT_EXCLUDES", "DEFAULT_THRESHOLD_MS", "EventLoopMonitor", "event_loop_monitor_ctx"]
 
@@ -94,6 +95,7 @@ class _ThreadHub:
         # Who gets what the hook reports: changed only after the hook has handed what the running
         # step blocked so far to the monitors that were active while it ran.
         self._recipients: tuple[EventLoopMonitor, ...] = ()
+        _stalls.register_hub(threading.get_ident(), self)
 
     def deliver(self, raw: dict[str, Any]) -> None:
         """The native hook's sink: one episode, to each monitor active while it happened, innermost
@@ -139,12 +141,16 @@ class _ThreadHub:
                 self.active = []
             stalls = [monitor for monitor in active if monitor._report_stalls]
             recordings = list(dict.fromkeys(m._recorder.file for m in stalls if m._recorder is not None))
+            callbacks = any(monitor._on_stall is not None for monitor in stalls)
+            if callbacks:
+                _stalls.courier.ensure()
+            destinations = (bool(stalls), recordings, callbacks)
             if self.active:
-                self.native.reconfigure(threshold_ms, filters, self.deliver, bool(stalls), recordings)
+                self.native.reconfigure(threshold_ms, filters, self.deliver, *destinations)
             else:
                 self._recipients = tuple(active)
                 try:
-                    self.native.install(threshold_ms, filters, self.deliver, bool(stalls), recordings)
+                    self.native.install(threshold_ms, filters, self.deliver, *destinations)
                 except BaseException:
                     self._recipients = ()
                     raise
@@ -158,6 +164,16 @@ class _ThreadHub:
                     )
         self.active = active
         self._recipients = tuple(active)
+
+    def deliver_stall(self, info: StallInfo) -> None:
+        """A report of a stall still running on this hub's thread, from the courier thread: to
+        each active monitor's ``on_stall``, once per callback."""
+        called: list[object] = []
+        for monitor in reversed(self._recipients):
+            callback = monitor._on_stall
+            if monitor._report_stalls and callback is not None and callback not in called:
+                called.append(callback)
+                monitor._call_on_stall(info)
 
     def _say_replaced(self) -> None:
         logger.warning(
@@ -285,6 +301,9 @@ class EventLoopMonitor(_AlsoAsync):
         record_to: a file that every report is added to, rate limit or not, for
             ``loopwatch report`` (see `loopwatch._recording`). Created if missing; added to if it
             is already a recording; `RecordingError` if it cannot be written.
+        on_stall: called with a `StallInfo` for each report of a step still running (below),
+            from a thread of loopwatch's own as soon as it can have the GIL; the step's report
+            when it ends goes to ``on_blocking_call`` as usual.
         report_stalls: a step still running past the threshold is reported while it runs, at
             1x, 10x, 100x... the threshold: loopwatch's watchdog thread reads the loop thread's
             Python stack and writes it to stderr itself, so the report gets out even while a C
@@ -309,11 +328,16 @@ class EventLoopMonitor(_AlsoAsync):
         reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
         record_to: Optional[PathArg] = None,
         report_stalls: bool = True,
+        on_stall: Optional[StallCallback] = None,
     ) -> None:
         self._threshold_ms = _check_threshold(threshold_ms)
         if not isinstance(report_stalls, bool):
             raise TypeError(f"report_stalls must be True or False, got {type(report_stalls).__name__}")
         self._report_stalls = report_stalls
+        if on_stall is not None and not callable(on_stall):
+            raise TypeError(f"on_stall must be callable, got {type(on_stall).__name__}")
+        self._on_stall = on_stall
+        self._stall_callback_failures = 0
         self._reports_per_minute = check_reports_per_minute(reports_per_minute)
         self._rate_limit = CulpritRateLimit(reports_per_minute) if reports_per_minute is not None else None
         self._include_paths = _check_patterns("include_paths", include_paths)
@@ -404,6 +428,8 @@ class EventLoopMonitor(_AlsoAsync):
         context), so that a slow one never lengthens the step it reports; where no loop runs
         they run at once. At most `MAX_PENDING_REPORTS` wait. Whether it takes the episode (one
         under its threshold is for another monitor). Never raises."""
+        if self._on_stall is not None and self._report_stalls:
+            _stalls.courier.ensure()  # gone since a fork
         threshold_ns = round(self._threshold_ms * 1e6)
         if raw["duration_ns"] < threshold_ns:
             return False
@@ -469,7 +495,20 @@ class EventLoopMonitor(_AlsoAsync):
             "reports_per_minute": self._reports_per_minute,
             "record_to": self._recorder.path if self._recorder is not None else None,
             "report_stalls": self._report_stalls,
+            "on_stall": self._on_stall,
         }
+
+    def _call_on_stall(self, info: StallInfo) -> None:
+        """Hands a report of a running stall to ``on_stall``. Never raises."""
+        assert self._on_stall is not None
+        try:
+            self._on_stall(info)
+        except Exception:
+            self._stall_callback_failures += 1
+            if self._stall_callback_failures == 1:
+                logger.exception(
+                    "on_stall raised; monitoring goes on (further failures are counted, not logged)"
+                )
 
     def _dispatch(self, info: BlockingCallInfo) -> None:
         """Records a report, then hands it to the callback, or logs it, within the rate limit.
@@ -563,6 +602,7 @@ def event_loop_monitor_ctx(
     reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
     record_to: Optional[PathArg] = None,
     report_stalls: bool = True,
+    on_stall: Optional[StallCallback] = None,
 ) -> _MonitorContext:
     """Monitors the event loop of the current thread while the block (or decorated function) runs.
 
@@ -579,5 +619,6 @@ def event_loop_monitor_ctx(
         "reports_per_minute": reports_per_minute,
         "record_to": record_to,
         "report_stalls": report_stalls,
+        "on_stall": on_stall,
     }
     return _MonitorContext(enabled, settings)

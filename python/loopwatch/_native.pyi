@@ -11,13 +11,16 @@ __all__ = [
     "RecordingReader",
     "RecordingWriter",
     "ThreadMonitor",
+    "__version__",
     "_bench_install_empty_hook",
     "_bench_uninstall_hook",
     "_code_reads",
+    "_dropped_stalls",
     "_read_stack",
+    "_release_stalls",
     "_stack_reads",
+    "_take_stalls",
     "_watched",
-    "__version__",
 ]
 
 DEFAULT_EXCLUDES: list[str]
@@ -43,6 +46,7 @@ class ThreadMonitor:
         sink: Callable[[dict[str, Any]], None],
         stall_reports: bool = True,
         stall_recordings: list[str] = ...,
+        stall_callbacks: bool = False,
     ) -> None: ...
     def reconfigure(
         self,
@@ -51,6 +55,7 @@ class ThreadMonitor:
         sink: Callable[[dict[str, Any]], None],
         stall_reports: bool = True,
         stall_recordings: list[str] = ...,
+        stall_callbacks: bool = False,
     ) -> None: ...
     def uninstall(self) -> bool: ...
     def flush(self) -> None: ...
@@ -84,6 +89,15 @@ def _read_stack(tstate: Optional[int] = None) -> Optional[list[tuple[str, str, O
     """A thread's Python stack read as the watchdog reads it, innermost first: the calling
     thread's, or with `tstate` (from `_stack_reads`) another's, read with the GIL released.
     None when stacks cannot be read here."""
+
+def _take_stalls(timeout_s: float) -> list[dict[str, Any]]:
+    """Waits up to `timeout_s` (GIL released) for reports of running stalls and takes them."""
+
+def _release_stalls(release: bool = True) -> None:
+    """Ends every wait of `_take_stalls` now (and later ones at once), or lets them wait again."""
+
+def _dropped_stalls() -> int:
+    """How many reports of running stalls were dropped, waiting, since the last call."""
 
 def _stack_reads() -> tuple[int, Optional[str]]:
     """The calling thread's PyThreadState address, and why stacks cannot be read (or None)."""

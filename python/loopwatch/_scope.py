@@ -19,6 +19,7 @@ from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE
 from loopwatch._monitor import DEFAULT_THRESHOLD_MS, EventLoopMonitor, _AlsoAsync, per_thread
 from loopwatch._recording import PathArg
 from loopwatch._report import BlockingCallCallback, BlockingCallInfo
+from loopwatch._stalls import StallCallback
 
 
 class _ScopeHub:
@@ -76,6 +77,7 @@ class _ScopeHub:
             on_blocking_call=self._route,
             reports_per_minute=None,  # each scope applies its own
             report_stalls=settings._report_stalls,
+            on_stall=settings._on_stall,
         )
 
     def _route(self, info: BlockingCallInfo) -> None:
@@ -142,6 +144,7 @@ def monitor_current_task(
     reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
     record_to: Optional[PathArg] = None,
     report_stalls: bool = False,
+    on_stall: Optional[StallCallback] = None,
 ) -> TaskScope:
     """Monitors only the current task (and tasks it creates inside the block), for one request or
     job in a busy service: other tasks on the same loop are never reported, even while the hook is
@@ -166,5 +169,6 @@ def monitor_current_task(
         reports_per_minute=reports_per_minute,
         record_to=record_to,
         report_stalls=report_stalls,
+        on_stall=on_stall,
     )
     return TaskScope(settings, context)

@@ -5,10 +5,18 @@ monitors that record). The report made when the step ends, if it ends, counts th
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["StallInfo"]
+from loopwatch import _native
+
+__all__ = ["StallCallback", "StallInfo"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +64,74 @@ class StallInfo:
         fields = dict(record)
         fields["stack"] = tuple(tuple(frame) for frame in record["stack"])
         return cls(**fields)
+
+
+StallCallback = Callable[[StallInfo], Any]
+
+logger = logging.getLogger("loopwatch")
+
+_hubs: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+"""Each watched thread's hub (`loopwatch._monitor._ThreadHub`), by ``threading.get_ident()``."""
+
+
+def register_hub(ident: int, hub: Any) -> None:
+    _hubs[ident] = hub
+
+
+class _Courier:
+    """A thread of loopwatch's own that hands reports of running stalls to ``on_stall`` callbacks:
+    it waits for them with the GIL released and calls the callbacks as soon as it has the GIL
+    (while a C call on the loop's thread holds it, they wait). It ends before each fork, so that
+    CPython never warns of a multi-threaded fork because of it, and at exit; it starts again when
+    a monitor with ``on_stall`` is next activated or reports."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._pid = 0
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    def ensure(self) -> None:
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid() and thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+                return
+            self._stopping = False
+            _native._release_stalls(False)
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="loopwatch-stalls", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None or self._pid != os.getpid() or not thread.is_alive():
+            return
+        self._stopping = True
+        _native._release_stalls(True)
+        thread.join(timeout=1.0)
+        self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                taken = _native._take_stalls(0.5)
+            except Exception:  # pragma: no cover - a loopwatch bug; never the program's problem
+                logger.exception("loopwatch: reports of running stalls can no longer be handed on")
+                return
+            for raw in taken:
+                if raw["process_id"] != os.getpid():
+                    continue  # made before a fork, for the parent
+                hub = _hubs.get(raw["thread_id"])
+                if hub is not None:
+                    hub.deliver_stall(StallInfo._from_record(raw))
+            dropped = _native._dropped_stalls()
+            if dropped:
+                logger.warning("loopwatch dropped %d reports of running stalls waiting for on_stall", dropped)
+
+
+courier = _Courier()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=courier.stop)
+atexit.register(courier.stop)

@@ -2,6 +2,7 @@
 //! It translates events and names frames; every decision is the core's.
 
 mod codes;
+mod courier;
 mod errors;
 mod events;
 mod floor;
@@ -44,6 +45,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(monitor::_watched, m)?)?;
     m.add_function(wrap_pyfunction!(stackread::_read_stack, m)?)?;
     m.add_function(wrap_pyfunction!(stackread::_stack_reads, m)?)?;
+    m.add_function(wrap_pyfunction!(courier::_take_stalls, m)?)?;
+    m.add_function(wrap_pyfunction!(courier::_release_stalls, m)?)?;
+    m.add_function(wrap_pyfunction!(courier::_dropped_stalls, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_install_empty_hook, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_uninstall_hook, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

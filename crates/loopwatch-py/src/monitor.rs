@@ -345,8 +345,13 @@ impl ThreadMonitor {
 
     /// Installs the hook on the calling thread. `sink` receives one dict per episode.
     /// `stall_reports`: the watchdog reports a step still running past the threshold, to stderr.
-    /// `stall_recordings`: recordings that get a record of each such report.
-    #[pyo3(signature = (threshold_ms, filters, sink, stall_reports=true, stall_recordings=Vec::new()))]
+    /// `stall_recordings`: recordings that get a record of each such report; `stall_callbacks`:
+    /// whether they also go to `_take_stalls` for Python callbacks.
+    #[pyo3(signature = (
+        threshold_ms, filters, sink, stall_reports=true, stall_recordings=Vec::new(),
+        stall_callbacks=false
+    ))]
+    #[allow(clippy::too_many_arguments)] // the settings of one monitor, as Python passes them
     fn install(
         slf: &Bound<'_, Self>,
         threshold_ms: f64,
@@ -354,6 +359,7 @@ impl ThreadMonitor {
         sink: Py<PyAny>,
         stall_reports: bool,
         stall_recordings: Vec<PathBuf>,
+        stall_callbacks: bool,
     ) -> PyResult<()> {
         let py = slf.py();
         let me = slf.as_ptr();
@@ -375,7 +381,7 @@ impl ThreadMonitor {
             stall_reports,
         );
         if let Some(watch) = state.watch.as_ref() {
-            watch.set_recordings(stall_recordings);
+            watch.set_destinations(stall_recordings, stall_callbacks);
         }
         state.fallback = fallback;
         let tracker = match backend {
@@ -444,7 +450,11 @@ impl ThreadMonitor {
 
     /// Applies new settings. What the running step blocked so far goes to the old sink first,
     /// and the step is judged afresh from now under the new settings.
-    #[pyo3(signature = (threshold_ms, filters, sink, stall_reports=true, stall_recordings=Vec::new()))]
+    #[pyo3(signature = (
+        threshold_ms, filters, sink, stall_reports=true, stall_recordings=Vec::new(),
+        stall_callbacks=false
+    ))]
+    #[allow(clippy::too_many_arguments)] // as `install`
     fn reconfigure(
         slf: &Bound<'_, Self>,
         threshold_ms: f64,
@@ -452,6 +462,7 @@ impl ThreadMonitor {
         sink: Py<PyAny>,
         stall_reports: bool,
         stall_recordings: Vec<PathBuf>,
+        stall_callbacks: bool,
     ) -> PyResult<()> {
         let this = slf.get();
         let threshold = Self::threshold_ticks(threshold_ms)?;
@@ -468,7 +479,7 @@ impl ThreadMonitor {
             state.sink = Some(sink);
             if let Some(watch) = state.watch.as_ref() {
                 watch.configure(threshold, stall_reports);
-                watch.set_recordings(stall_recordings);
+                watch.set_destinations(stall_recordings, stall_callbacks);
             }
         }
         Ok(())

@@ -130,7 +130,10 @@ fn os_error(error: io::Error) -> PyErr {
 /// A record written in part (the disk filled up) would hide every record after it: cut it off,
 /// unless someone else has written after it meanwhile. Gives back the error that stopped it.
 /// A stall reported while it ran, as Python reads it (`loopwatch._stalls.StallInfo`'s fields).
-fn stall_to_python<'py>(py: Python<'py>, stall: &RecordedStall) -> PyResult<Bound<'py, PyDict>> {
+pub fn stall_to_python<'py>(
+    py: Python<'py>,
+    stall: &RecordedStall,
+) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("timestamp", stall.timestamp)?;
     dict.set_item("process_id", stall.process_id)?;

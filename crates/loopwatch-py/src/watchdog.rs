@@ -47,6 +47,8 @@ struct Watch {
     /// Recordings that get a record of each report; locked briefly by the thread that sets
     /// them, only tried by the watchdog (which never waits for it).
     recordings: Mutex<Vec<PathBuf>>,
+    /// Whether each report also goes to Python callbacks (through `courier`).
+    to_python: AtomicBool,
     name: [AtomicU64; NAME_WORDS],
     /// How many reports the watchdog made of unit `reported_seq` while it ran.
     reported_seq: AtomicU64,
@@ -66,6 +68,7 @@ impl Watch {
             tid: AtomicI64::new(0),
             ident: AtomicU64::new(0),
             recordings: Mutex::new(Vec::new()),
+            to_python: AtomicBool::new(false),
             name: [const { AtomicU64::new(0) }; NAME_WORDS],
             reported_seq: AtomicU64::new(u64::MAX),
             reported: AtomicU32::new(0),
@@ -186,11 +189,13 @@ impl WatchHandle {
         self.watch().enabled.store(enabled, Ordering::Relaxed);
     }
 
-    /// The recordings that get a record of each report made while a stall runs.
-    pub fn set_recordings(&self, paths: Vec<PathBuf>) {
-        if let Ok(mut recordings) = self.watch().recordings.lock() {
-            *recordings = paths;
+    /// Where each report made while a stall runs goes besides stderr: these recordings, and
+    /// Python callbacks (`to_python`).
+    pub fn set_destinations(&self, recordings: Vec<PathBuf>, to_python: bool) {
+        if let Ok(mut held) = self.watch().recordings.lock() {
+            *held = recordings;
         }
+        self.watch().to_python.store(to_python, Ordering::Relaxed);
     }
 
     /// Tells the watchdog when the running unit started (`None`: none runs). Called off the hot
@@ -459,7 +464,8 @@ fn report(watch: &Watch, generation: u64, seq: u64, so_far: Ticks, number: u32, 
         .try_lock()
         .map(|paths| paths.clone())
         .unwrap_or_default();
-    if recordings.is_empty() {
+    let to_python = watch.to_python.load(Ordering::Relaxed);
+    if recordings.is_empty() && !to_python {
         return;
     }
     let now = SystemTime::now()
@@ -488,6 +494,9 @@ fn report(watch: &Watch, generation: u64, seq: u64, so_far: Ticks, number: u32, 
         if let Ok(mut file) = std::fs::OpenOptions::new().append(true).open(path) {
             let _ = append(&mut file, &record);
         }
+    }
+    if let (true, Record::Stall(stall)) = (to_python, record) {
+        crate::courier::leave(*stall);
     }
 }
 
