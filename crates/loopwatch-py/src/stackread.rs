@@ -52,6 +52,10 @@ struct Layout {
     co_linetable: usize,
     /// 3.11+: where the code's instructions start inside the code object.
     co_code_adaptive: usize,
+    /// 3.11+: `_co_firsttraceable`, the first instruction of the code's own (code units): a frame
+    /// not past it is "incomplete" (the interpreter's own shim, or one still being set up), and
+    /// CPython leaves it out of every stack it shows.
+    co_firsttraceable: usize,
     table: LineTable,
     /// `sizeof(PyASCIIObject)` and `sizeof(PyCompactUnicodeObject)`: where a string's characters start.
     ascii_size: usize,
@@ -75,6 +79,7 @@ const LAYOUT: Layout = Layout {
     co_firstlineno: 40,
     co_linetable: 120,
     co_code_adaptive: 0,
+    co_firsttraceable: 0,
     table: LineTable::Lnotab,
     ascii_size: 48,
     compact_size: 72,
@@ -96,6 +101,7 @@ const LAYOUT: Layout = Layout {
     co_firstlineno: 40,
     co_linetable: 120,
     co_code_adaptive: 0,
+    co_firsttraceable: 0,
     ascii_size: 48,
     compact_size: 72,
     tag_bits: 0,
@@ -116,6 +122,7 @@ const LAYOUT: Layout = Layout {
     co_firstlineno: 72,
     co_linetable: 136,
     co_code_adaptive: 184,
+    co_firsttraceable: 168,
     table: LineTable::Locations,
     ascii_size: 48,
     compact_size: 72,
@@ -137,6 +144,7 @@ const LAYOUT: Layout = Layout {
     co_firstlineno: 68,
     co_linetable: 136,
     co_code_adaptive: 192,
+    co_firsttraceable: 176,
     table: LineTable::Locations,
     ascii_size: 40,
     compact_size: 56,
@@ -158,6 +166,7 @@ const LAYOUT: Layout = Layout {
     co_firstlineno: 68,
     co_linetable: 136,
     co_code_adaptive: 200,
+    co_firsttraceable: 184,
     table: LineTable::Locations,
     ascii_size: 40,
     compact_size: 56,
@@ -180,12 +189,15 @@ const LAYOUT: Layout = Layout {
     co_firstlineno: 68,
     co_linetable: 136,
     co_code_adaptive: 208,
+    co_firsttraceable: 192,
     table: LineTable::Locations,
     ascii_size: 40,
     compact_size: 56,
     tag_bits: 3,
 };
 
+/// `FRAME_OWNED_BY_GENERATOR` (3.11-3.15).
+const OWNED_BY_GENERATOR: u8 = 1;
 /// `ob_type`, `ob_size` (of a `PyVarObject`), the characters of a `bytes`.
 const OB_TYPE: usize = 8;
 const OB_SIZE: usize = 16;
@@ -395,7 +407,11 @@ fn raw_frames(memory: &Memory, tstate: usize, types: &Types) -> Option<Vec<RawFr
         }
         at = memory.word(at + offset)?;
     }
-    while at != 0 && frames.len() < MAX_DEPTH {
+    // Links followed, not frames kept: a damaged chain can loop through frames that are left out.
+    for _ in 0..MAX_DEPTH * 2 {
+        if at == 0 || frames.len() >= MAX_DEPTH {
+            break;
+        }
         if at % 8 != 0 {
             return None;
         }
@@ -424,15 +440,24 @@ fn raw_frames(memory: &Memory, tstate: usize, types: &Types) -> Option<Vec<RawFr
                 owner,
                 foreign_owner,
             } => {
-                if memory.byte(at + owner)? < foreign_owner {
+                let owned_by = memory.byte(at + owner)?;
+                if owned_by < foreign_owner {
                     let code = memory.word(at + code)? & !LAYOUT.tag_bits;
                     let start = code + LAYOUT.co_code_adaptive;
-                    let pointer = memory.word(at + instr)?;
-                    frames.push(RawFrame {
-                        frame: at,
-                        code,
-                        offset: pointer.checked_sub(start),
-                    });
+                    let offset = memory.word(at + instr)?.checked_sub(start);
+                    // As `_PyFrame_IsIncomplete`: a generator's frame is always complete. A code
+                    // pointer that cannot be read (a frame being set up) leaves the frame out;
+                    // naming checks the code object anyway.
+                    let first = memory.u32_at(code + LAYOUT.co_firsttraceable);
+                    let complete = owned_by == OWNED_BY_GENERATOR
+                        || matches!((offset, first), (Some(offset), Some(first)) if offset >= first as usize * 2);
+                    if complete {
+                        frames.push(RawFrame {
+                            frame: at,
+                            code,
+                            offset,
+                        });
+                    }
                 }
                 at = memory.word(at + previous)?;
             }

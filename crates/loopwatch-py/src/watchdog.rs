@@ -7,7 +7,8 @@
 //! tracker decides off the hot path. The watchdog wakes every `POLL` while some thread is watched
 //! and its loop is busy, sleeps until a running unit is due, and parks when the loops it watches
 //! have been idle for a while. Slots are static and never freed, so the watchdog never reads
-//! memory a thread has given back, and nothing here takes a lock a fork could leave held.
+//! memory a thread has given back; the watchdog only ever tries a lock, never waits for one, so
+//! neither a thread that holds one nor a fork that copied one held can stop it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
