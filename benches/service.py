@@ -42,6 +42,8 @@ TOOLS = {
     # The empty C profile hook built into loopwatch for benchmarks: the floor of any profile hook.
     "floor": ("loopwatch", "loopwatch"),
     "loopwatch": ("loopwatch", "loopwatch"),
+    # The same without reports of running stalls: what the watchdog costs.
+    "loopwatch-no-stalls": ("loopwatch", "loopwatch"),
     "aelm": ("asyncio_event_loop_monitor", "asyncio-event-loop-monitor"),
 }
 METRICS = ["rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "server_cpu", "loadgen_cpu"]
@@ -185,7 +187,7 @@ def print_table(results: dict, settings: dict) -> None:
     print(f"\n{settings_line(settings)}")
     print(f"{scenario_line(settings)}\n")
     header = (
-        f"{'scenario':<9}{'tool':<11}{'req/s':>8}{'x none':>8}{'p50 ms':>9}{'x none':>8}{'p90 ms':>9}"
+        f"{'scenario':<9}{'tool':<20}{'req/s':>8}{'x none':>8}{'p50 ms':>9}{'x none':>8}{'p90 ms':>9}"
         f"{'p99 ms':>9}{'x none':>8}{'max ms':>9}{'errors':>8}{'reports':>9}{'blocks':>8}"
         f"{'server CPU':>12}{'loadgen CPU':>13}"
     )
@@ -205,7 +207,7 @@ def print_table(results: dict, settings: dict) -> None:
             counts = summary["blocking_reports"]
             reports = "-" if None in counts else str(sum(counts))
             print(
-                f"{scenario:<9}{tool:<11}{m['rps']:>8.0f}{ratio(r['rps']):>8}{m['p50_ms']:>9.2f}"
+                f"{scenario:<9}{tool:<20}{m['rps']:>8.0f}{ratio(r['rps']):>8}{m['p50_ms']:>9.2f}"
                 f"{ratio(r['p50_ms']):>8}{m['p90_ms']:>9.2f}{m['p99_ms']:>9.2f}{ratio(r['p99_ms']):>8}"
                 f"{m['max_ms']:>9.1f}{m['errors']:>8.0f}{reports:>9}{sum(summary['blocks_sent']):>8}"
                 f"{share(m['server_cpu']):>12}{share(m['loadgen_cpu']):>13}"
@@ -222,7 +224,7 @@ def print_table(results: dict, settings: dict) -> None:
                 for run in summary["rounds"]:
                     culprits.update(run["culprits"])
                 listed = ", ".join(f"{name} {count}" for name, count in culprits.most_common()) or "none"
-                print(f"  {scenario:<6} {tool:<10} {listed}")
+                print(f"  {scenario:<6} {tool:<19} {listed}")
 
 
 def plot(results: dict, settings: dict, path: str) -> None:

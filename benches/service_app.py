@@ -182,16 +182,22 @@ def make_monitor(name: str, reports: BlockingReports):
         return None
     if name == "floor":
         return EmptyHook()
-    if name == "loopwatch":
+    if name in ("loopwatch", "loopwatch-no-stalls"):
         from loopwatch import EventLoopMonitor
 
         # Every report counts here: the sanity check compares them with the /block requests.
-        return EventLoopMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=reports, reports_per_minute=None)
+        # "loopwatch-no-stalls": without the watchdog's reports of steps still running.
+        return EventLoopMonitor(
+            threshold_ms=THRESHOLD_MS,
+            on_blocking_call=reports,
+            reports_per_minute=None,
+            report_stalls=name == "loopwatch",
+        )
     if name == "aelm":
         from asyncio_event_loop_monitor import EventLoopMonitor as PeerMonitor
 
         return PeerMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=reports)
-    raise ValueError(f"monitor must be none, floor, loopwatch or aelm, got {name!r}")
+    raise ValueError(f"monitor must be none, floor, loopwatch, loopwatch-no-stalls or aelm, got {name!r}")
 
 
 def make_app(monitor_name: str) -> Starlette:
@@ -230,7 +236,9 @@ def make_app(monitor_name: str) -> Starlette:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--monitor", choices=["none", "floor", "loopwatch", "aelm"], default="none")
+    parser.add_argument(
+        "--monitor", choices=["none", "floor", "loopwatch", "loopwatch-no-stalls", "aelm"], default="none"
+    )
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args()
     uvicorn.run(

@@ -50,10 +50,25 @@ pub enum Look {
 }
 
 impl StallTimer {
+    /// Whether the next `look` needs the thread's CPU wait (a file of the OS, read for nothing
+    /// on most looks, since most steps end long before the threshold): its baseline, once a stall
+    /// has run half the threshold, and again once it is due (what it waited meanwhile delays the
+    /// report).
+    pub fn needs_cpu_wait(&self, seq: u64, started: Ticks, now: Ticks, threshold: Ticks) -> bool {
+        let ran = now.saturating_sub(started);
+        let (fresh, reports) = if seq == self.seq {
+            (self.cpu_wait_base.is_none(), self.reports)
+        } else {
+            (true, 0)
+        };
+        seq % 2 == 1
+            && ((fresh && ran >= threshold / 2) || ran >= stall_report_due(threshold, reports))
+    }
+
     /// Looks at a thread whose unit counter reads `seq` (odd: a unit runs, started at `started`).
     /// A stall is timed as the tracker times an episode: what the thread spent waiting for a CPU
-    /// since the stall was first seen (`cpu_wait_ns`, cumulative, where the OS says) is not the
-    /// code's, so it delays the report rather than makes one.
+    /// since the first look that was given its wait (`cpu_wait_ns`, cumulative, where the OS
+    /// says; see `needs_cpu_wait`) is not the code's, so it delays the report rather than makes one.
     pub fn look(
         &mut self,
         seq: u64,
@@ -67,11 +82,14 @@ impl StallTimer {
             *self = StallTimer {
                 seq,
                 reports: 0,
-                cpu_wait_base: cpu_wait_ns,
+                cpu_wait_base: None,
             };
         }
         if seq % 2 == 0 {
             return Look::Idle;
+        }
+        if self.cpu_wait_base.is_none() {
+            self.cpu_wait_base = cpu_wait_ns;
         }
         let waited_ns = match (self.cpu_wait_base, cpu_wait_ns) {
             (Some(base), Some(now_ns)) => now_ns.saturating_sub(base),
@@ -192,6 +210,25 @@ mod tests {
                 number: 1,
                 next: 1200
             }
+        );
+    }
+
+    #[test]
+    fn the_cpu_wait_is_needed_once_a_stall_has_run_half_the_threshold_and_once_it_is_due() {
+        let mut timer = StallTimer::default();
+        assert!(
+            !timer.needs_cpu_wait(1, 0, 10, 50),
+            "a young step costs no read"
+        );
+        assert_eq!(timer.look(1, 0, 10, 50, 1.0, None), Look::Until(50));
+        assert!(timer.needs_cpu_wait(1, 0, 25, 50), "its baseline");
+        assert_eq!(timer.look(1, 0, 25, 50, 1.0, Some(7)), Look::Until(50));
+        assert!(!timer.needs_cpu_wait(1, 0, 30, 50));
+        assert!(timer.needs_cpu_wait(1, 0, 50, 50), "due");
+        assert!(!timer.needs_cpu_wait(2, 0, 60, 50), "no step runs");
+        assert!(
+            timer.needs_cpu_wait(3, 60, 90, 50),
+            "a new stall, half the threshold in"
         );
     }
 

@@ -400,7 +400,11 @@ fn run() {
                 continue; // it ended while we read
             }
             let threshold = watch.threshold.load(Ordering::Relaxed);
-            let wait = mine.cpu_wait.as_ref().and_then(OtherThreadCpuWait::wait_ns);
+            let wait = if mine.timer.needs_cpu_wait(seq, started, now, threshold) {
+                mine.cpu_wait.as_ref().and_then(OtherThreadCpuWait::wait_ns)
+            } else {
+                None
+            };
             let look = mine
                 .timer
                 .look(seq, started, now, threshold, clock.nanos_per_tick(), wait);
