@@ -111,16 +111,26 @@ def fingerprint(text: str) -> str:
 def split_into_chunks(text: str, sentences_per_chunk: int = 8) -> list[dict[str, Any]]:
     """CPU parsing in Python: chunks of sentences, normalised words, and a MinHash signature per
     chunk for near-duplicate detection."""
+    # Plain loops, no comprehensions: before 3.12 each comprehension is a frame of its own, and one
+    # that alone ran past the threshold would be named instead of this function.
     sentences = re.split(r"(?<=[.!?])\s+", text)
     chunks = []
     for start in range(0, len(sentences), sentences_per_chunk):
-        words = [
-            word.lower().strip(",;:.")
-            for s in sentences[start : start + sentences_per_chunk]
-            for word in s.split()
-        ]
-        shingles = {" ".join(words[i : i + 3]) for i in range(len(words) - 2)}
-        signature = [min(hash((seed, shingle)) for shingle in shingles) for seed in range(MINHASH_SEEDS)]
+        words = []
+        for sentence in sentences[start : start + sentences_per_chunk]:
+            for word in sentence.split():
+                words.append(word.lower().strip(",;:."))
+        shingles = set()
+        for i in range(len(words) - 2):
+            shingles.add(" ".join(words[i : i + 3]))
+        signature = []
+        for seed in range(MINHASH_SEEDS):
+            lowest = None
+            for shingle in shingles:
+                value = hash((seed, shingle))
+                if lowest is None or value < lowest:
+                    lowest = value
+            signature.append(lowest)
         chunks.append({"n": len(chunks), "words": len(words), "signature": signature})
     return chunks
 
