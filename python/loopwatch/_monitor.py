@@ -51,6 +51,20 @@ def _check_threshold(threshold_ms: object) -> float:
     return value
 
 
+MODES = ("exact", "sampling")
+
+
+def _check_mode(mode: object) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'exact' or 'sampling', got {mode!r}")
+    if mode == "sampling" and not hasattr(_native, "ThreadSampler"):
+        raise ValueError(
+            "mode='sampling' needs CPython 3.12 or newer (it is built on sys.monitoring); "
+            f"this is {sys.version_info.major}.{sys.version_info.minor}: use mode='exact'"
+        )
+    return cast(str, mode)
+
+
 def _check_patterns(name: str, patterns: Optional[Iterable[str]]) -> list[str]:
     if patterns is None:
         return []
@@ -87,8 +101,8 @@ class _ThreadHub:
     and one around the whole program (``loopwatch run``), or a request's, each see what is theirs.
     The innermost monitor's include/exclude patterns choose the culprit for all of them."""
 
-    def __init__(self) -> None:
-        self.native = _native.ThreadMonitor()
+    def __init__(self, mode: str = "exact") -> None:
+        self.native: Any = _native.ThreadSampler() if mode == "sampling" else _native.ThreadMonitor()
         self.active: list[EventLoopMonitor] = []
         self.pid = os.getpid()
         """The process this hub saw last: another one is the child of a fork (see `_hub`)."""
@@ -195,6 +209,24 @@ def _say_fallback(reason: Optional[str]) -> None:
     logger.warning("loopwatch: watching through the legacy profile hook, not sys.monitoring: %s", reason)
 
 
+_unseen_loop_said = False
+
+
+def _say_if_loop_unseen() -> None:
+    """Says once if the thread's running loop is one the always-on mode cannot see."""
+    global _unseen_loop_said
+    loop = asyncio._get_running_loop()
+    if loop is None or isinstance(loop, asyncio.BaseEventLoop) or _unseen_loop_said:
+        return
+    _unseen_loop_said = True
+    logger.warning(
+        "loopwatch: the always-on mode (mode='sampling') sees asyncio's own loops only, and this "
+        "thread runs a %s.%s: nothing it runs is reported; use mode='exact'",
+        type(loop).__module__,
+        type(loop).__qualname__,
+    )
+
+
 _local = threading.local()
 T = TypeVar("T")
 
@@ -208,20 +240,25 @@ def per_thread(name: str, make: Callable[[], T]) -> T:
     return found
 
 
-def _hub() -> _ThreadHub:
-    hub = per_thread("hub", _ThreadHub)
+def _hub(mode: str = "exact") -> _ThreadHub:
+    """The calling thread's hub for monitors of `mode`: each mode has its own native watch."""
+    if mode == "sampling":
+        hub = per_thread("sampling_hub", lambda: _ThreadHub("sampling"))
+    else:
+        hub = per_thread("hub", _ThreadHub)
     hub.after_fork_in_child()  # nothing unless this is a forked child's first use
     return hub
 
 
 def _after_fork_in_child() -> None:
-    hub: Optional[_ThreadHub] = getattr(_local, "hub", None)  # the thread that forked
-    if hub is None:
-        return
-    try:
-        hub.after_fork_in_child()
-    except Exception:  # never into the child's own code
-        logger.exception("loopwatch could not start afresh in a forked child (this is a loopwatch bug)")
+    for name in ("hub", "sampling_hub"):
+        hub: Optional[_ThreadHub] = getattr(_local, name, None)  # the thread that forked
+        if hub is None:
+            continue
+        try:
+            hub.after_fork_in_child()
+        except Exception:  # never into the child's own code
+            logger.exception("loopwatch could not start afresh in a forked child (this is a loopwatch bug)")
 
 
 if hasattr(os, "register_at_fork"):
@@ -310,6 +347,14 @@ class EventLoopMonitor(_AlsoAsync):
             call holds the GIL or never returns; and adds them to ``record_to``, so a recording
             shows a step that never ended. The report made when the step ends says how many times
             (``reports_while_running``). ``False``: only that final report.
+        mode: ``"exact"`` (the default) times every call on the loop's thread with a profile hook:
+            the exact culprit and its own duration, at the cost of any profile hook. ``"sampling"``
+            (the always-on mode, CPython 3.12+, asyncio's own loops) installs no hook: each
+            callback or task step is timed from its start and end, and one that runs past the
+            threshold is blamed from the loop thread's stack as loopwatch's watchdog read it while
+            it ran (at half the threshold, at the threshold, then at 10x, 100x...): its duration
+            is exact, its culprit is what the stack showed then (for a C call, the function named
+            at its call site), and every frame is given the whole duration.
 
     A pattern is a module name (``myapp``, ``myapp.db``: the module and everything in it), or a
     file path if it contains a ``/`` (a directory and everything under it). ``*``, ``?`` and
@@ -329,8 +374,10 @@ class EventLoopMonitor(_AlsoAsync):
         record_to: Optional[PathArg] = None,
         report_stalls: bool = True,
         on_stall: Optional[StallCallback] = None,
+        mode: str = "exact",
     ) -> None:
         self._threshold_ms = _check_threshold(threshold_ms)
+        self._mode = _check_mode(mode)
         if not isinstance(report_stalls, bool):
             raise TypeError(f"report_stalls must be True or False, got {type(report_stalls).__name__}")
         self._report_stalls = report_stalls
@@ -364,9 +411,16 @@ class EventLoopMonitor(_AlsoAsync):
         """Whether this monitor is active on the calling thread."""
         return threading.get_ident() in self._threads
 
+    @property
+    def mode(self) -> str:
+        """``"exact"`` or ``"sampling"`` (see the class)."""
+        return self._mode
+
     def activate(self) -> None:
         """Starts monitoring the calling thread (a no-op if already active on it)."""
-        hub = _hub()
+        hub = _hub(self._mode)
+        if self._mode == "sampling":
+            _say_if_loop_unseen()
         if self in hub.active:
             return
         if self._recorder is not None and self._report_stalls:
@@ -379,7 +433,7 @@ class EventLoopMonitor(_AlsoAsync):
         """Stops monitoring the calling thread. What the running step blocked so far is reported
         first; then the other monitors active on the thread go on, or the profile function that
         was there before the first activation is restored."""
-        hub = _hub()
+        hub = _hub(self._mode)
         self._threads.discard(threading.get_ident())
         if self not in hub.active:
             return
@@ -408,7 +462,7 @@ class EventLoopMonitor(_AlsoAsync):
         judged afresh). For a reader that must not miss a block that ended a moment ago."""
         if not self.is_active:
             return
-        _hub().native.flush()
+        _hub(self._mode).native.flush()
         self._drain()
 
     def _forget_pending(self) -> None:
@@ -459,7 +513,7 @@ class EventLoopMonitor(_AlsoAsync):
         self._drain_scheduled = False
         if not self._pending and not self._dropped:
             return
-        native = _hub().native
+        native = _hub(self._mode).native
         was_paused = native.set_paused(True)
         try:
             while self._pending:
@@ -496,6 +550,7 @@ class EventLoopMonitor(_AlsoAsync):
             "record_to": self._recorder.path if self._recorder is not None else None,
             "report_stalls": self._report_stalls,
             "on_stall": self._on_stall,
+            "mode": self._mode,
         }
 
     def _call_on_stall(self, info: StallInfo) -> None:
@@ -603,6 +658,7 @@ def event_loop_monitor_ctx(
     record_to: Optional[PathArg] = None,
     report_stalls: bool = True,
     on_stall: Optional[StallCallback] = None,
+    mode: str = "exact",
 ) -> _MonitorContext:
     """Monitors the event loop of the current thread while the block (or decorated function) runs.
 
@@ -620,5 +676,6 @@ def event_loop_monitor_ctx(
         "record_to": record_to,
         "report_stalls": report_stalls,
         "on_stall": on_stall,
+        "mode": mode,
     }
     return _MonitorContext(enabled, settings)

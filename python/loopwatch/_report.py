@@ -98,6 +98,10 @@ class BlockingCallInfo:
     reports_while_running: int = 0
     """How many times loopwatch's watchdog reported this stall to stderr while it still ran (see
     ``report_stalls``); this report, made when it ended, is the one that counts."""
+    sampled: bool = False
+    """Whether the always-on mode (``mode="sampling"``) found it: the duration is exact, the
+    stack is the one loopwatch's watchdog read while the step ran, and every frame is given the
+    whole duration. Not kept in recordings."""
     _scope: Optional[int] = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -123,6 +127,7 @@ class BlockingCallInfo:
             culprit_duration_ms=culprit.duration_ms,
             cpu_wait_ms=raw["cpu_wait_ns"] / 1e6,
             reports_while_running=raw.get("reports_while_running", 0),
+            sampled=raw.get("sampled", False),
             _scope=raw.get("scope"),
         )
 
@@ -228,7 +233,9 @@ class BlockingCallInfo:
         if self.kind == "step" and self.end_lineno:
             where += f" (the step ran from line {self.lineno} to line {self.end_lineno})"
         lines.append(where)
-        if self.culprit_duration_ms < 0.9 * self.duration_ms:
+        if self.sampled:
+            lines.append("  (always-on mode: the stack as read while it ran)")
+        elif self.culprit_duration_ms < 0.9 * self.duration_ms:
             lines.append(f"  {self.method_name} itself ran {self.culprit_duration_ms:.1f} ms of it")
         if self.cpu_wait_ms >= 0.1 * self.duration_ms:
             lines.append(

@@ -70,12 +70,12 @@ StallCallback = Callable[[StallInfo], Any]
 
 logger = logging.getLogger("loopwatch")
 
-_hubs: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-"""Each watched thread's hub (`loopwatch._monitor._ThreadHub`), by ``threading.get_ident()``."""
+_hubs: dict[int, weakref.WeakSet[Any]] = {}
+"""Each watched thread's hubs (`loopwatch._monitor._ThreadHub`, one per mode), by ``threading.get_ident()``."""
 
 
 def register_hub(ident: int, hub: Any) -> None:
-    _hubs[ident] = hub
+    _hubs.setdefault(ident, weakref.WeakSet()).add(hub)
 
 
 class _Courier:
@@ -123,8 +123,7 @@ class _Courier:
             for raw in taken:
                 if raw["process_id"] != os.getpid():
                     continue  # made before a fork, for the parent
-                hub = _hubs.get(raw["thread_id"])
-                if hub is not None:
+                for hub in list(_hubs.get(raw["thread_id"], ())):
                     hub.deliver_stall(StallInfo._from_record(raw))
             dropped = _native._dropped_stalls()
             if dropped:

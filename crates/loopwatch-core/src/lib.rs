@@ -7,12 +7,13 @@ pub mod episode;
 pub mod filter;
 pub mod linetable;
 pub mod recording;
+pub mod sampled;
 pub mod stall;
 pub mod tracker;
 
 pub use clock::Clock;
 pub use episode::{Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
 pub use filter::{FilterError, FilterSet};
-pub use linetable::LineTable;
+pub use linetable::{LineTable, Position, Span};
 pub use stall::{stall_report_due, Look, RunningStall, SampledFrame, StallTimer};
 pub use tracker::{FrameRef, Resolver, Tag, Ticks, Tracker};

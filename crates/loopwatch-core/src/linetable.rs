@@ -17,16 +17,43 @@ pub enum LineTable {
 /// changing underneath (the watchdog's reads), far above any real function's.
 const MAX_ENTRIES: usize = 1 << 20;
 
+/// Where in the source an instruction comes from: its line, and from 3.11 the span of the
+/// expression it runs (a call's is the whole call, `time.sleep(0.05)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub line: u32,
+    /// The span's last line and its columns (UTF-8 byte offsets, the end exclusive), where the
+    /// table has them.
+    pub span: Option<Span>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub end_line: u32,
+    pub col: u32,
+    pub end_col: u32,
+}
+
 impl LineTable {
     /// The line of the instruction at byte offset `offset` of code whose first line is
     /// `first_line`, or `None` where the table gives none (or is malformed).
     pub fn line_at(self, table: &[u8], first_line: i32, offset: usize) -> Option<u32> {
-        let line = match self {
-            LineTable::Lnotab => Some(lnotab_line(table, first_line, offset)),
-            LineTable::Pep626 => pep626_line(table, first_line, offset),
-            LineTable::Locations => locations_line(table, first_line, offset),
-        }?;
-        u32::try_from(line).ok().filter(|&line| line > 0)
+        self.position_at(table, first_line, offset)
+            .map(|position| position.line)
+    }
+
+    /// The line of that instruction and, where the table says (3.11+), its span.
+    pub fn position_at(self, table: &[u8], first_line: i32, offset: usize) -> Option<Position> {
+        let (line, span) = match self {
+            LineTable::Lnotab => (lnotab_line(table, first_line, offset), None),
+            LineTable::Pep626 => (pep626_line(table, first_line, offset)?, None),
+            LineTable::Locations => locations_position(table, first_line, offset)?,
+        };
+        let line = u32::try_from(line).ok().filter(|&line| line > 0)?;
+        Some(Position {
+            line,
+            span: span.filter(|span| span.end_line >= line),
+        })
     }
 }
 
@@ -100,11 +127,20 @@ impl Entries<'_> {
     }
 }
 
-fn locations_line(table: &[u8], first_line: i32, offset: usize) -> Option<i32> {
+/// The line of the entry covering `offset`, and its span where the entry has columns.
+fn locations_position(table: &[u8], first_line: i32, offset: usize) -> Option<(i32, Option<Span>)> {
     let target = offset / 2; // entries count 2-byte code units
     let mut entries = Entries { table, at: 0 };
     let mut line = first_line;
     let mut unit = 0usize;
+    // A span on the entry's own line, from its columns.
+    let same_line = |line: i32, col: u32, end_col: u32| {
+        u32::try_from(line).ok().map(|end_line| Span {
+            end_line,
+            col,
+            end_col,
+        })
+    };
     for _ in 0..MAX_ENTRIES {
         let head = entries.byte()?;
         if head & 0x80 == 0 {
@@ -112,32 +148,43 @@ fn locations_line(table: &[u8], first_line: i32, offset: usize) -> Option<i32> {
         }
         let code = (head >> 3) & 0x0f;
         let length = usize::from(head & 0x07) + 1;
-        let entry_line = match code {
+        let entry = match code {
             0..=9 => {
-                entries.byte()?; // columns
-                Some(line)
+                // Short form: the column's high bits are in the code, the length in the byte.
+                let byte = entries.byte()?;
+                let col = u32::from(code) * 8 + u32::from((byte >> 4) & 7);
+                Some((line, same_line(line, col, col + u32::from(byte & 15))))
             }
             10..=12 => {
                 line += i32::from(code) - 10;
-                entries.byte()?;
-                entries.byte()?;
-                Some(line)
+                let col = u32::from(entries.byte()?);
+                let end_col = u32::from(entries.byte()?);
+                Some((line, same_line(line, col, end_col)))
             }
             13 => {
                 line += entries.svarint()?;
-                Some(line)
+                Some((line, None))
             }
             14 => {
                 line += entries.svarint()?;
-                entries.varint()?; // end line delta
-                entries.varint()?; // column + 1
-                entries.varint()?; // end column + 1
-                Some(line)
+                let end_line = i64::from(line) + i64::from(entries.varint()?);
+                // Columns are stored plus one: 0 means none.
+                let col = entries.varint()?.checked_sub(1);
+                let end_col = entries.varint()?.checked_sub(1);
+                let span = match (u32::try_from(end_line), col, end_col) {
+                    (Ok(end_line), Some(col), Some(end_col)) => Some(Span {
+                        end_line,
+                        col,
+                        end_col,
+                    }),
+                    _ => None,
+                };
+                Some((line, span))
             }
             _ => None, // 15: no location
         };
         if (unit..unit + length).contains(&target) {
-            return entry_line;
+            return entry;
         }
         unit += length;
     }
@@ -208,6 +255,68 @@ mod tests {
         assert_eq!(line(9), Some(9));
         assert_eq!(line(10), Some(43));
         assert_eq!(line(11), None);
+    }
+
+    #[test]
+    fn locations_give_the_span_of_each_entry_where_it_has_columns() {
+        let mut table = Vec::new();
+        table.extend(entry(13, 1, &[0])); // unit 0: line 7, no columns
+        table.extend(entry(11, 1, &[4, 9])); // unit 1: line 8, columns 4..9
+        table.extend(entry(3, 1, &[0x52])); // unit 2: line 8, column 3*8+5 = 29, length 2
+        table.extend(entry(14, 1, &[4, 1, 5, 12])); // unit 3: lines 10..11, columns 4..11
+        table.extend(entry(14, 1, &[0, 0, 0, 0])); // unit 4: line 10, columns unknown
+        let at = |unit: usize| LineTable::Locations.position_at(&table, 7, unit * 2);
+        let span = |end_line, col, end_col| {
+            Some(Span {
+                end_line,
+                col,
+                end_col,
+            })
+        };
+        assert_eq!(
+            at(0),
+            Some(Position {
+                line: 7,
+                span: None
+            })
+        );
+        assert_eq!(
+            at(1),
+            Some(Position {
+                line: 8,
+                span: span(8, 4, 9)
+            })
+        );
+        assert_eq!(
+            at(2),
+            Some(Position {
+                line: 8,
+                span: span(8, 29, 31)
+            })
+        );
+        assert_eq!(
+            at(3),
+            Some(Position {
+                line: 10,
+                span: span(11, 4, 11)
+            })
+        );
+        assert_eq!(
+            at(4),
+            Some(Position {
+                line: 10,
+                span: None
+            })
+        );
+        // Before 3.11 there are lines only.
+        let lnotab = LineTable::Lnotab.position_at(&[6, 1], 10, 8);
+        assert_eq!(
+            lnotab,
+            Some(Position {
+                line: 11,
+                span: None
+            })
+        );
     }
 
     #[test]

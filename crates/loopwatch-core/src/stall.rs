@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 
+use crate::linetable::Span;
 use crate::tracker::Ticks;
 
 /// How many times longer than the threshold each report of a running stall waits than the one
@@ -65,6 +66,12 @@ impl StallTimer {
             && ((fresh && ran >= threshold / 2) || ran >= stall_report_due(threshold, reports))
     }
 
+    /// The thread's CPU wait when this stall was first given one (see `needs_cpu_wait`): what it
+    /// waited from then to the step's end is not the code's.
+    pub fn cpu_wait_base(&self) -> Option<u64> {
+        self.cpu_wait_base
+    }
+
     /// Looks at a thread whose unit counter reads `seq` (odd: a unit runs, started at `started`).
     /// A stall is timed as the tracker times an episode: what the thread spent waiting for a CPU
     /// since the first look that was given its wait (`cpu_wait_ns`, cumulative, where the OS
@@ -118,6 +125,14 @@ pub struct SampledFrame {
     pub filename: String,
     pub function: String,
     pub line: Option<u32>,
+    /// The span of the expression the frame was running (3.11+): for a call in progress, the
+    /// whole call, from which the always-on mode names a C function.
+    pub span: Option<Span>,
+    /// A coroutine's (or async generator's) frame.
+    pub is_coroutine: bool,
+    /// The innermost frame only: it stood at the same instruction across reads some tens of µs
+    /// apart, so it waits for what that instruction does (a C call), not runs its own code.
+    pub still: bool,
 }
 
 /// A step still running, as the watchdog saw it.
@@ -253,6 +268,9 @@ mod tests {
             filename: "app.py".into(),
             function: function.into(),
             line,
+            span: None,
+            is_coroutine: false,
+            still: false,
         }
     }
 

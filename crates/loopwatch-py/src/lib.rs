@@ -14,6 +14,8 @@ mod monitoring;
 mod recording;
 mod report;
 mod resolve;
+#[cfg(Py_3_12)]
+mod sampler;
 mod stackread;
 mod threadstate;
 mod watchdog;
@@ -39,6 +41,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SCOPE", scope_var)?;
     m.add_class::<monitor::ThreadMonitor>()?;
     m.add_class::<monitor::Filters>()?;
+    #[cfg(Py_3_12)]
+    m.add_class::<sampler::ThreadSampler>()?;
     m.add_class::<recording::RecordingWriter>()?;
     m.add_class::<recording::RecordingReader>()?;
     m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;

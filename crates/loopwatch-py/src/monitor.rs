@@ -22,6 +22,12 @@ pub struct Filters {
     set: FilterSet,
 }
 
+impl Filters {
+    pub fn set(&self) -> &FilterSet {
+        &self.set
+    }
+}
+
 #[pymethods]
 impl Filters {
     #[new]
@@ -379,6 +385,7 @@ impl ThreadMonitor {
             &Self::thread_name(py),
             threshold,
             stall_reports,
+            false,
         );
         if let Some(watch) = state.watch.as_ref() {
             watch.set_destinations(stall_recordings, stall_callbacks);

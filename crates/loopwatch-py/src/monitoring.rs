@@ -30,34 +30,71 @@ thread_local! {
     static MONITOR: Cell<*mut ffi::PyObject> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// Put in the thread's state dict while the thread is watched: a thread that ends still watched
+/// Put in the thread's state dict while a thread is watched: a thread that ends still watched
 /// has that dict cleared on its way out, on its own thread with the GIL held, and so gives its
-/// share of the tool id back here (the legacy hook is dropped by CPython the same way).
+/// share of a tool id back (the legacy hook is dropped by CPython the same way). Shared by the
+/// exact mode's watch and the always-on sampler's, each under its own key.
 #[pyclass(module = "loopwatch._native")]
-struct EndOfThread {
-    /// The monitor it stands for: one that replaced it, or a detach, leaves nothing to do.
-    monitor: usize,
+pub struct EndOfThread {
+    /// What it stands for (a monitor's address): one that replaced it, or a detach, leaves
+    /// nothing to do.
+    token: usize,
+    on_end: unsafe fn(usize),
 }
 
 impl Drop for EndOfThread {
     fn drop(&mut self) {
-        let obj = MONITOR.with(|m| {
-            if m.get() as usize == self.monitor {
-                m.replace(std::ptr::null_mut())
-            } else {
-                std::ptr::null_mut()
-            }
-        });
-        if !obj.is_null() {
-            unsafe {
-                // The thread state is about to go: the watchdog must stop reading it now.
-                (*ThreadMonitor::state_of(obj)).watch = None;
-                let py = Python::assume_attached();
-                let _saved = crate::errors::SavedError::take();
-                if let Err(error) = leave(py, obj) {
-                    error.write_unraisable(py, None);
-                }
-            }
+        unsafe { (self.on_end)(self.token) };
+    }
+}
+
+/// Puts an `EndOfThread` calling `on_end(token)` in the calling thread's state dict at `key`.
+///
+/// # Safety
+/// GIL held.
+pub unsafe fn guard_thread_end(
+    py: Python<'_>,
+    key: &std::ffi::CStr,
+    token: usize,
+    on_end: unsafe fn(usize),
+) -> PyResult<()> {
+    let guard = Bound::new(py, EndOfThread { token, on_end })?;
+    let dict = ffi::PyThreadState_GetDict();
+    if dict.is_null() || ffi::PyDict_SetItemString(dict, key.as_ptr(), guard.as_ptr()) != 0 {
+        ffi::PyErr_Clear();
+        // Not kept by the thread: dropping it now would end the watch it stands for.
+        std::mem::forget(guard);
+    }
+    Ok(())
+}
+
+/// Takes the calling thread's guard at `key` away (its `on_end` runs, and finds nothing to do).
+///
+/// # Safety
+/// GIL held.
+pub unsafe fn unguard_thread_end(key: &std::ffi::CStr) {
+    let dict = ffi::PyThreadState_GetDict();
+    if dict.is_null() || ffi::PyDict_DelItemString(dict, key.as_ptr()) != 0 {
+        ffi::PyErr_Clear();
+    }
+}
+
+/// The exact mode's `on_end`: the thread ends while watched through `sys.monitoring`.
+unsafe fn end_of_watched_thread(token: usize) {
+    let obj = MONITOR.with(|m| {
+        if m.get() as usize == token {
+            m.replace(std::ptr::null_mut())
+        } else {
+            std::ptr::null_mut()
+        }
+    });
+    if !obj.is_null() {
+        // The thread state is about to go: the watchdog must stop reading it now.
+        (*ThreadMonitor::state_of(obj)).watch = None;
+        let py = Python::assume_attached();
+        let _saved = crate::errors::SavedError::take();
+        if let Err(error) = leave(py, obj) {
+            error.write_unraisable(py, None);
         }
     }
 }
@@ -117,20 +154,7 @@ pub unsafe fn attach(py: Python<'_>, obj: *mut ffi::PyObject) -> PyResult<bool> 
     }
     ffi::Py_INCREF(obj);
     MONITOR.with(|m| m.set(obj));
-    let guard = Bound::new(
-        py,
-        EndOfThread {
-            monitor: obj as usize,
-        },
-    )?;
-    let dict = ffi::PyThreadState_GetDict();
-    if dict.is_null()
-        || ffi::PyDict_SetItemString(dict, END_OF_THREAD_KEY.as_ptr(), guard.as_ptr()) != 0
-    {
-        ffi::PyErr_Clear();
-        // Not kept by the thread: dropping it now would end the watch it stands for.
-        std::mem::forget(guard);
-    }
+    guard_thread_end(py, END_OF_THREAD_KEY, obj as usize, end_of_watched_thread)?;
     Ok(true)
 }
 
@@ -150,10 +174,7 @@ pub unsafe fn detach(py: Python<'_>, obj: *mut ffi::PyObject) -> PyResult<()> {
     if !mine {
         return Ok(());
     }
-    let dict = ffi::PyThreadState_GetDict();
-    if dict.is_null() || ffi::PyDict_DelItemString(dict, END_OF_THREAD_KEY.as_ptr()) != 0 {
-        ffi::PyErr_Clear();
-    }
+    unguard_thread_end(END_OF_THREAD_KEY);
     leave(py, obj)
 }
 
@@ -189,7 +210,8 @@ const EVENTS: [(&str, ffi::vectorcallfunc); 9] = [
     ("C_RAISE", on_c_event::<true>),
 ];
 
-fn claim_tool(py: Python<'_>) -> PyResult<Option<u8>> {
+/// Takes the first free tool id of `TOOL_IDS` under `name`; `None` if all are taken.
+pub fn use_free_tool_id(py: Python<'_>, name: &str) -> PyResult<Option<u8>> {
     let monitoring = py.import("sys")?.getattr("monitoring")?;
     let Some(tool) = TOOL_IDS.into_iter().find(|&id| {
         monitoring
@@ -198,7 +220,26 @@ fn claim_tool(py: Python<'_>) -> PyResult<Option<u8>> {
     }) else {
         return Ok(None);
     };
-    monitoring.call_method1("use_tool_id", (tool, TOOL_NAME))?;
+    monitoring.call_method1("use_tool_id", (tool, name))?;
+    Ok(Some(tool))
+}
+
+/// Whether tool id `tool` is still held under `name` (another tool may have freed it and taken
+/// it meanwhile): only then is it ours to give back.
+pub fn holds_tool_id(py: Python<'_>, tool: u8, name: &str) -> PyResult<bool> {
+    let monitoring = py.import("sys")?.getattr("monitoring")?;
+    Ok(monitoring
+        .call_method1("get_tool", (tool,))?
+        .extract::<Option<String>>()?
+        .as_deref()
+        == Some(name))
+}
+
+fn claim_tool(py: Python<'_>) -> PyResult<Option<u8>> {
+    let Some(tool) = use_free_tool_id(py, TOOL_NAME)? else {
+        return Ok(None);
+    };
+    let monitoring = py.import("sys")?.getattr("monitoring")?;
     let events = monitoring.getattr("events")?;
     let mut mask: u64 = 0;
     for (name, callback) in EVENTS {
@@ -214,16 +255,10 @@ fn claim_tool(py: Python<'_>) -> PyResult<Option<u8>> {
 }
 
 fn release_tool(py: Python<'_>, tool: u8) -> PyResult<()> {
-    let monitoring = py.import("sys")?.getattr("monitoring")?;
-    // Only what is still ours: another tool may have freed the id and taken it meanwhile.
-    if monitoring
-        .call_method1("get_tool", (tool,))?
-        .extract::<Option<String>>()?
-        .as_deref()
-        != Some(TOOL_NAME)
-    {
+    if !holds_tool_id(py, tool, TOOL_NAME)? {
         return Ok(());
     }
+    let monitoring = py.import("sys")?.getattr("monitoring")?;
     monitoring.call_method1("set_events", (tool, 0))?;
     let events = monitoring.getattr("events")?;
     for (name, _) in EVENTS {
@@ -291,7 +326,10 @@ fn callback_type(py: Python<'_>) -> PyResult<*mut ffi::PyTypeObject> {
     Ok(kind.cast())
 }
 
-fn callback_object(py: Python<'_>, function: ffi::vectorcallfunc) -> PyResult<Bound<'_, PyAny>> {
+pub fn callback_object(
+    py: Python<'_>,
+    function: ffi::vectorcallfunc,
+) -> PyResult<Bound<'_, PyAny>> {
     let kind = callback_type(py)?;
     unsafe {
         let object = ffi::PyType_GenericAlloc(kind, 0);
@@ -304,7 +342,7 @@ fn callback_object(py: Python<'_>, function: ffi::vectorcallfunc) -> PyResult<Bo
 }
 
 #[inline(always)]
-unsafe fn none() -> *mut ffi::PyObject {
+pub unsafe fn none() -> *mut ffi::PyObject {
     let none = ffi::Py_None();
     ffi::Py_INCREF(none);
     none

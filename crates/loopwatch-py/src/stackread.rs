@@ -49,6 +49,7 @@ struct Layout {
     /// `co_qualname` from 3.11, `co_name` before.
     co_name: usize,
     co_firstlineno: usize,
+    co_flags: usize,
     co_linetable: usize,
     /// 3.11+: where the code's instructions start inside the code object.
     co_code_adaptive: usize,
@@ -77,6 +78,7 @@ const LAYOUT: Layout = Layout {
     co_filename: 104,
     co_name: 112,
     co_firstlineno: 40,
+    co_flags: 36,
     co_linetable: 120,
     co_code_adaptive: 0,
     co_firsttraceable: 0,
@@ -99,6 +101,7 @@ const LAYOUT: Layout = Layout {
     co_filename: 104,
     co_name: 112,
     co_firstlineno: 40,
+    co_flags: 36,
     co_linetable: 120,
     co_code_adaptive: 0,
     co_firsttraceable: 0,
@@ -120,6 +123,7 @@ const LAYOUT: Layout = Layout {
     co_filename: 112,
     co_name: 128,
     co_firstlineno: 72,
+    co_flags: 48,
     co_linetable: 136,
     co_code_adaptive: 184,
     co_firsttraceable: 168,
@@ -142,6 +146,7 @@ const LAYOUT: Layout = Layout {
     co_filename: 112,
     co_name: 128,
     co_firstlineno: 68,
+    co_flags: 48,
     co_linetable: 136,
     co_code_adaptive: 192,
     co_firsttraceable: 176,
@@ -164,6 +169,7 @@ const LAYOUT: Layout = Layout {
     co_filename: 112,
     co_name: 128,
     co_firstlineno: 68,
+    co_flags: 48,
     co_linetable: 136,
     co_code_adaptive: 200,
     co_firsttraceable: 184,
@@ -187,6 +193,7 @@ const LAYOUT: Layout = Layout {
     co_filename: 112,
     co_name: 128,
     co_firstlineno: 68,
+    co_flags: 48,
     co_linetable: 136,
     co_code_adaptive: 208,
     co_firsttraceable: 192,
@@ -196,6 +203,8 @@ const LAYOUT: Layout = Layout {
     tag_bits: 3,
 };
 
+/// `CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR`.
+const COROUTINE_FLAGS: u32 = 0x80 | 0x100 | 0x200;
 /// `FRAME_OWNED_BY_GENERATOR` (3.11-3.15).
 const OWNED_BY_GENERATOR: u8 = 1;
 /// `ob_type`, `ob_size` (of a `PyVarObject`), the characters of a `bytes`.
@@ -364,6 +373,7 @@ impl Memory {
 struct CodeFacts {
     filename: String,
     function: String,
+    is_coroutine: bool,
     first_line: i32,
     table: Vec<u8>,
     /// Bytes of instructions (3.11+), to check an instruction pointer against.
@@ -377,11 +387,13 @@ fn code_facts(memory: &Memory, code: usize, types: &Types) -> Option<CodeFacts> 
     let filename = memory.string(memory.word(code + LAYOUT.co_filename)?, types)?;
     let function = memory.string(memory.word(code + LAYOUT.co_name)?, types)?;
     let first_line = memory.u32_at(code + LAYOUT.co_firstlineno)? as i32;
+    let flags = memory.u32_at(code + LAYOUT.co_flags)?;
     let table = memory.bytes(memory.word(code + LAYOUT.co_linetable)?, types)?;
     let code_bytes = memory.word(code + OB_SIZE)?.saturating_mul(2);
     Some(CodeFacts {
         filename,
         function,
+        is_coroutine: flags & COROUTINE_FLAGS != 0,
         first_line,
         table,
         code_bytes,
@@ -478,14 +490,21 @@ fn name_frames(memory: &Memory, raw: &[RawFrame], types: &Types) -> Vec<SampledF
         else {
             break;
         };
-        let line = frame
+        let position = frame
             .offset
             .filter(|&offset| LAYOUT.co_code_adaptive == 0 || offset < code.code_bytes)
-            .and_then(|offset| LAYOUT.table.line_at(&code.table, code.first_line, offset));
+            .and_then(|offset| {
+                LAYOUT
+                    .table
+                    .position_at(&code.table, code.first_line, offset)
+            });
         frames.push(SampledFrame {
             filename: code.filename.clone(),
             function: code.function.clone(),
-            line,
+            line: position.map(|p| p.line),
+            span: position.and_then(|p| p.span),
+            is_coroutine: code.is_coroutine,
+            still: false,
         });
     }
     frames
@@ -515,8 +534,30 @@ pub fn read_stack(tstate: usize) -> Option<Vec<SampledFrame>> {
         if common == 0 && !second.is_empty() {
             return None; // not even the outermost frame agreed: read again
         }
-        let named = name_frames(&memory, &second[second.len() - common..], types);
+        let mut named = name_frames(&memory, &second[second.len() - common..], types);
+        if common == second.len() {
+            if let Some(innermost) = named.first_mut() {
+                innermost.still = stands_still(&memory, tstate, types, second[0]);
+            }
+        }
         (!named.is_empty() || common == 0).then_some(named)
+    })
+}
+
+/// How many more times, and how far apart, the innermost frame is read to see it stand still.
+const STILL_READS: usize = 4;
+const STILL_GAP: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Whether the innermost frame stays at `innermost`'s instruction over `STILL_READS` reads
+/// `STILL_GAP` apart: Python code running moves on in far less, a C call does not.
+fn stands_still(memory: &Memory, tstate: usize, types: &Types, innermost: RawFrame) -> bool {
+    (0..STILL_READS).all(|_| {
+        let until = std::time::Instant::now() + STILL_GAP;
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        raw_frames(memory, tstate, types).and_then(|frames| frames.first().copied())
+            == Some(innermost)
     })
 }
 
@@ -618,25 +659,53 @@ fn own_stack_agrees(py: Python<'_>) -> Result<bool, ()> {
     Ok(!expected.is_empty() && read == expected)
 }
 
-/// For tests and diagnostics: the calling thread's stack read as the watchdog reads it
-/// (`[(filename, function, line)]`, innermost first), or, with `tstate`, another thread's, read
-/// with the GIL released. `None` when the reader is off.
+/// A frame as `_read_stack` gives it: (filename, function, line), and with `details` also the
+/// span `(end_line, col, end_col)` of what it runs, whether it is a coroutine's, and whether it
+/// stood still (the innermost only).
+type FrameTuple = (
+    String,
+    String,
+    Option<u32>,
+    Option<(u32, u32, u32)>,
+    bool,
+    bool,
+);
+
+/// For tests and diagnostics: the calling thread's stack read as the watchdog reads it,
+/// innermost first, or, with `tstate`, another thread's, read with the GIL released. `None` when
+/// the reader is off.
 #[pyfunction]
-#[pyo3(signature = (tstate=None))]
+#[pyo3(signature = (tstate=None, details=false))]
 pub fn _read_stack(
     py: Python<'_>,
     tstate: Option<usize>,
-) -> Option<Vec<(String, String, Option<u32>)>> {
+    details: bool,
+) -> Option<Vec<Bound<'_, PyAny>>> {
     let frames = match tstate {
         None => read_stack(current_thread_state()),
         Some(tstate) => py.detach(|| read_stack(tstate)),
     }?;
-    Some(
-        frames
-            .into_iter()
-            .map(|f| (f.filename, f.function, f.line))
-            .collect(),
-    )
+    frames
+        .into_iter()
+        .map(|f| {
+            let full: FrameTuple = (
+                f.filename,
+                f.function,
+                f.line,
+                f.span.map(|s| (s.end_line, s.col, s.end_col)),
+                f.is_coroutine,
+                f.still,
+            );
+            if details {
+                full.into_pyobject(py).map(Bound::into_any)
+            } else {
+                (full.0, full.1, full.2)
+                    .into_pyobject(py)
+                    .map(Bound::into_any)
+            }
+        })
+        .collect::<PyResult<Vec<_>>>()
+        .ok()
 }
 
 /// For tests: the calling thread's `PyThreadState` address, for `_read_stack`, and why the

@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use loopwatch_core::cpu_wait::OtherThreadCpuWait;
 use loopwatch_core::recording::{append, Record, RecordedSample, RecordedStall};
-use loopwatch_core::{Clock, Look, RunningStall, StallTimer, Ticks};
+use loopwatch_core::sampled::is_unit_boundary;
+use loopwatch_core::{Clock, Look, RunningStall, SampledFrame, StallTimer, Ticks};
 
 use crate::stackread::read_stack;
 
@@ -54,6 +55,23 @@ struct Watch {
     /// How many reports the watchdog made of unit `reported_seq` while it ran.
     reported_seq: AtomicU64,
     reported: AtomicU32,
+    /// The always-on mode: the thread's units are blamed from the stacks the watchdog reads, so
+    /// it reads one once a unit has run half the threshold, and at each report, stall reports
+    /// or not; a stack without the unit's boundary frame is not the unit's and is dropped.
+    sampling: AtomicBool,
+    /// The last stack read of a running unit, for its report when it ends. Only tried by the
+    /// watchdog; locked by the thread when its unit ends.
+    sample: Mutex<Option<Sample>>,
+}
+
+/// A stack the watchdog read while a unit ran (always-on mode).
+pub struct Sample {
+    /// The unit it was read in (the watch's `seq`).
+    pub seq: u64,
+    /// Innermost first, the loop's own frames included.
+    pub stack: Vec<SampledFrame>,
+    /// The thread's CPU wait (ns) the watchdog took as the stall's baseline, if any.
+    pub cpu_wait_base: Option<u64>,
 }
 
 impl Watch {
@@ -73,6 +91,8 @@ impl Watch {
             name: [const { AtomicU64::new(0) }; NAME_WORDS],
             reported_seq: AtomicU64::new(u64::MAX),
             reported: AtomicU32::new(0),
+            sampling: AtomicBool::new(false),
+            sample: Mutex::new(None),
         }
     }
 
@@ -152,6 +172,7 @@ impl WatchHandle {
         name: &str,
         threshold: Ticks,
         enabled: bool,
+        sampling: bool,
     ) -> Option<Self> {
         let index = WATCHES.iter().position(|watch| {
             watch
@@ -170,6 +191,10 @@ impl WatchHandle {
         }
         watch.threshold.store(threshold, Ordering::Relaxed);
         watch.enabled.store(enabled, Ordering::Relaxed);
+        watch.sampling.store(sampling, Ordering::Relaxed);
+        if let Ok(mut sample) = watch.sample.lock() {
+            *sample = None;
+        }
         let seq = watch.seq.load(Ordering::Relaxed);
         watch.seq.store(seq + seq % 2, Ordering::SeqCst);
         ensure_watchdog();
@@ -210,8 +235,8 @@ impl WatchHandle {
         self.published = running_since;
         let watch = self.watch();
         let seq = watch.seq.load(Ordering::Relaxed);
-        if !watch.enabled.load(Ordering::Relaxed) {
-            // Not reported while running: the watchdog is neither told nor woken.
+        if !watch.enabled.load(Ordering::Relaxed) && !watch.sampling.load(Ordering::Relaxed) {
+            // Neither reported nor sampled while running: the watchdog is neither told nor woken.
             if seq % 2 == 1 {
                 watch.seq.store(seq + 1, Ordering::SeqCst);
             }
@@ -237,6 +262,18 @@ impl WatchHandle {
         } else {
             0
         }
+    }
+
+    /// The number of the unit running now (odd), or of the last one (even).
+    pub fn seq(&self) -> u64 {
+        self.watch().seq.load(Ordering::Relaxed)
+    }
+
+    /// The last stack the watchdog read while unit `seq` ran, taken (call before publishing its
+    /// end; see `Watch::sample`).
+    pub fn take_sample(&self, seq: u64) -> Option<Sample> {
+        let mut held = self.watch().sample.lock().ok()?;
+        held.take().filter(|sample| sample.seq == seq)
     }
 
     /// In the child of a fork made on this thread: the other threads are gone, and this one has
@@ -359,6 +396,8 @@ struct Seen {
     generation: u64,
     timer: StallTimer,
     cpu_wait: Option<OtherThreadCpuWait>,
+    /// The last unit a stack was read in for the always-on mode.
+    sampled_seq: u64,
 }
 
 fn run() {
@@ -386,11 +425,14 @@ fn run() {
                     generation,
                     timer: StallTimer::default(),
                     cpu_wait: Some(OtherThreadCpuWait::open(watch.tid.load(Ordering::Relaxed))),
+                    sampled_seq: 0,
                 };
             }
             let seq = watch.seq.load(Ordering::Acquire);
             changed |= std::mem::replace(&mut last_seqs[index], seq) != seq;
-            if seq % 2 == 0 || !watch.enabled.load(Ordering::Relaxed) {
+            let enabled = watch.enabled.load(Ordering::Relaxed);
+            let sampling = watch.sampling.load(Ordering::Relaxed);
+            if seq % 2 == 0 || !(enabled || sampling) {
                 continue;
             }
             busy = true;
@@ -408,16 +450,37 @@ fn run() {
             let look = mine
                 .timer
                 .look(seq, started, now, threshold, clock.nanos_per_tick(), wait);
+            let mut wake_at = |at: Ticks| next = Some(next.map_or(at, |n| n.min(at)));
+            let base = mine.timer.cpu_wait_base();
             match look {
                 Look::Idle => {}
-                Look::Until(at) => next = Some(next.map_or(at, |n| n.min(at))),
+                Look::Until(at) => wake_at(at),
                 Look::Report {
                     so_far,
                     number,
                     next: at,
                 } => {
-                    report(watch, generation, seq, so_far, number, &clock);
-                    next = Some(next.map_or(at, |n| n.min(at)));
+                    let unit = Unit {
+                        generation,
+                        seq,
+                        cpu_wait_base: base,
+                    };
+                    if sampling {
+                        mine.sampled_seq = seq;
+                    }
+                    report(watch, &unit, so_far, number, &clock);
+                    wake_at(at);
+                }
+            }
+            if sampling && mine.sampled_seq != seq {
+                // A unit that ends between half the threshold and the threshold's report, with
+                // the watchdog late, still has a stack to be blamed from.
+                let half = started.saturating_add(threshold / 2);
+                if now >= half {
+                    mine.sampled_seq = seq;
+                    keep_sample(watch, generation, seq, base);
+                } else {
+                    wake_at(half);
                 }
             }
         }
@@ -445,15 +508,61 @@ fn run() {
     }
 }
 
-/// Reads the stalled thread's stack and writes the report, to stderr and to the thread's
-/// recordings; counts it for the unit's final report.
-fn report(watch: &Watch, generation: u64, seq: u64, so_far: Ticks, number: u32, clock: &Clock) {
+/// The unit a look is about.
+struct Unit {
+    generation: u64,
+    seq: u64,
+    cpu_wait_base: Option<u64>,
+}
+
+/// Reads the running unit's stack; `None` if the unit ended (or the thread stopped being
+/// watched) while it was read, or, in the always-on mode, if the stack is not the unit's.
+fn read_unit_stack(watch: &Watch, generation: u64, seq: u64) -> Option<Vec<SampledFrame>> {
     let stack = read_stack(watch.tstate.load(Ordering::Relaxed) as usize).unwrap_or_default();
     if watch.generation.load(Ordering::Acquire) != generation
         || watch.seq.load(Ordering::Acquire) != seq
     {
-        return; // the thread stopped being watched, or the unit ended, while we read
+        return None;
     }
+    if watch.sampling.load(Ordering::Relaxed) && !stack.iter().any(is_unit_boundary) {
+        // The unit's end was missed (an exception the loop lets through): nothing runs in it.
+        return None;
+    }
+    Some(stack)
+}
+
+/// Keeps a stack of the running unit for its report when it ends (always-on mode).
+fn keep_sample(watch: &Watch, generation: u64, seq: u64, cpu_wait_base: Option<u64>) {
+    if let Some(stack) = read_unit_stack(watch, generation, seq) {
+        store_sample(watch, seq, stack, cpu_wait_base);
+    }
+}
+
+fn store_sample(watch: &Watch, seq: u64, stack: Vec<SampledFrame>, cpu_wait_base: Option<u64>) {
+    // Never waits: the thread holds the lock only while it takes the sample at a unit's end.
+    if let Ok(mut held) = watch.sample.try_lock() {
+        *held = Some(Sample {
+            seq,
+            stack,
+            cpu_wait_base,
+        });
+    }
+}
+
+/// Reads the stalled thread's stack and writes the report, to stderr and to the thread's
+/// recordings; counts it for the unit's final report. In the always-on mode the stack is also
+/// kept to blame the unit from, even when stalls are not reported while they run.
+fn report(watch: &Watch, unit: &Unit, so_far: Ticks, number: u32, clock: &Clock) {
+    let Some(stack) = read_unit_stack(watch, unit.generation, unit.seq) else {
+        return;
+    };
+    if watch.sampling.load(Ordering::Relaxed) {
+        store_sample(watch, unit.seq, stack.clone(), unit.cpu_wait_base);
+    }
+    if !watch.enabled.load(Ordering::Relaxed) {
+        return;
+    }
+    let seq = unit.seq;
     watch.reported.store(number, Ordering::Relaxed);
     watch.reported_seq.store(seq, Ordering::Release);
     let ms = |ticks: Ticks| ticks as f64 * clock.nanos_per_tick() / 1e6;

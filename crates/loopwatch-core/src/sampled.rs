@@ -1,0 +1,241 @@
+//! The always-on mode's episodes: a unit (callback or task step) timed from its boundaries on the
+//! loop's thread, blamed from the last stack the watchdog read while it ran. What the sample
+//! shows is all there is: the frames it held, and for a call in progress the C function named
+//! from its call site.
+
+use crate::episode::{Episode, EpisodeKind, StackFrame};
+use crate::filter::FilterSet;
+use crate::stall::SampledFrame;
+
+/// The frames of a sampled stack (innermost first) that belong to the unit: those inside its
+/// boundary frame (the loop's `Handle._run`), which is left out with everything outside it.
+/// `None` when the boundary is not on the stack: the sample was not taken while the unit ran.
+pub fn unit_frames(
+    stack: &[SampledFrame],
+    is_boundary: impl Fn(&SampledFrame) -> bool,
+) -> Option<&[SampledFrame]> {
+    let boundary = stack.iter().position(is_boundary)?;
+    Some(&stack[..boundary])
+}
+
+/// The boundary of a unit of asyncio's own loops: `Handle._run`, which runs each callback
+/// (a task step is one) inside the loop's `_run_once`.
+pub fn is_unit_boundary(frame: &SampledFrame) -> bool {
+    frame.function == "Handle._run"
+        && (frame.filename.ends_with("/asyncio/events.py")
+            || frame.filename.ends_with("\\asyncio\\events.py"))
+}
+
+/// How the binding names a sampled frame (it knows the modules): `module.qualname` and `module`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrameName {
+    pub name: String,
+    pub module: String,
+}
+
+/// What is known of a unit when it ends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SampledUnit {
+    pub duration_ns: u64,
+    pub threshold_ns: u64,
+    /// Of the duration, how long (at least) the thread waited for a CPU.
+    pub cpu_wait_ns: u64,
+    pub reports_while_running: u32,
+    pub task_name: Option<String>,
+    pub scope: Option<u64>,
+}
+
+/// The C function the innermost frame was calling when the stack was read, named from the call
+/// site's source (`time.sleep`), and the module the filters see it in.
+pub type Callee = FrameName;
+
+/// The episode for a unit that ran past the threshold, from the unit's frames (innermost first,
+/// see `unit_frames`) and their names (in the same order). The culprit is the deepest frame the
+/// filters allow, a C callee deepest of all; `None` when they allow none (as in the exact mode,
+/// such an episode blames nothing and is dropped) or there are no frames. Every frame is given
+/// the unit's duration: a sample says what was on the stack, not for how long.
+pub fn sampled_episode(
+    unit: &SampledUnit,
+    frames: &[SampledFrame],
+    names: &[FrameName],
+    callee: Option<&Callee>,
+    filters: &FilterSet,
+) -> Option<Episode> {
+    if frames.is_empty() || names.len() != frames.len() {
+        return None;
+    }
+    let mut stack: Vec<StackFrame> = frames
+        .iter()
+        .zip(names)
+        .rev()
+        .map(|(frame, name)| StackFrame {
+            name: name.name.clone(),
+            filename: Some(frame.filename.clone()),
+            lineno: frame.line,
+            end_lineno: None,
+            duration_ns: unit.duration_ns,
+            is_c_call: false,
+            is_coroutine: frame.is_coroutine,
+            included: filters.allows(&name.name, &name.module, Some(&frame.filename)),
+        })
+        .collect();
+    if let Some(callee) = callee {
+        stack.push(StackFrame {
+            name: callee.name.clone(),
+            filename: None,
+            lineno: None,
+            end_lineno: None,
+            duration_ns: unit.duration_ns,
+            is_c_call: true,
+            is_coroutine: false,
+            included: filters.allows(&callee.name, &callee.module, None),
+        });
+    }
+    let culprit = stack.iter().rposition(|frame| frame.included)?;
+    let kind = if stack[culprit].is_coroutine {
+        EpisodeKind::Step
+    } else if stack[..culprit].iter().any(|frame| frame.is_coroutine) {
+        EpisodeKind::Call
+    } else {
+        EpisodeKind::Callback
+    };
+    Some(Episode {
+        kind,
+        duration_ns: unit.duration_ns,
+        threshold_ns: unit.threshold_ns,
+        cpu_wait_ns: unit.cpu_wait_ns.min(unit.duration_ns),
+        stack,
+        culprit,
+        task_name: unit.task_name.clone(),
+        scope: unit.scope,
+        reports_while_running: unit.reports_while_running,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str, filename: &str, line: u32, is_coroutine: bool) -> SampledFrame {
+        SampledFrame {
+            filename: filename.into(),
+            function: function.into(),
+            line: Some(line),
+            span: None,
+            is_coroutine,
+            still: false,
+        }
+    }
+
+    fn name(module: &str, function: &str) -> FrameName {
+        FrameName {
+            name: format!("{module}.{function}"),
+            module: module.into(),
+        }
+    }
+
+    fn unit() -> SampledUnit {
+        SampledUnit {
+            duration_ns: 50_000_000,
+            threshold_ns: 10_000_000,
+            ..SampledUnit::default()
+        }
+    }
+
+    fn no_filters() -> FilterSet {
+        FilterSet::new::<[&str; 0], [&str; 0], &str, &str>([], []).unwrap()
+    }
+
+    /// A task step blocked in `time.sleep`, called by `fetch` from `handler`: innermost first,
+    /// as read, with the loop's own frames outside the boundary.
+    fn blocked_step() -> Vec<SampledFrame> {
+        vec![
+            frame("fetch", "/app/app.py", 12, false),
+            frame("handler", "/app/app.py", 20, true),
+            frame("Handle._run", "/py/asyncio/events.py", 88, false),
+            frame(
+                "BaseEventLoop._run_once",
+                "/py/asyncio/base_events.py",
+                1900,
+                false,
+            ),
+        ]
+    }
+
+    fn is_handle_run(frame: &SampledFrame) -> bool {
+        is_unit_boundary(frame)
+    }
+
+    #[test]
+    fn a_unit_is_the_frames_inside_its_boundary_and_none_without_it() {
+        let stack = blocked_step();
+        let inside = unit_frames(&stack, is_handle_run).unwrap();
+        assert_eq!(inside.len(), 2);
+        assert_eq!(inside[1].function, "handler");
+        assert!(unit_frames(&stack[3..], is_handle_run).is_none());
+        assert!(unit_frames(&[], is_handle_run).is_none());
+    }
+
+    #[test]
+    fn a_c_call_in_progress_is_the_culprit_of_a_sync_call_made_from_a_step() {
+        let stack = blocked_step();
+        let inside = unit_frames(&stack, is_handle_run).unwrap();
+        let names = [name("app", "fetch"), name("app", "handler")];
+        let sleep = name("time", "sleep");
+        let episode =
+            sampled_episode(&unit(), inside, &names, Some(&sleep), &no_filters()).unwrap();
+        assert_eq!(episode.kind, EpisodeKind::Call);
+        let culprit = episode.culprit_frame();
+        assert_eq!(culprit.name, "time.sleep");
+        assert!(culprit.is_c_call);
+        // Outermost first; the place to look is the line that called it.
+        let names: Vec<&str> = episode.stack.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["app.handler", "app.fetch", "time.sleep"]);
+        assert_eq!(episode.location(), (Some("/app/app.py"), Some(12)));
+        assert_eq!(episode.duration_ns, 50_000_000);
+    }
+
+    #[test]
+    fn filters_move_the_culprit_out_to_the_deepest_frame_they_allow() {
+        let stack = blocked_step();
+        let inside = unit_frames(&stack, is_handle_run).unwrap();
+        let names = [name("lib.http", "fetch"), name("app", "handler")];
+        let filters = FilterSet::new(["app"], [] as [&str; 0]).unwrap();
+        let sleep = name("time", "sleep");
+        let episode = sampled_episode(&unit(), inside, &names, Some(&sleep), &filters).unwrap();
+        assert_eq!(episode.culprit_frame().name, "app.handler");
+        assert_eq!(episode.kind, EpisodeKind::Step);
+        let nothing = FilterSet::new(["elsewhere"], [] as [&str; 0]).unwrap();
+        assert!(sampled_episode(&unit(), inside, &names, Some(&sleep), &nothing).is_none());
+    }
+
+    #[test]
+    fn python_code_running_in_a_plain_callback_is_a_callback_episode() {
+        let frames = [frame("on_data", "/app/proto.py", 40, false)];
+        let names = [name("app.proto", "on_data")];
+        let episode = sampled_episode(&unit(), &frames, &names, None, &no_filters()).unwrap();
+        assert_eq!(episode.kind, EpisodeKind::Callback);
+        assert_eq!(episode.culprit, 0);
+        assert_eq!(episode.location(), (Some("/app/proto.py"), Some(40)));
+    }
+
+    #[test]
+    fn a_step_busy_in_its_own_code_is_a_step_episode() {
+        let frames = [frame("handler", "/app/app.py", 22, true)];
+        let names = [name("app", "handler")];
+        let mut waited = unit();
+        waited.cpu_wait_ns = 45_000_000;
+        let episode = sampled_episode(&waited, &frames, &names, None, &no_filters()).unwrap();
+        assert_eq!(episode.kind, EpisodeKind::Step);
+        // Most of it was a wait for a CPU: no code is to blame.
+        assert!(episode.starved());
+    }
+
+    #[test]
+    fn no_frames_or_names_that_do_not_match_make_no_episode() {
+        let names = [name("app", "handler")];
+        assert!(sampled_episode(&unit(), &[], &[], None, &no_filters()).is_none());
+        let frames = blocked_step();
+        assert!(sampled_episode(&unit(), &frames[..2], &names, None, &no_filters()).is_none());
+    }
+}

@@ -1,0 +1,647 @@
+//! The always-on mode (3.12+): no profile hook. `sys.monitoring` local events on two code objects
+//! of asyncio's loops, `Handle._run` (start, return) and `BaseEventLoop._run_once` (start), time
+//! each unit (a callback; a task step is one) on the loop's thread for a few tens of ns; the
+//! watchdog reads the thread's stack once a unit has run half the threshold, and a unit that ends
+//! over the threshold is blamed from the last stack it read (see `loopwatch_core::sampled`).
+
+use std::cell::{Cell, UnsafeCell};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use loopwatch_core::cpu_wait::thread_cpu_wait_ns;
+use loopwatch_core::sampled::{
+    is_unit_boundary, sampled_episode, unit_frames, FrameName, SampledUnit,
+};
+use loopwatch_core::{Clock, SampledFrame, Span, Ticks};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::errors::{attached, SavedError};
+use crate::monitor::Filters;
+use crate::monitoring::{
+    callback_object, guard_thread_end, holds_tool_id, none, unguard_thread_end, use_free_tool_id,
+};
+use crate::report::episode_to_python;
+use crate::watchdog::WatchHandle;
+
+const TOOL_NAME: &str = "loopwatch-sampler";
+const END_OF_THREAD_KEY: &std::ffi::CStr = c"loopwatch.sampler";
+
+thread_local! {
+    /// This thread's `ThreadSampler` while installed (a strong reference), else null.
+    static SAMPLER: Cell<*mut ffi::PyObject> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// `asyncio.events.Handle._run`'s code object while the tool is registered: its start begins a
+/// unit; any other start the tool sees is `_run_once`'s.
+static HANDLE_RUN: AtomicUsize = AtomicUsize::new(0);
+
+/// The interpreter-wide registration: the tool id held, the code objects instrumented, and how
+/// many threads use it. Touched only with the GIL held.
+struct Registration {
+    tool: u8,
+    codes: Vec<Py<PyAny>>,
+    threads: usize,
+}
+
+struct Shared(UnsafeCell<Option<Registration>>);
+unsafe impl Sync for Shared {}
+static REGISTRATION: Shared = Shared(UnsafeCell::new(None));
+
+struct State {
+    installed: bool,
+    thread: u64,
+    clock: Clock,
+    threshold: Ticks,
+    filters: Option<loopwatch_core::FilterSet>,
+    sink: Option<Py<PyAny>>,
+    watch: Option<WatchHandle>,
+    /// When the running unit started (less what loopwatch's own work in it took).
+    unit: Option<Ticks>,
+    /// Since when loopwatch's own work (the reports' callbacks) has run, if it runs now.
+    paused_since: Option<Ticks>,
+}
+
+/// One thread's always-on watch. Touched only on the thread that installed it, with the GIL.
+#[pyclass(frozen, module = "loopwatch._native")]
+pub struct ThreadSampler {
+    state: UnsafeCell<State>,
+}
+
+// SAFETY: as `ThreadMonitor`: the state is only reached from the installing thread, under the GIL.
+unsafe impl Sync for ThreadSampler {}
+unsafe impl Send for ThreadSampler {}
+
+#[allow(clippy::useless_conversion)] // `c_ulong` is not 64 bits everywhere
+fn current_thread() -> u64 {
+    u64::from(unsafe { ffi::PyThread_get_thread_ident() })
+}
+
+impl ThreadSampler {
+    unsafe fn state_of(obj: *mut ffi::PyObject) -> *mut State {
+        let py = Python::assume_attached();
+        Borrowed::from_ptr(py, obj)
+            .cast_unchecked::<ThreadSampler>()
+            .get()
+            .state
+            .get()
+    }
+
+    #[allow(clippy::mut_from_ref)] // one thread, GIL held, no overlapping borrows
+    fn state(&self) -> PyResult<&mut State> {
+        let state = unsafe { &mut *self.state.get() };
+        if state.installed && state.thread != current_thread() {
+            return Err(PyRuntimeError::new_err(
+                "a ThreadSampler can only be used from the thread that installed it",
+            ));
+        }
+        Ok(state)
+    }
+}
+
+fn threshold_ticks(clock: &Clock, threshold_ms: f64) -> PyResult<Ticks> {
+    if !threshold_ms.is_finite() || threshold_ms <= 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "threshold_ms must be > 0, got {threshold_ms}"
+        )));
+    }
+    Ok(clock.ticks_for_nanos(threshold_ms * 1e6))
+}
+
+#[pymethods]
+impl ThreadSampler {
+    #[new]
+    fn new() -> Self {
+        Self {
+            state: UnsafeCell::new(State {
+                installed: false,
+                thread: 0,
+                clock: Clock::new(),
+                threshold: Ticks::MAX,
+                filters: None,
+                sink: None,
+                watch: None,
+                unit: None,
+                paused_since: None,
+            }),
+        }
+    }
+
+    /// Starts watching the calling thread's asyncio loop; `sink` receives one dict per episode.
+    /// The other arguments are `ThreadMonitor.install`'s.
+    #[pyo3(signature = (
+        threshold_ms, filters, sink, stall_reports=true, stall_recordings=Vec::new(),
+        stall_callbacks=false
+    ))]
+    #[allow(clippy::too_many_arguments)] // the settings of one monitor, as Python passes them
+    fn install(
+        slf: &Bound<'_, Self>,
+        threshold_ms: f64,
+        filters: &Filters,
+        sink: Py<PyAny>,
+        stall_reports: bool,
+        stall_recordings: Vec<PathBuf>,
+        stall_callbacks: bool,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.as_ptr();
+        let state = unsafe { &mut *slf.get().state.get() };
+        if state.installed {
+            return Err(PyRuntimeError::new_err(
+                "this ThreadSampler is already installed",
+            ));
+        }
+        if let Some(reason) = crate::stackread::unavailable() {
+            return Err(PyRuntimeError::new_err(format!(
+                "the always-on mode reads the loop thread's stack, which it cannot do here: {reason}"
+            )));
+        }
+        if !SAMPLER.with(Cell::get).is_null() {
+            return Err(PyRuntimeError::new_err(
+                "this thread is already watched in the always-on mode",
+            ));
+        }
+        let threshold = threshold_ticks(&state.clock, threshold_ms)?;
+        register(py)?;
+        state.watch = WatchHandle::register(
+            crate::stackread::current_thread_state(),
+            current_thread(),
+            &thread_name(py),
+            threshold,
+            stall_reports,
+            true,
+        );
+        let Some(watch) = state.watch.as_mut() else {
+            unregister(py)?;
+            return Err(PyRuntimeError::new_err(
+                "every watchdog slot is taken: too many threads are watched at once",
+            ));
+        };
+        watch.set_destinations(stall_recordings, stall_callbacks);
+        state.threshold = threshold;
+        state.filters = Some(filters.set().clone());
+        state.sink = Some(sink);
+        state.thread = current_thread();
+        state.paused_since = None;
+        state.installed = true;
+        // Installed from inside a unit (a task step that enters a monitor): timed from now, as
+        // the exact mode times the frames it finds running.
+        state.unit = unsafe { inside_a_unit() }.then(|| state.clock.now());
+        if let Some(watch) = state.watch.as_mut() {
+            watch.publish(state.unit);
+        }
+        unsafe {
+            ffi::Py_INCREF(me);
+            SAMPLER.with(|s| s.set(me));
+            guard_thread_end(py, END_OF_THREAD_KEY, me as usize, end_of_thread)?;
+        }
+        Ok(())
+    }
+
+    /// Applies new settings; the running unit goes on under them.
+    #[pyo3(signature = (
+        threshold_ms, filters, sink, stall_reports=true, stall_recordings=Vec::new(),
+        stall_callbacks=false
+    ))]
+    #[allow(clippy::too_many_arguments)] // as `install`
+    fn reconfigure(
+        &self,
+        threshold_ms: f64,
+        filters: &Filters,
+        sink: Py<PyAny>,
+        stall_reports: bool,
+        stall_recordings: Vec<PathBuf>,
+        stall_callbacks: bool,
+    ) -> PyResult<()> {
+        let state = self.state()?;
+        if !state.installed {
+            return Err(PyRuntimeError::new_err(
+                "this ThreadSampler is not installed",
+            ));
+        }
+        let threshold = threshold_ticks(&state.clock, threshold_ms)?;
+        state.threshold = threshold;
+        state.filters = Some(filters.set().clone());
+        state.sink = Some(sink);
+        if let Some(watch) = state.watch.as_ref() {
+            watch.configure(threshold, stall_reports);
+            watch.set_destinations(stall_recordings, stall_callbacks);
+        }
+        Ok(())
+    }
+
+    /// Stops watching the thread. The running unit (the one that uninstalls) is not reported:
+    /// it has not ended. Returns whether it was installed.
+    fn uninstall(slf: &Bound<'_, Self>) -> PyResult<bool> {
+        let py = slf.py();
+        let me = slf.as_ptr();
+        let state = slf.get().state()?;
+        if !state.installed {
+            return Ok(false);
+        }
+        state.installed = false;
+        state.watch = None;
+        state.sink = None;
+        state.unit = None;
+        let mine = SAMPLER.with(|s| {
+            if s.get() == me {
+                s.set(std::ptr::null_mut());
+                true
+            } else {
+                false
+            }
+        });
+        if mine {
+            unsafe {
+                unguard_thread_end(END_OF_THREAD_KEY);
+                ffi::Py_DECREF(me);
+            }
+        }
+        unregister(py)?;
+        Ok(true)
+    }
+
+    /// Nothing to report before a unit ends: the always-on mode blames whole units only.
+    fn flush(&self) {}
+
+    /// In the child of a `fork()` made on this thread: the parent's running unit is not the
+    /// child's.
+    fn after_fork(&self) -> PyResult<()> {
+        let state = self.state()?;
+        state.unit = None;
+        state.paused_since = None;
+        if let Some(watch) = state.watch.as_mut() {
+            watch.after_fork_in_child();
+        }
+        Ok(())
+    }
+
+    /// Leaves out (True) or counts again (False) what this thread runs: loopwatch's own work in
+    /// a unit (the reports' callbacks) is no part of the program's. Returns the previous setting.
+    fn set_paused(&self, paused: bool) -> PyResult<bool> {
+        let state = self.state()?;
+        let was = state.paused_since.is_some();
+        if paused == was {
+            return Ok(was);
+        }
+        let now = state.clock.now();
+        if paused {
+            state.paused_since = Some(now);
+            if let Some(watch) = state.watch.as_mut() {
+                watch.publish(None);
+            }
+        } else if let Some(since) = state.paused_since.take() {
+            if let Some(started) = state.unit.as_mut() {
+                *started = started.saturating_add(now.saturating_sub(since)).min(now);
+                if let Some(watch) = state.watch.as_mut() {
+                    watch.publish(Some(*started));
+                }
+            }
+        }
+        Ok(was)
+    }
+
+    #[getter]
+    fn backend(&self) -> &'static str {
+        "sampling"
+    }
+
+    #[getter]
+    fn fallback(&self) -> Option<String> {
+        None
+    }
+
+    #[getter]
+    fn installed(&self) -> bool {
+        unsafe { &*self.state.get() }.installed
+    }
+
+    /// As `installed`: nothing the program does takes the sampler's place.
+    #[getter]
+    fn hooked(&self) -> bool {
+        self.installed()
+    }
+
+    #[getter]
+    fn paused_profiler(&self) -> Option<Py<PyAny>> {
+        None
+    }
+}
+
+/// Whether `Handle._run` is on the calling thread's stack.
+unsafe fn inside_a_unit() -> bool {
+    let handle_run = HANDLE_RUN.load(Ordering::Relaxed);
+    let mut frame = ffi::PyEval_GetFrame();
+    if !frame.is_null() {
+        ffi::Py_INCREF(frame.cast());
+    }
+    let mut found = false;
+    while !frame.is_null() && !found {
+        let code = ffi::PyFrame_GetCode(frame);
+        found = code as usize == handle_run;
+        ffi::Py_DECREF(code.cast());
+        let back = ffi::PyFrame_GetBack(frame);
+        ffi::Py_DECREF(frame.cast());
+        frame = back;
+    }
+    if !frame.is_null() {
+        ffi::Py_DECREF(frame.cast());
+    }
+    found
+}
+
+fn thread_name(py: Python<'_>) -> String {
+    py.import("threading")
+        .and_then(|threading| threading.call_method0("current_thread"))
+        .and_then(|thread| thread.getattr("name"))
+        .and_then(|name| name.extract())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// The thread ends while its sampler is installed: its share of the tool id goes back.
+unsafe fn end_of_thread(token: usize) {
+    let obj = SAMPLER.with(|s| {
+        if s.get() as usize == token {
+            s.replace(std::ptr::null_mut())
+        } else {
+            std::ptr::null_mut()
+        }
+    });
+    if obj.is_null() {
+        return;
+    }
+    let py = Python::assume_attached();
+    let _saved = SavedError::take();
+    let state = &mut *ThreadSampler::state_of(obj);
+    state.installed = false;
+    state.watch = None; // the thread state is about to go: no more reads of it
+    state.sink = None;
+    if let Err(error) = unregister(py) {
+        error.write_unraisable(py, None);
+    }
+    ffi::Py_DECREF(obj);
+}
+
+/// The events, by their names in `sys.monitoring.events`, with their callbacks.
+const EVENTS: [(&str, ffi::vectorcallfunc); 2] = [("PY_START", on_start), ("PY_RETURN", on_return)];
+
+/// One more thread uses the tool: the first takes a tool id and instruments the code objects.
+fn register(py: Python<'_>) -> PyResult<()> {
+    let registration = unsafe { &mut *REGISTRATION.0.get() };
+    if let Some(found) = registration.as_mut() {
+        found.threads += 1;
+        return Ok(());
+    }
+    let Some(tool) = use_free_tool_id(py, TOOL_NAME)? else {
+        return Err(PyRuntimeError::new_err(format!(
+            "the always-on mode needs a sys.monitoring tool id: {}",
+            crate::monitoring::NO_FREE_TOOL_ID
+        )));
+    };
+    let outcome = (|| -> PyResult<Vec<Py<PyAny>>> {
+        let monitoring = py.import("sys")?.getattr("monitoring")?;
+        let events = monitoring.getattr("events")?;
+        for (name, callback) in EVENTS {
+            let event: u64 = events.getattr(name)?.extract()?;
+            monitoring.call_method1(
+                "register_callback",
+                (tool, event, callback_object(py, callback)?),
+            )?;
+        }
+        let start: u64 = events.getattr("PY_START")?.extract()?;
+        let ret: u64 = events.getattr("PY_RETURN")?.extract()?;
+        let handle_run = py
+            .import("asyncio.events")?
+            .getattr("Handle")?
+            .getattr("_run")?
+            .getattr("__code__")?;
+        let run_once = py
+            .import("asyncio.base_events")?
+            .getattr("BaseEventLoop")?
+            .getattr("_run_once")?
+            .getattr("__code__")?;
+        HANDLE_RUN.store(handle_run.as_ptr() as usize, Ordering::Relaxed);
+        monitoring.call_method1("set_local_events", (tool, &handle_run, start | ret))?;
+        monitoring.call_method1("set_local_events", (tool, &run_once, start))?;
+        Ok(vec![handle_run.unbind(), run_once.unbind()])
+    })();
+    match outcome {
+        Ok(codes) => {
+            *registration = Some(Registration {
+                tool,
+                codes,
+                threads: 1,
+            });
+            Ok(())
+        }
+        Err(error) => {
+            let _ = release(py, tool, &[]);
+            Err(error)
+        }
+    }
+}
+
+/// One thread less; the last gives the tool id back.
+fn unregister(py: Python<'_>) -> PyResult<()> {
+    let registration = unsafe { &mut *REGISTRATION.0.get() };
+    let last = match registration.as_mut() {
+        Some(found) => {
+            found.threads -= 1;
+            found.threads == 0
+        }
+        None => false,
+    };
+    match registration.take_if(|_| last) {
+        Some(ended) => release(py, ended.tool, &ended.codes),
+        None => Ok(()),
+    }
+}
+
+fn release(py: Python<'_>, tool: u8, codes: &[Py<PyAny>]) -> PyResult<()> {
+    HANDLE_RUN.store(0, Ordering::Relaxed);
+    if !holds_tool_id(py, tool, TOOL_NAME)? {
+        return Ok(());
+    }
+    let monitoring = py.import("sys")?.getattr("monitoring")?;
+    for code in codes {
+        monitoring.call_method1("set_local_events", (tool, code, 0))?;
+    }
+    let events = monitoring.getattr("events")?;
+    for (name, _) in EVENTS {
+        let event: u64 = events.getattr(name)?.extract()?;
+        monitoring.call_method1("register_callback", (tool, event, py.None()))?;
+    }
+    monitoring.call_method1("free_tool_id", (tool,))?;
+    Ok(())
+}
+
+// --- the callbacks: on every callback of every asyncio loop in the process -------------------
+
+#[inline(always)]
+fn sampling() -> Option<*mut ffi::PyObject> {
+    let obj = SAMPLER.with(Cell::get);
+    (!obj.is_null()).then_some(obj)
+}
+
+/// `PY_START` (code, offset): `Handle._run` starts a unit; `_run_once` starting means no unit
+/// runs (one whose return was not seen, an exception the loop let through, is over).
+unsafe extern "C" fn on_start(
+    _callback: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    _nargsf: usize,
+    _names: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    if let Some(obj) = sampling() {
+        let state = &mut *ThreadSampler::state_of(obj);
+        if state.installed {
+            let started = if *args as usize == HANDLE_RUN.load(Ordering::Relaxed) {
+                Some(state.clock.now())
+            } else {
+                None
+            };
+            state.unit = started;
+            if let Some(watch) = state.watch.as_mut() {
+                watch.publish(started);
+            }
+        }
+    }
+    none()
+}
+
+/// `PY_RETURN` (code, offset, value) of `Handle._run`: the unit ends.
+unsafe extern "C" fn on_return(
+    _callback: *mut ffi::PyObject,
+    _args: *const *mut ffi::PyObject,
+    _nargsf: usize,
+    _names: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    if let Some(obj) = sampling() {
+        let state = &mut *ThreadSampler::state_of(obj);
+        if let (true, Some(started)) = (state.installed, state.unit.take()) {
+            let now = state.clock.now();
+            let ran = now.saturating_sub(started);
+            if ran < state.threshold {
+                if let Some(watch) = state.watch.as_mut() {
+                    watch.publish(None);
+                }
+            } else {
+                attached(|| unit_over_threshold(obj, state, ran));
+            }
+        }
+    }
+    none()
+}
+
+/// The slow path: a unit ended over the threshold. Blames it from the watchdog's last stack
+/// and hands the episode to the sink. Never raises into the program.
+unsafe fn unit_over_threshold(obj: *mut ffi::PyObject, state: &mut State, ran: Ticks) {
+    let py = Python::assume_attached();
+    let _saved = SavedError::take();
+    let (sample, reported) = match state.watch.as_mut() {
+        Some(watch) => {
+            let sample = watch.take_sample(watch.seq());
+            (sample, watch.publish(None))
+        }
+        None => (None, 0),
+    };
+    let cpu_wait_ns = sample
+        .as_ref()
+        .and_then(|sample| sample.cpu_wait_base)
+        .zip(thread_cpu_wait_ns())
+        .map_or(0, |(base, now)| now.saturating_sub(base));
+    let stack = sample.map(|sample| sample.stack).unwrap_or_default();
+    let nanos = |ticks: Ticks| (ticks as f64 * state.clock.nanos_per_tick()) as u64;
+    let unit = SampledUnit {
+        duration_ns: nanos(ran),
+        threshold_ns: nanos(state.threshold),
+        cpu_wait_ns,
+        reports_while_running: reported,
+        task_name: None,
+        scope: None,
+    };
+    ffi::Py_INCREF(obj);
+    let outcome = report(py, state, unit, &stack);
+    if let Err(error) = outcome {
+        error.write_unraisable(py, None);
+    }
+    ffi::Py_DECREF(obj);
+}
+
+/// Names the unit's frames (in Python: modules, the C function at the call site, the task),
+/// builds the episode and hands it to the sink.
+fn report(
+    py: Python<'_>,
+    state: &mut State,
+    mut unit: SampledUnit,
+    stack: &[SampledFrame],
+) -> PyResult<()> {
+    let (Some(sink), Some(filters)) = (state.sink.as_ref(), state.filters.as_ref()) else {
+        return Ok(());
+    };
+    let sink = sink.clone_ref(py);
+    let frames = unit_frames(stack, is_unit_boundary);
+    let sampled: Option<Vec<_>> = frames.map(|frames| {
+        frames
+            .iter()
+            .map(|f| {
+                (
+                    f.filename.as_str(),
+                    f.function.as_str(),
+                    f.line,
+                    f.span.map(|s| (s.end_line, s.col, s.end_col)),
+                    f.is_coroutine,
+                    f.still,
+                )
+            })
+            .collect()
+    });
+    // The running `Handle._run`: its `self` says which callback, and for a task step, which task.
+    let handle_frame =
+        unsafe { Bound::from_borrowed_ptr_or_opt(py, ffi::PyEval_GetFrame().cast()) };
+    let described = py
+        .import("loopwatch._sampling")?
+        .call_method1("describe_unit", (handle_frame, sampled))?;
+    let (frames, names, callee, task_name): (
+        Vec<(
+            String,
+            String,
+            Option<u32>,
+            Option<(u32, u32, u32)>,
+            bool,
+            bool,
+        )>,
+        Vec<(String, String)>,
+        Option<(String, String)>,
+        Option<String>,
+    ) = described.extract()?;
+    let frames: Vec<SampledFrame> = frames
+        .into_iter()
+        .map(
+            |(filename, function, line, span, is_coroutine, still)| SampledFrame {
+                filename,
+                function,
+                line,
+                span: span.map(|(end_line, col, end_col)| Span {
+                    end_line,
+                    col,
+                    end_col,
+                }),
+                is_coroutine,
+                still,
+            },
+        )
+        .collect();
+    let name = |(name, module): (String, String)| FrameName { name, module };
+    let names: Vec<FrameName> = names.into_iter().map(name).collect();
+    let callee = callee.map(name);
+    unit.task_name = task_name;
+    let Some(episode) = sampled_episode(&unit, &frames, &names, callee.as_ref(), filters) else {
+        return Ok(());
+    };
+    let raw = episode_to_python(py, &episode)?;
+    raw.set_item("sampled", true)?;
+    sink.bind(py).call1(PyTuple::new(py, [raw])?)?;
+    Ok(())
+}

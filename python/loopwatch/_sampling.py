@@ -1,0 +1,156 @@
+"""The always-on mode's slow path, called by the native sampler when a unit has ended over the
+threshold: it names the frames of the stack the watchdog read (module-qualified, as the exact mode
+names them), the C function a call in progress was calling (from its call site's source), and the
+task. Runs on the loop's thread with the GIL; reads source files and module dicts, never runs the
+program's code."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import builtins
+import linecache
+import sys
+import types
+from typing import Any, Optional
+
+# (filename, function, line, (end_line, col, end_col) or None, is_coroutine, stood still),
+# innermost first
+Frame = tuple[str, str, Optional[int], Optional[tuple[int, int, int]], bool, bool]
+Name = tuple[str, str]  # (module-qualified name, module)
+
+_modules_by_file: dict[str, str] = {}
+_modules_seen = 0
+
+
+def module_of_file(filename: str) -> str:
+    """The name of the module loaded from `filename`, or "" if none was."""
+    global _modules_seen
+    found = _modules_by_file.get(filename)
+    if found is None and len(sys.modules) != _modules_seen:
+        _modules_seen = len(sys.modules)
+        for name, module in list(sys.modules.items()):
+            path = getattr(module, "__file__", None)
+            if isinstance(path, str):
+                _modules_by_file.setdefault(path, name)
+        found = _modules_by_file.get(filename)
+    return found or ""
+
+
+def _frame_name(filename: str, function: str) -> Name:
+    module = module_of_file(filename)
+    return (f"{module}.{function}" if module else function, module)
+
+
+def _source(filename: str, line: int, end_line: int, col: int, end_col: int) -> Optional[str]:
+    """The text of a span (columns are UTF-8 byte offsets, as in code objects)."""
+    lines = linecache.getlines(filename)
+    if not lines or end_line > len(lines) or line > end_line:
+        return None
+    chunk = [text.encode() for text in lines[line - 1 : end_line]]
+    if len(chunk) == 1:
+        chunk[0] = chunk[0][col:end_col]
+    else:
+        chunk[0] = chunk[0][col:]
+        chunk[-1] = chunk[-1][:end_col]
+    try:
+        return b"".join(chunk).decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _dotted(node: ast.expr) -> Optional[list[str]]:
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else [*base, node.attr]
+    return None
+
+
+def _c_function_name(parts: list[str]) -> Name:
+    """The C function a call site names: through a module's dict (no attribute lookup, so no code
+    runs) to the function's own module and name (`hashlib.pbkdf2_hmac` is `_hashlib.pbkdf2_hmac`);
+    else as written."""
+    written = ".".join(parts)
+    if len(parts) == 1:
+        owner: Any = builtins
+        attr = parts[0]
+    else:
+        owner = sys.modules.get(".".join(parts[:-1]))
+        attr = parts[-1]
+    if isinstance(owner, types.ModuleType):
+        found = vars(owner).get(attr)
+        if isinstance(found, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+            module = getattr(found, "__module__", None) or owner.__name__
+            return (f"{module}.{found.__qualname__}", module)
+        if len(parts) > 1:
+            return (written, owner.__name__)
+    return (written, "")
+
+
+def callee_at(frame: Frame) -> Optional[Name]:
+    """The function a frame was calling, if its instruction is a call in progress: the frame stood
+    still at it (see the native reader) and its span is a whole call expression. The frame is the
+    innermost Python frame, so the callee is C code."""
+    filename, _function, line, span, _is_coroutine, still = frame
+    if line is None or span is None or not still:
+        return None
+    end_line, col, end_col = span
+    text = _source(filename, line, end_line, col, end_col)
+    if text is None:
+        return None
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:  # a span inside a call, not a call
+        return None
+    if not isinstance(node, ast.Call):
+        return None
+    parts = _dotted(node.func)
+    if parts is None:
+        return (f"a C call at {filename}:{line}", "")
+    return _c_function_name(parts)
+
+
+def _task_of(handle: Any) -> Optional[asyncio.Task[Any]]:
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
+    return owner if isinstance(owner, asyncio.Task) else None
+
+
+def _await_chain(task: asyncio.Task[Any]) -> list[Frame]:
+    """Where the task's coroutines wait now, innermost first: the step's own frames when no
+    stack was read in time."""
+    chain: list[Frame] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(chain) < 64:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is None:
+            break
+        code = frame.f_code
+        chain.append((code.co_filename, code.co_qualname, frame.f_lineno, None, True, False))
+        coro = getattr(coro, "cr_await", None)
+    chain.reverse()
+    return chain
+
+
+def describe_unit(
+    handle_frame: Optional[types.FrameType], sampled: Optional[list[Frame]]
+) -> tuple[list[Frame], list[Name], Optional[Name], Optional[str]]:
+    """What the report of a unit says: its frames (innermost first), their names, the C function
+    the innermost was calling, and the task it was a step of. `handle_frame` is the running
+    `Handle._run`; `sampled` the unit's frames as the watchdog read them (None: no stack was read
+    while the unit ran, or none of it; the report then shows where the task waits now)."""
+    handle = handle_frame.f_locals.get("self") if handle_frame is not None else None
+    task = _task_of(handle)
+    task_name = task.get_name() if task is not None else None
+    callee = None
+    if sampled:
+        frames = sampled
+        callee = callee_at(frames[0])
+    elif task is not None:
+        frames = _await_chain(task)
+    else:
+        frames = []
+    names = [_frame_name(frame[0], frame[1]) for frame in frames]
+    return frames, names, callee, task_name
