@@ -39,15 +39,42 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-# The two ways of seeing a thread's calls: sys.monitoring exists from 3.12 (and is the default
-# there); the legacy profile hook everywhere. Modules that pin what both must answer alike use
-# `pytestmark = pytest.mark.usefixtures("backend")`.
-BACKENDS = ["legacy", "monitoring"] if sys.version_info >= (3, 12) else ["legacy"]
+# The two ways the exact mode sees a thread's calls: sys.monitoring exists from 3.12 (and is the
+# default there); the legacy profile hook everywhere. Modules about the exact mode's own workings
+# use `pytestmark = pytest.mark.usefixtures("exact_backend")`.
+EXACT_BACKENDS = ["legacy", "monitoring"] if sys.version_info >= (3, 12) else ["legacy"]
+# Modules that pin what every way of seeing must answer alike (`usefixtures("backend")`) also run
+# in the always-on mode ("sampling", 3.12+, asyncio's own loops), through `monitor()`; a test the
+# always-on mode cannot be expected to pass says why with `@exact_only("...")`, and is skipped with
+# that reason.
+BACKENDS = [*EXACT_BACKENDS, "sampling"] if sys.version_info >= (3, 12) else EXACT_BACKENDS
+MODE = "exact"
+"""The mode `monitor()` makes monitors in: set by the `backend` fixture."""
+
+
+def exact_only(reason: str) -> pytest.MarkDecorator:
+    """Marks a test whose behaviour only the exact mode has: `reason` says what the always-on
+    mode does instead (the documented difference)."""
+    return pytest.mark.exact_only(reason)
+
+
+@pytest.fixture(params=EXACT_BACKENDS)
+def exact_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("LOOPWATCH_BACKEND", request.param)
+    return request.param
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("LOOPWATCH_BACKEND", request.param)
+    if request.param == "sampling":
+        marker = request.node.get_closest_marker("exact_only")
+        if marker is not None:
+            pytest.skip(f"exact mode only: {marker.args[0]}")
+        if "loop_kind" in request.fixturenames and request.getfixturevalue("loop_kind") != "asyncio":
+            pytest.skip("the always-on mode sees asyncio's own loops only")
+        monkeypatch.setitem(globals(), "MODE", "sampling")
+    else:
+        monkeypatch.setenv("LOOPWATCH_BACKEND", request.param)
     return request.param
 
 
@@ -77,6 +104,8 @@ def monitor(**kwargs: Any) -> tuple[Any, list[BlockingCallInfo]]:
     """A monitoring context whose reports land in the returned list."""
     reports: list[BlockingCallInfo] = []
     kwargs.setdefault("threshold_ms", THRESHOLD_MS)
+    if MODE != "exact":
+        kwargs.setdefault("mode", MODE)
     return event_loop_monitor_ctx(on_blocking_call=reports.append, **kwargs), reports
 
 

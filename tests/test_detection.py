@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import BLOCK_S, THRESHOLD_MS, items_summed_in, monitor, names, short
 
-# What both ways of seeing must answer alike (conftest.BACKENDS).
+# What every way of seeing must answer alike (conftest.BACKENDS), the always-on mode included.
 pytestmark = pytest.mark.usefixtures("backend")
 
 
@@ -70,7 +70,7 @@ def test_the_duration_is_the_real_stall_not_a_multiple_of_the_threshold(run):
     assert 77 <= reports[0].duration_ms < 77 + 25
 
 
-def test_a_slow_c_call_holding_the_gil_is_named(run):
+def test_a_slow_c_call_holding_the_gil_is_named(run, backend):
     big = items_summed_in(3 * THRESHOLD_MS / 1000)
     ctx, reports = monitor()
 
@@ -79,7 +79,13 @@ def test_a_slow_c_call_holding_the_gil_is_named(run):
             sum(range(big))
 
     run(main)
-    assert [r.method_name for r in reports] == ["sum"]
+    if backend == "sampling":
+        # A frame saves its instruction only when it calls out: a C call that computes looks
+        # like Python calling C over and over, so the always-on mode blames the calling line.
+        line = main.__code__.co_firstlineno + 2
+        assert [(r.kind, short(r.method_name), r.lineno) for r in reports] == [("step", "main", line)]
+    else:
+        assert [r.method_name for r in reports] == ["sum"]
 
 
 def test_several_steps_make_several_reports(run):
@@ -95,7 +101,7 @@ def test_several_steps_make_several_reports(run):
     assert [r.method_name for r in reports] == ["time.sleep"] * 3
 
 
-def test_a_step_with_no_single_slow_call_names_the_coroutine_and_its_lines(run):
+def test_a_step_with_no_single_slow_call_names_the_coroutine_and_its_lines(run, backend):
     ctx, reports = monitor()
 
     async def crunch():
@@ -117,11 +123,15 @@ def test_a_step_with_no_single_slow_call_names_the_coroutine_and_its_lines(run):
     assert info.kind == "step"
     assert short(info.method_name) == "crunch"
     first = crunch.__code__.co_firstlineno
-    assert (info.lineno, info.end_lineno) == (first + 1, first + 6)
+    if backend == "sampling":
+        # The always-on mode knows the line the stack was read at, not where the step began.
+        assert first + 3 <= info.lineno <= first + 5 and info.end_lineno is None
+    else:
+        assert (info.lineno, info.end_lineno) == (first + 1, first + 6)
     assert [short(n) for n in names(info)] == ["main", "crunch"]
 
 
-def test_many_small_blocking_calls_between_awaits_are_one_step(run):
+def test_many_small_blocking_calls_between_awaits_are_one_step(run, backend):
     ctx, reports = monitor()
 
     async def main():
@@ -130,7 +140,10 @@ def test_many_small_blocking_calls_between_awaits_are_one_step(run):
                 time.sleep(BLOCK_S / 10)
 
     run(main)
-    assert [(r.kind, short(r.method_name)) for r in reports] == [("step", "main")]
+    # The always-on mode sees one of the calls in progress when it reads the stack, and cannot
+    # tell it from one long call: it names the call it saw, for the whole step.
+    culprit = ("call", "sleep") if backend == "sampling" else ("step", "main")
+    assert [(r.kind, short(r.method_name)) for r in reports] == [culprit]
     assert reports[0].duration_ms >= BLOCK_S * 1000
 
 
@@ -184,7 +197,7 @@ def test_waiting_for_a_lock_with_a_with_statement_is_reported(run):
         assert [(r.kind, short(r.method_name)) for r in reports] == [("step", "main")]
 
 
-def test_calls_invisible_to_the_hook_show_as_a_step(run):
+def test_calls_invisible_to_the_hook_show_as_a_step(run, backend):
     ctx, reports = monitor()
     nap = functools.partial(time.sleep, BLOCK_S)
 
@@ -193,7 +206,9 @@ def test_calls_invisible_to_the_hook_show_as_a_step(run):
             nap()
 
     run(main)
-    assert [(r.kind, short(r.method_name)) for r in reports] == [("step", "main")]
+    # The always-on mode reads the call site instead: it names what the code called.
+    culprit = ("call", "nap") if backend == "sampling" else ("step", "main")
+    assert [(r.kind, short(r.method_name)) for r in reports] == [culprit]
 
 
 def test_a_slow_call_soon_callback_is_a_callback(run):

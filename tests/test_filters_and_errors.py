@@ -13,7 +13,7 @@ import pytest
 from conftest import BLOCK_S, monitor, names, short
 from loopwatch import BlockingCallInfo, EventLoopMonitor, event_loop_monitor_ctx
 
-# What both ways of seeing must answer alike (conftest.BACKENDS).
+# What every way of seeing must answer alike (conftest.BACKENDS), the always-on mode included.
 pytestmark = pytest.mark.usefixtures("backend")
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -19,13 +19,13 @@ import pytest
 from conftest import BLOCK_S, monitor, names, new_loop, short, watched
 from loopwatch import EventLoopMonitor, _monitor, event_loop_monitor_ctx
 
-# Every test here runs on each way of seeing (conftest.BACKENDS); what only the legacy profile
-# hook does (chaining and restoring profile functions) says so.
-pytestmark = pytest.mark.usefixtures("backend")
+# Every test here runs on each way the exact mode sees (conftest.EXACT_BACKENDS); what only the
+# legacy profile hook does (chaining and restoring profile functions) says so.
+pytestmark = pytest.mark.usefixtures("exact_backend")
 
 
-def legacy_only(backend: str) -> None:
-    if backend != "legacy":
+def legacy_only(exact_backend: str) -> None:
+    if exact_backend != "legacy":
         pytest.skip("how the legacy profile hook shares the thread's profile function")
 
 
@@ -89,7 +89,7 @@ def test_loops_in_several_threads_are_monitored_independently(loop_kind):
         assert profile_after is None
 
 
-def test_deactivation_restores_a_python_profile_function(backend):
+def test_deactivation_restores_a_python_profile_function(exact_backend):
     seen = []
 
     def profiler(frame, event, arg):
@@ -99,7 +99,7 @@ def test_deactivation_restores_a_python_profile_function(backend):
     try:
         with EventLoopMonitor(threshold_ms=30):
             # sys.monitoring leaves the thread's profile function where it is.
-            assert (sys.getprofile() is profiler) == (backend == "monitoring")
+            assert (sys.getprofile() is profiler) == (exact_backend == "monitoring")
         assert sys.getprofile() is profiler
         seen.clear()
         len([])
@@ -134,10 +134,10 @@ print(paused, restored, "c_call" in seen, any("gets no events" in w for w in war
 """
 
 
-def test_where_the_thread_state_cannot_be_read_a_profile_function_is_paused_then_restored(backend):
+def test_where_the_thread_state_cannot_be_read_a_profile_function_is_paused_then_restored(exact_backend):
     # The fallback for a build whose thread-state layout does not match the headers loopwatch
     # knows (a new CPython): the function set before is paused, said so, and put back.
-    legacy_only(backend)
+    legacy_only(exact_backend)
     env = {**os.environ, "LOOPWATCH_PORTABLE_THREAD_STATE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", PAUSED_AND_RESTORED], env=env, capture_output=True, text=True, timeout=60
@@ -163,8 +163,8 @@ def test_cprofile_keeps_profiling_after_loopwatch_is_done():
     assert any(func[2] == "profiled_after_monitoring" for func in stats.stats)
 
 
-def test_save_and_restore_of_sys_getprofile_inside_monitored_code_keeps_monitoring(run, backend):
-    legacy_only(backend)
+def test_save_and_restore_of_sys_getprofile_inside_monitored_code_keeps_monitoring(run, exact_backend):
+    legacy_only(exact_backend)
     ctx, reports = monitor()
 
     async def main():
@@ -229,8 +229,10 @@ def test_cprofile_started_before_loopwatch_profiles_what_runs_while_monitored(ru
     assert [r.method_name for r in reports] == ["time.sleep"]
 
 
-def test_a_profile_function_set_inside_monitored_code_is_said_and_the_thread_taken_back(run, caplog, backend):
-    legacy_only(backend)
+def test_a_profile_function_set_inside_monitored_code_is_said_and_the_thread_taken_back(
+    run, caplog, exact_backend
+):
+    legacy_only(exact_backend)
     seen = []
 
     def profiler(frame, event, arg):
@@ -409,8 +411,8 @@ needs_monitoring = pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.mo
 
 
 @needs_monitoring
-def test_sys_setprofile_inside_monitored_code_changes_nothing_under_sys_monitoring(run, backend):
-    if backend != "monitoring":
+def test_sys_setprofile_inside_monitored_code_changes_nothing_under_sys_monitoring(run, exact_backend):
+    if exact_backend != "monitoring":
         pytest.skip("the legacy hook is the profile function")
     ctx, reports = monitor()
 
@@ -473,7 +475,7 @@ def test_with_every_tool_id_taken_the_legacy_hook_watches_and_says_so_once(run, 
 
 
 @needs_monitoring
-def test_other_sys_monitoring_tools_keep_their_events_while_loopwatch_watches(run, backend):
+def test_other_sys_monitoring_tools_keep_their_events_while_loopwatch_watches(run, exact_backend):
     events = sys.monitoring.events
     seen = []
 

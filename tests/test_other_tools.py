@@ -13,7 +13,7 @@ from conftest import clean_env, headlines, line_of, write
 
 pytest.importorskip("coverage")
 
-pytestmark = pytest.mark.usefixtures("backend")
+pytestmark = pytest.mark.usefixtures("exact_backend")
 
 APP = """
 import asyncio, time
@@ -41,10 +41,10 @@ asyncio.run(main())
 
 @pytest.mark.parametrize("core", ["sysmon", "ctrace"] if sys.version_info >= (3, 12) else ["ctrace"])
 def test_coverage_measures_every_line_while_loopwatch_reports_the_block(
-    tmp_path: Path, backend: str, core: str
+    tmp_path: Path, exact_backend: str, core: str
 ) -> None:
     app = write(tmp_path / "app.py", APP)
-    env = clean_env(LOOPWATCH_BACKEND=backend, COVERAGE_CORE=core)
+    env = clean_env(LOOPWATCH_BACKEND=exact_backend, COVERAGE_CORE=core)
     data = tmp_path / ".coverage"
     ran = subprocess.run(
         [sys.executable, "-m", "coverage", "run", f"--data-file={data}", str(app)],

@@ -62,7 +62,7 @@ def _check_mode(mode: object) -> str:
             "mode='sampling' needs CPython 3.12 or newer (it is built on sys.monitoring); "
             f"this is {sys.version_info.major}.{sys.version_info.minor}: use mode='exact'"
         )
-    return cast(str, mode)
+    return mode
 
 
 def _check_patterns(name: str, patterns: Optional[Iterable[str]]) -> list[str]:
@@ -94,6 +94,13 @@ def _absolute_path_pattern(pattern: str) -> str:
     return os.path.abspath(os.path.expanduser(pattern)) + (os.sep if pattern.endswith(("/", os.sep)) else "")
 
 
+def _new_native(mode: str) -> Any:
+    """The native watch of one thread for `mode` (checked by `_check_mode`)."""
+    if sys.version_info >= (3, 12) and mode == "sampling":
+        return _native.ThreadSampler()
+    return _native.ThreadMonitor()
+
+
 class _ThreadHub:
     """The native hook of one thread and the monitors active on it, innermost last.
 
@@ -102,7 +109,8 @@ class _ThreadHub:
     The innermost monitor's include/exclude patterns choose the culprit for all of them."""
 
     def __init__(self, mode: str = "exact") -> None:
-        self.native: Any = _native.ThreadSampler() if mode == "sampling" else _native.ThreadMonitor()
+        self.mode = mode
+        self.native: Any = _new_native(mode)
         self.active: list[EventLoopMonitor] = []
         self.pid = os.getpid()
         """The process this hub saw last: another one is the child of a fork (see `_hub`)."""
@@ -147,6 +155,8 @@ class _ThreadHub:
         else:
             threshold_ms = min(monitor._threshold_ms for monitor in active)
             filters = active[-1]._filters
+            if self.active and not self.native.installed:
+                self.active = []  # the always-on mode could not start (said then): try again
             if self.active and not self.native.hooked and sys.getprofile() is None:
                 # The program set a profile function of its own over ours and has since removed
                 # it: take the thread back, afresh.
@@ -165,6 +175,13 @@ class _ThreadHub:
                 self._recipients = tuple(active)
                 try:
                     self.native.install(threshold_ms, filters, self.deliver, *destinations)
+                except RuntimeError as error:
+                    self._recipients = ()
+                    if self.mode != "sampling":
+                        raise
+                    # What keeps the always-on mode from watching is the machine's (no tool id
+                    # left, stacks unreadable), never the program's fault: said, not raised.
+                    _say_unwatched(str(error))
                 except BaseException:
                     self._recipients = ()
                     raise
@@ -198,6 +215,16 @@ class _ThreadHub:
 
 
 _fallback_said = False
+_unwatched_said = False
+
+
+def _say_unwatched(reason: str) -> None:
+    """Says once per process why the always-on mode watches nothing."""
+    global _unwatched_said
+    if _unwatched_said:
+        return
+    _unwatched_said = True
+    logger.warning("loopwatch: the always-on mode (mode='sampling') watches nothing here: %s", reason)
 
 
 def _say_fallback(reason: Optional[str]) -> None:

@@ -1,5 +1,6 @@
 """The compiled core of loopwatch (private: use the `loopwatch` package)."""
 
+import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Optional, final
@@ -11,6 +12,7 @@ __all__ = [
     "RecordingReader",
     "RecordingWriter",
     "ThreadMonitor",
+    "ThreadSampler",
     "__version__",
     "_bench_install_empty_hook",
     "_bench_uninstall_hook",
@@ -73,6 +75,45 @@ class ThreadMonitor:
     def fallback(self) -> Optional[str]: ...
     def __call__(self, _frame: Any, _event: Any, _arg: Any) -> None: ...
 
+if sys.version_info >= (3, 12):
+    @final
+    class ThreadSampler:
+        """One thread's always-on watch (`sys.monitoring` events on asyncio's `Handle._run`)."""
+
+        def __new__(cls) -> ThreadSampler: ...
+        def install(
+            self,
+            threshold_ms: float,
+            filters: Filters,
+            sink: Callable[[dict[str, Any]], None],
+            stall_reports: bool = True,
+            stall_recordings: list[str] = ...,
+            stall_callbacks: bool = False,
+        ) -> None: ...
+        def reconfigure(
+            self,
+            threshold_ms: float,
+            filters: Filters,
+            sink: Callable[[dict[str, Any]], None],
+            stall_reports: bool = True,
+            stall_recordings: list[str] = ...,
+            stall_callbacks: bool = False,
+        ) -> None: ...
+        def uninstall(self) -> bool: ...
+        def flush(self) -> None: ...
+        def after_fork(self) -> None: ...
+        def set_paused(self, paused: bool) -> bool: ...
+        @property
+        def installed(self) -> bool: ...
+        @property
+        def hooked(self) -> bool: ...
+        @property
+        def paused_profiler(self) -> None: ...
+        @property
+        def backend(self) -> str: ...
+        @property
+        def fallback(self) -> None: ...
+
 def _bench_install_empty_hook() -> None:
     """Installs a profile hook that does nothing (the benchmarks' floor)."""
 
@@ -85,10 +126,12 @@ def _code_reads() -> str:
 def _watched() -> Optional[str]:
     """How the calling thread is watched now: "monitoring", "legacy" or None."""
 
-def _read_stack(tstate: Optional[int] = None) -> Optional[list[tuple[str, str, Optional[int]]]]:
+def _read_stack(tstate: Optional[int] = None, details: bool = False) -> Optional[list[tuple[Any, ...]]]:
     """A thread's Python stack read as the watchdog reads it, innermost first: the calling
     thread's, or with `tstate` (from `_stack_reads`) another's, read with the GIL released.
-    None when stacks cannot be read here."""
+    Each frame is `(filename, function, line)`, with `details` also the span
+    `(end_line, col, end_col)` of its instruction, whether it is a coroutine's, and whether it
+    waited in a call (the innermost only). None when stacks cannot be read here."""
 
 def _take_stalls(timeout_s: float) -> list[dict[str, Any]]:
     """Waits up to `timeout_s` (GIL released) for reports of running stalls and takes them."""

@@ -10,6 +10,7 @@ import ast
 import asyncio
 import builtins
 import linecache
+import os
 import sys
 import types
 from typing import Any, Optional
@@ -24,7 +25,9 @@ _modules_seen = 0
 
 
 def module_of_file(filename: str) -> str:
-    """The name of the module loaded from `filename`, or "" if none was."""
+    """The name of the module loaded from `filename`; for a file loaded as no module in
+    `sys.modules` (run by hand with `exec_module`), its name without the extension; "" for code
+    from no file (``<string>``)."""
     global _modules_seen
     found = _modules_by_file.get(filename)
     if found is None and len(sys.modules) != _modules_seen:
@@ -34,7 +37,10 @@ def module_of_file(filename: str) -> str:
             if isinstance(path, str):
                 _modules_by_file.setdefault(path, name)
         found = _modules_by_file.get(filename)
-    return found or ""
+    if found is None:
+        stem = os.path.splitext(os.path.basename(filename))[0]
+        found = "" if filename.startswith("<") else stem
+    return found
 
 
 def _frame_name(filename: str, function: str) -> Name:
@@ -68,6 +74,15 @@ def _dotted(node: ast.expr) -> Optional[list[str]]:
     return None
 
 
+def _builtin_name(function: Any, fallback_module: str) -> Name:
+    """A C function's name as the exact mode gives it: module-qualified, builtins bare."""
+    module = str(getattr(function, "__module__", None) or fallback_module)
+    qualname = str(getattr(function, "__qualname__", None) or getattr(function, "__name__", "?"))
+    if module == "builtins":
+        return (qualname, module)
+    return (f"{module}.{qualname}", module)
+
+
 def _c_function_name(parts: list[str]) -> Name:
     """The C function a call site names: through a module's dict (no attribute lookup, so no code
     runs) to the function's own module and name (`hashlib.pbkdf2_hmac` is `_hashlib.pbkdf2_hmac`);
@@ -82,8 +97,7 @@ def _c_function_name(parts: list[str]) -> Name:
     if isinstance(owner, types.ModuleType):
         found = vars(owner).get(attr)
         if isinstance(found, (types.BuiltinFunctionType, types.BuiltinMethodType)):
-            module = getattr(found, "__module__", None) or owner.__name__
-            return (f"{module}.{found.__qualname__}", module)
+            return _builtin_name(found, owner.__name__)
         if len(parts) > 1:
             return (written, owner.__name__)
     return (written, "")
@@ -134,23 +148,41 @@ def _await_chain(task: asyncio.Task[Any]) -> list[Frame]:
     return chain
 
 
+def _handle_of(handle_frame: types.FrameType) -> Any:
+    """The handle a `Handle._run` frame runs: its `self`, which it sets to None as it returns;
+    then the loop's `_run_once`, which called it, still holds it as `handle`."""
+    handle = handle_frame.f_locals.get("self")
+    caller = handle_frame.f_back
+    if handle is None and caller is not None and caller.f_code.co_name == "_run_once":
+        handle = caller.f_locals.get("handle")
+    return handle
+
+
 def describe_unit(
-    handle_frame: Optional[types.FrameType], sampled: Optional[list[Frame]]
+    handle_frame: Optional[types.FrameType], sampled: Optional[list[Frame]], c_callback: bool
 ) -> tuple[list[Frame], list[Name], Optional[Name], Optional[str]]:
     """What the report of a unit says: its frames (innermost first), their names, the C function
     the innermost was calling, and the task it was a step of. `handle_frame` is the running
-    `Handle._run`; `sampled` the unit's frames as the watchdog read them (None: no stack was read
-    while the unit ran, or none of it; the report then shows where the task waits now)."""
-    handle = handle_frame.f_locals.get("self") if handle_frame is not None else None
-    task = _task_of(handle)
+    `Handle._run` (None when the unit has not ended); `sampled` the unit's frames as the watchdog
+    read them (None: no stack was read while the unit ran; empty: the unit had no Python frame of
+    its own then, and `c_callback` says the callback is a C function). Without frames, a task's
+    report shows where the task waits now."""
+    handle = _handle_of(handle_frame) if handle_frame is not None else None
+    if handle_frame is not None:
+        task = _task_of(handle)
+    else:  # reported before it ended (a flush, the monitor's end): from inside the unit itself
+        task = asyncio.current_task() if asyncio._get_running_loop() is not None else None
     task_name = task.get_name() if task is not None else None
     callee = None
+    frames: list[Frame] = []
     if sampled:
         frames = sampled
         callee = callee_at(frames[0])
+    elif c_callback and task is None:
+        function = getattr(handle, "_callback", None)
+        if isinstance(function, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+            callee = _builtin_name(function, "")
     elif task is not None:
         frames = _await_chain(task)
-    else:
-        frames = []
     names = [_frame_name(frame[0], frame[1]) for frame in frames]
     return frames, names, callee, task_name

@@ -71,7 +71,7 @@ StallCallback = Callable[[StallInfo], Any]
 logger = logging.getLogger("loopwatch")
 
 _hubs: dict[int, weakref.WeakSet[Any]] = {}
-"""Each watched thread's hubs (`loopwatch._monitor._ThreadHub`, one per mode), by ``threading.get_ident()``."""
+"""Each watched thread's hubs (`loopwatch._monitor._ThreadHub`, one per mode), by thread ident."""
 
 
 def register_hub(ident: int, hub: Any) -> None:

@@ -89,6 +89,7 @@ class LoopwatchMiddleware:
             record_to,
             report_stalls,
         )._checked_settings()
+        del self._settings["mode"]  # a request's scope is watched by the exact mode
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") not in ("http", "websocket") or not self._selected(scope):

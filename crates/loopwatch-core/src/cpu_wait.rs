@@ -73,6 +73,91 @@ impl OtherThreadCpuWait {
     }
 }
 
+/// What the OS says another thread of this process is doing now: how much CPU it has used, to
+/// the nanosecond and up to date even while it runs (its CPU-time clock), and whether it sleeps
+/// in the kernel (a blocking call) rather than runs or waits for a CPU. Linux only; elsewhere
+/// every answer is `None`.
+pub struct ThreadActivity {
+    #[cfg(target_os = "linux")]
+    clock: i32,
+    #[cfg(target_os = "linux")]
+    stat: Option<std::fs::File>,
+}
+
+impl ThreadActivity {
+    pub fn open(tid: i64) -> Self {
+        #[cfg(target_os = "linux")]
+        {
+            // The kernel's clock id for one thread's CPU time (what glibc's
+            // `pthread_getcpuclockid` makes): the thread id inverted, then the per-thread bit and
+            // the scheduler clock.
+            let clock = i32::try_from(tid).map_or(0, |tid| (!tid << 3) | 4 | 2);
+            Self {
+                clock,
+                stat: std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok(),
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = tid;
+            Self {}
+        }
+    }
+
+    /// The CPU time the thread has used, in ns.
+    pub fn cpu_ns(&self) -> Option<u64> {
+        #[cfg(target_os = "linux")]
+        {
+            #[repr(C)]
+            struct Timespec {
+                sec: i64,
+                nsec: i64,
+            }
+            extern "C" {
+                fn clock_gettime(clock: i32, time: *mut Timespec) -> i32;
+            }
+            if self.clock == 0 {
+                return None;
+            }
+            let mut time = Timespec { sec: 0, nsec: 0 };
+            if unsafe { clock_gettime(self.clock, &raw mut time) } != 0 {
+                return None;
+            }
+            u64::try_from(time.sec)
+                .ok()?
+                .checked_mul(1_000_000_000)?
+                .checked_add(u64::try_from(time.nsec).ok()?)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None
+        }
+    }
+
+    /// Whether the thread sleeps in the kernel now (state `S` or `D`): it waits in a blocking
+    /// call, it neither runs nor waits for a CPU.
+    pub fn sleeping(&self) -> Option<bool> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::FileExt;
+            let mut text = [0u8; 512];
+            let read = self.stat.as_ref()?.read_at(&mut text, 0).ok()?;
+            parse_stat_state(&text[..read]).map(|state| matches!(state, b'S' | b'D'))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None
+        }
+    }
+}
+
+/// The state letter out of a `/proc/<pid>/task/<tid>/stat` line: `<tid> (<name>) <state> ...`,
+/// where the name may itself hold spaces and parentheses (so the last `)` ends it).
+pub fn parse_stat_state(text: &[u8]) -> Option<u8> {
+    let name_end = text.iter().rposition(|&b| b == b')')?;
+    text.get(name_end + 2).copied()
+}
+
 /// The run-queue wait out of a `schedstat` line: `<on-cpu ns> <waiting ns> <timeslices>`.
 pub fn parse_schedstat(text: &[u8]) -> Option<u64> {
     std::str::from_utf8(text)
@@ -93,6 +178,44 @@ mod tests {
         assert_eq!(parse_schedstat(b"19529712\n"), None);
         assert_eq!(parse_schedstat(b"1 x 2\n"), None);
         assert_eq!(parse_schedstat(b""), None);
+    }
+
+    #[test]
+    fn reads_the_state_after_the_name_whatever_the_name_holds() {
+        assert_eq!(parse_stat_state(b"4242 (python3) S 1 2 3"), Some(b'S'));
+        assert_eq!(parse_stat_state(b"4242 (a) b) (c) R 1 2"), Some(b'R'));
+        assert_eq!(parse_stat_state(b"4242 (cut"), None);
+        assert_eq!(parse_stat_state(b"4242 (x)"), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn another_thread_is_seen_using_the_cpu_or_sleeping() {
+        fn tid() -> i64 {
+            extern "C" {
+                fn gettid() -> i32;
+            }
+            i64::from(unsafe { gettid() })
+        }
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let spinner = std::thread::spawn(move || {
+            sender.send(tid()).unwrap();
+            let started = std::time::Instant::now();
+            while started.elapsed() < std::time::Duration::from_millis(300) {
+                std::hint::black_box(0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        });
+        let activity = ThreadActivity::open(receiver.recv().unwrap());
+        let before = activity.cpu_ns().expect("a thread's CPU clock is readable");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let after = activity.cpu_ns().unwrap();
+        // It spun for most of those 100 ms, however busy the machine.
+        assert!(after - before > 10_000_000, "{before} -> {after}");
+        assert_eq!(activity.sleeping(), Some(false));
+        std::thread::sleep(std::time::Duration::from_millis(350));
+        assert_eq!(activity.sleeping(), Some(true));
+        spinner.join().unwrap();
     }
 
     #[cfg(target_os = "linux")]

@@ -52,8 +52,9 @@ pub type Callee = FrameName;
 /// The episode for a unit that ran past the threshold, from the unit's frames (innermost first,
 /// see `unit_frames`) and their names (in the same order). The culprit is the deepest frame the
 /// filters allow, a C callee deepest of all; `None` when they allow none (as in the exact mode,
-/// such an episode blames nothing and is dropped) or there are no frames. Every frame is given
-/// the unit's duration: a sample says what was on the stack, not for how long.
+/// such an episode blames nothing and is dropped) or there is nothing to blame (no frames and no
+/// callee; a callee alone is a C function run as the callback itself). Every frame is given the
+/// unit's duration: a sample says what was on the stack, not for how long.
 pub fn sampled_episode(
     unit: &SampledUnit,
     frames: &[SampledFrame],
@@ -61,7 +62,7 @@ pub fn sampled_episode(
     callee: Option<&Callee>,
     filters: &FilterSet,
 ) -> Option<Episode> {
-    if frames.is_empty() || names.len() != frames.len() {
+    if (frames.is_empty() && callee.is_none()) || names.len() != frames.len() {
         return None;
     }
     let mut stack: Vec<StackFrame> = frames
@@ -92,6 +93,8 @@ pub fn sampled_episode(
         });
     }
     let culprit = stack.iter().rposition(|frame| frame.included)?;
+    // As in the exact mode, the stack ends at the culprit.
+    stack.truncate(culprit + 1);
     let kind = if stack[culprit].is_coroutine {
         EpisodeKind::Step
     } else if stack[..culprit].iter().any(|frame| frame.is_coroutine) {
@@ -205,6 +208,7 @@ mod tests {
         let episode = sampled_episode(&unit(), inside, &names, Some(&sleep), &filters).unwrap();
         assert_eq!(episode.culprit_frame().name, "app.handler");
         assert_eq!(episode.kind, EpisodeKind::Step);
+        assert_eq!(episode.stack.len(), 1, "the stack ends at the culprit");
         let nothing = FilterSet::new(["elsewhere"], [] as [&str; 0]).unwrap();
         assert!(sampled_episode(&unit(), inside, &names, Some(&sleep), &nothing).is_none());
     }
@@ -229,6 +233,15 @@ mod tests {
         assert_eq!(episode.kind, EpisodeKind::Step);
         // Most of it was a wait for a CPU: no code is to blame.
         assert!(episode.starved());
+    }
+
+    #[test]
+    fn a_c_function_run_as_the_callback_itself_is_a_callback_episode() {
+        let sleep = name("time", "sleep");
+        let episode = sampled_episode(&unit(), &[], &[], Some(&sleep), &no_filters()).unwrap();
+        assert_eq!(episode.kind, EpisodeKind::Callback);
+        assert_eq!(episode.culprit_frame().name, "time.sleep");
+        assert_eq!(episode.location(), (None, None));
     }
 
     #[test]

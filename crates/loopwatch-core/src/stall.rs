@@ -131,7 +131,8 @@ pub struct SampledFrame {
     /// A coroutine's (or async generator's) frame.
     pub is_coroutine: bool,
     /// The innermost frame only: it stood at the same instruction across reads some tens of µs
-    /// apart, so it waits for what that instruction does (a C call), not runs its own code.
+    /// apart while its thread slept in the kernel: it waits for what that instruction does (a C
+    /// call that sleeps, reads, locks), it does not run its own code.
     pub still: bool,
 }
 

@@ -232,14 +232,19 @@ impl ThreadSampler {
         Ok(())
     }
 
-    /// Stops watching the thread. The running unit (the one that uninstalls) is not reported:
-    /// it has not ended. Returns whether it was installed.
+    /// Stops watching the thread, after reporting what the running unit (the one that
+    /// uninstalls) has blocked so far if that crossed the threshold. Returns whether it was
+    /// installed.
     fn uninstall(slf: &Bound<'_, Self>) -> PyResult<bool> {
         let py = slf.py();
         let me = slf.as_ptr();
         let state = slf.get().state()?;
         if !state.installed {
             return Ok(false);
+        }
+        unsafe { report_running_unit(me, state, false) };
+        if !state.installed {
+            return Ok(true); // the sink uninstalled us while receiving that report
         }
         state.installed = false;
         state.watch = None;
@@ -263,8 +268,15 @@ impl ThreadSampler {
         Ok(true)
     }
 
-    /// Nothing to report before a unit ends: the always-on mode blames whole units only.
-    fn flush(&self) {}
+    /// Reports now what the running unit has blocked so far, if that crossed the threshold, as
+    /// if it ended here; the unit goes on, timed afresh from now.
+    fn flush(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let state = slf.get().state()?;
+        if state.installed {
+            unsafe { report_running_unit(slf.as_ptr(), state, true) };
+        }
+        Ok(())
+    }
 
     /// In the child of a `fork()` made on this thread: the parent's running unit is not the
     /// child's.
@@ -527,16 +539,45 @@ unsafe extern "C" fn on_return(
                     watch.publish(None);
                 }
             } else {
-                attached(|| unit_over_threshold(obj, state, ran));
+                // `Handle._run` is still the running frame: its `self` names the callback.
+                let handle_frame = ffi::PyEval_GetFrame();
+                attached(|| unit_over_threshold(obj, state, ran, handle_frame));
             }
         }
     }
     none()
 }
 
+/// Outside the events (a flush, an uninstall): the running unit, if it has crossed the threshold,
+/// is reported as if it ended now; with `restart` it goes on, timed from now.
+unsafe fn report_running_unit(obj: *mut ffi::PyObject, state: &mut State, restart: bool) {
+    let Some(started) = state.unit.take() else {
+        return;
+    };
+    let now = state.clock.now();
+    let ran = now.saturating_sub(started);
+    if ran >= state.threshold {
+        unit_over_threshold(obj, state, ran, std::ptr::null_mut());
+    } else if let Some(watch) = state.watch.as_mut() {
+        watch.publish(None);
+    }
+    if restart && state.installed {
+        state.unit = Some(now);
+        if let Some(watch) = state.watch.as_mut() {
+            watch.publish(Some(now));
+        }
+    }
+}
+
 /// The slow path: a unit ended over the threshold. Blames it from the watchdog's last stack
-/// and hands the episode to the sink. Never raises into the program.
-unsafe fn unit_over_threshold(obj: *mut ffi::PyObject, state: &mut State, ran: Ticks) {
+/// and hands the episode to the sink. `handle_frame`: the running `Handle._run`'s frame, if the
+/// unit ends with it. Never raises into the program.
+unsafe fn unit_over_threshold(
+    obj: *mut ffi::PyObject,
+    state: &mut State,
+    ran: Ticks,
+    handle_frame: *mut ffi::PyFrameObject,
+) {
     let py = Python::assume_attached();
     let _saved = SavedError::take();
     let (sample, reported) = match state.watch.as_mut() {
@@ -562,7 +603,8 @@ unsafe fn unit_over_threshold(obj: *mut ffi::PyObject, state: &mut State, ran: T
         scope: None,
     };
     ffi::Py_INCREF(obj);
-    let outcome = report(py, state, unit, &stack);
+    let handle_frame = Bound::from_borrowed_ptr_or_opt(py, handle_frame.cast());
+    let outcome = report(py, state, unit, &stack, handle_frame);
     if let Err(error) = outcome {
         error.write_unraisable(py, None);
     }
@@ -576,6 +618,7 @@ fn report(
     state: &mut State,
     mut unit: SampledUnit,
     stack: &[SampledFrame],
+    handle_frame: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let (Some(sink), Some(filters)) = (state.sink.as_ref(), state.filters.as_ref()) else {
         return Ok(());
@@ -598,11 +641,13 @@ fn report(
             .collect()
     });
     // The running `Handle._run`: its `self` says which callback, and for a task step, which task.
-    let handle_frame =
-        unsafe { Bound::from_borrowed_ptr_or_opt(py, ffi::PyEval_GetFrame().cast()) };
+    // The loop's `Handle._run` itself standing still at the read: the callback is a C function.
+    let c_callback = stack
+        .first()
+        .is_some_and(|frame| is_unit_boundary(frame) && frame.still);
     let described = py
         .import("loopwatch._sampling")?
-        .call_method1("describe_unit", (handle_frame, sampled))?;
+        .call_method1("describe_unit", (handle_frame, sampled, c_callback))?;
     let (frames, names, callee, task_name): (
         Vec<(
             String,

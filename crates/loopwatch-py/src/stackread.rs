@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use loopwatch_core::cpu_wait::ThreadActivity;
 use loopwatch_core::{LineTable, SampledFrame};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -514,7 +515,8 @@ fn name_frames(memory: &Memory, raw: &[RawFrame], types: &Types) -> Vec<SampledF
 /// The thread may be running: the chain is read twice and only the outer frames that both reads
 /// agree on (the same frame running the same code) are kept, with the lines of the second read,
 /// so every frame given was on the stack. `None`: the reader is off, or nothing could be read.
-pub fn read_stack(tstate: usize) -> Option<Vec<SampledFrame>> {
+/// `activity` says what the OS sees the thread do, where known (see `stands_still`).
+pub fn read_stack(tstate: usize, activity: Option<&ThreadActivity>) -> Option<Vec<SampledFrame>> {
     if unavailable().is_some() {
         return None;
     }
@@ -537,28 +539,67 @@ pub fn read_stack(tstate: usize) -> Option<Vec<SampledFrame>> {
         let mut named = name_frames(&memory, &second[second.len() - common..], types);
         if common == second.len() {
             if let Some(innermost) = named.first_mut() {
-                innermost.still = stands_still(&memory, tstate, types, second[0]);
+                innermost.still = stands_still(&memory, tstate, types, second[0], activity);
             }
         }
         (!named.is_empty() || common == 0).then_some(named)
     })
 }
 
-/// How many more times, and how far apart, the innermost frame is read to see it stand still.
+/// How many more times, and how far apart, the innermost frame is read to see it stand still;
+/// how many such watches are tried, how far apart, while the thread is kept off the CPU.
 const STILL_READS: usize = 4;
 const STILL_GAP: std::time::Duration = std::time::Duration::from_micros(20);
+const STILL_TRIES: usize = 5;
+const STILL_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// Whether the innermost frame stays at `innermost`'s instruction over `STILL_READS` reads
-/// `STILL_GAP` apart: Python code running moves on in far less, a C call does not.
-fn stands_still(memory: &Memory, tstate: usize, types: &Types, innermost: RawFrame) -> bool {
-    (0..STILL_READS).all(|_| {
-        let until = std::time::Instant::now() + STILL_GAP;
-        while std::time::Instant::now() < until {
-            std::hint::spin_loop();
+/// Whether the innermost frame waits in a call: it stays at `innermost`'s instruction over
+/// `STILL_READS` reads `STILL_GAP` apart, and the thread sleeps in the kernel meanwhile (a C call
+/// waiting: a sleep, I/O, a lock). A frame only saves its instruction when it calls out, so a
+/// Python loop that calls a C function over and over stands still at that call as a long C call
+/// does: a thread that stands still using the CPU is not said to wait (the report blames the
+/// calling line, not the C function). A thread kept off the CPU proves nothing: its watch is tried
+/// again a little later, and if every one is spoiled so, the answer is no. Without `activity`
+/// (the OS does not say) standing still is taken as waiting.
+fn stands_still(
+    memory: &Memory,
+    tstate: usize,
+    types: &Types,
+    innermost: RawFrame,
+    activity: Option<&ThreadActivity>,
+) -> bool {
+    let window_ns = (STILL_GAP * STILL_READS as u32).as_nanos() as u64;
+    for attempt in 0..STILL_TRIES {
+        if attempt > 0 {
+            std::thread::sleep(STILL_RETRY);
         }
-        raw_frames(memory, tstate, types).and_then(|frames| frames.first().copied())
-            == Some(innermost)
-    })
+        let before = activity.and_then(ThreadActivity::cpu_ns);
+        let still = (0..STILL_READS).all(|_| {
+            let until = std::time::Instant::now() + STILL_GAP;
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            raw_frames(memory, tstate, types).and_then(|frames| frames.first().copied())
+                == Some(innermost)
+        });
+        if !still {
+            return false;
+        }
+        let Some(activity) = activity else {
+            return true;
+        };
+        let ran = match (before, activity.cpu_ns()) {
+            (Some(before), Some(after)) => after.saturating_sub(before),
+            _ => return true,
+        };
+        if ran >= window_ns / 2 {
+            return false; // computing: one C call, or Python calling C again and again
+        }
+        if activity.sleeping() == Some(true) {
+            return true;
+        }
+    }
+    false
 }
 
 /// How many times `read_stack` reads a changing stack before it gives up.
@@ -682,8 +723,8 @@ pub fn _read_stack(
     details: bool,
 ) -> Option<Vec<Bound<'_, PyAny>>> {
     let frames = match tstate {
-        None => read_stack(current_thread_state()),
-        Some(tstate) => py.detach(|| read_stack(tstate)),
+        None => read_stack(current_thread_state(), None),
+        Some(tstate) => py.detach(|| read_stack(tstate, None)),
     }?;
     frames
         .into_iter()

@@ -15,7 +15,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, Atom
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use loopwatch_core::cpu_wait::OtherThreadCpuWait;
+use loopwatch_core::cpu_wait::{OtherThreadCpuWait, ThreadActivity};
 use loopwatch_core::recording::{append, Record, RecordedSample, RecordedStall};
 use loopwatch_core::sampled::is_unit_boundary;
 use loopwatch_core::{Clock, Look, RunningStall, SampledFrame, StallTimer, Ticks};
@@ -396,6 +396,8 @@ struct Seen {
     generation: u64,
     timer: StallTimer,
     cpu_wait: Option<OtherThreadCpuWait>,
+    /// What the OS sees the thread do, for the stack reader (is a frame standing still in a call?).
+    activity: Option<ThreadActivity>,
     /// The last unit a stack was read in for the always-on mode.
     sampled_seq: u64,
 }
@@ -425,62 +427,16 @@ fn run() {
                     generation,
                     timer: StallTimer::default(),
                     cpu_wait: Some(OtherThreadCpuWait::open(watch.tid.load(Ordering::Relaxed))),
+                    activity: Some(ThreadActivity::open(watch.tid.load(Ordering::Relaxed))),
                     sampled_seq: 0,
                 };
             }
             let seq = watch.seq.load(Ordering::Acquire);
             changed |= std::mem::replace(&mut last_seqs[index], seq) != seq;
-            let enabled = watch.enabled.load(Ordering::Relaxed);
-            let sampling = watch.sampling.load(Ordering::Relaxed);
-            if seq % 2 == 0 || !(enabled || sampling) {
-                continue;
-            }
-            busy = true;
-            let started = watch.started.load(Ordering::Relaxed);
-            fence(Ordering::Acquire);
-            if watch.seq.load(Ordering::Relaxed) != seq {
-                continue; // it ended while we read
-            }
-            let threshold = watch.threshold.load(Ordering::Relaxed);
-            let wait = if mine.timer.needs_cpu_wait(seq, started, now, threshold) {
-                mine.cpu_wait.as_ref().and_then(OtherThreadCpuWait::wait_ns)
-            } else {
-                None
-            };
-            let look = mine
-                .timer
-                .look(seq, started, now, threshold, clock.nanos_per_tick(), wait);
-            let mut wake_at = |at: Ticks| next = Some(next.map_or(at, |n| n.min(at)));
-            let base = mine.timer.cpu_wait_base();
-            match look {
-                Look::Idle => {}
-                Look::Until(at) => wake_at(at),
-                Look::Report {
-                    so_far,
-                    number,
-                    next: at,
-                } => {
-                    let unit = Unit {
-                        generation,
-                        seq,
-                        cpu_wait_base: base,
-                    };
-                    if sampling {
-                        mine.sampled_seq = seq;
-                    }
-                    report(watch, &unit, so_far, number, &clock);
-                    wake_at(at);
-                }
-            }
-            if sampling && mine.sampled_seq != seq {
-                // A unit that ends between half the threshold and the threshold's report, with
-                // the watchdog late, still has a stack to be blamed from.
-                let half = started.saturating_add(threshold / 2);
-                if now >= half {
-                    mine.sampled_seq = seq;
-                    keep_sample(watch, generation, seq, base);
-                } else {
-                    wake_at(half);
+            if let Some(at) = look_at(watch, mine, generation, seq, now, &clock) {
+                busy = true;
+                if let Some(at) = at {
+                    next = Some(next.map_or(at, |n: Ticks| n.min(at)));
                 }
             }
         }
@@ -508,6 +464,73 @@ fn run() {
     }
 }
 
+/// Looks at one watched thread whose unit counter reads `seq`: reports its running unit if due,
+/// and in the always-on mode keeps a stack of it. `None` when nothing runs there that the
+/// watchdog times; else when to look again, if at a set time.
+fn look_at(
+    watch: &Watch,
+    mine: &mut Seen,
+    generation: u64,
+    seq: u64,
+    now: Ticks,
+    clock: &Clock,
+) -> Option<Option<Ticks>> {
+    let enabled = watch.enabled.load(Ordering::Relaxed);
+    let sampling = watch.sampling.load(Ordering::Relaxed);
+    if seq % 2 == 0 || !(enabled || sampling) {
+        return None;
+    }
+    let started = watch.started.load(Ordering::Relaxed);
+    fence(Ordering::Acquire);
+    if watch.seq.load(Ordering::Relaxed) != seq {
+        return Some(None); // it ended while we read
+    }
+    let threshold = watch.threshold.load(Ordering::Relaxed);
+    let wait = if mine.timer.needs_cpu_wait(seq, started, now, threshold) {
+        mine.cpu_wait.as_ref().and_then(OtherThreadCpuWait::wait_ns)
+    } else {
+        None
+    };
+    let look = mine
+        .timer
+        .look(seq, started, now, threshold, clock.nanos_per_tick(), wait);
+    let mut next: Option<Ticks> = None;
+    let mut wake_at = |at: Ticks| next = Some(next.map_or(at, |n| n.min(at)));
+    let unit = Unit {
+        generation,
+        seq,
+        cpu_wait_base: mine.timer.cpu_wait_base(),
+    };
+    let activity = mine.activity.as_ref();
+    match look {
+        Look::Idle => {}
+        Look::Until(at) => wake_at(at),
+        Look::Report {
+            so_far,
+            number,
+            next: at,
+        } => {
+            if sampling {
+                mine.sampled_seq = seq;
+            }
+            report(watch, &unit, activity, so_far, number, clock);
+            wake_at(at);
+        }
+    }
+    if sampling && mine.sampled_seq != seq {
+        // A unit that ends between half the threshold and the threshold's report, with the
+        // watchdog late, still has a stack to be blamed from.
+        let half = started.saturating_add(threshold / 2);
+        if now >= half {
+            mine.sampled_seq = seq;
+            keep_sample(watch, &unit, activity);
+        } else {
+            wake_at(half);
+        }
+    }
+    Some(next)
+}
+
 /// The unit a look is about.
 struct Unit {
     generation: u64,
@@ -517,8 +540,14 @@ struct Unit {
 
 /// Reads the running unit's stack; `None` if the unit ended (or the thread stopped being
 /// watched) while it was read, or, in the always-on mode, if the stack is not the unit's.
-fn read_unit_stack(watch: &Watch, generation: u64, seq: u64) -> Option<Vec<SampledFrame>> {
-    let stack = read_stack(watch.tstate.load(Ordering::Relaxed) as usize).unwrap_or_default();
+fn read_unit_stack(
+    watch: &Watch,
+    generation: u64,
+    seq: u64,
+    activity: Option<&ThreadActivity>,
+) -> Option<Vec<SampledFrame>> {
+    let tstate = watch.tstate.load(Ordering::Relaxed) as usize;
+    let stack = read_stack(tstate, activity).unwrap_or_default();
     if watch.generation.load(Ordering::Acquire) != generation
         || watch.seq.load(Ordering::Acquire) != seq
     {
@@ -532,9 +561,9 @@ fn read_unit_stack(watch: &Watch, generation: u64, seq: u64) -> Option<Vec<Sampl
 }
 
 /// Keeps a stack of the running unit for its report when it ends (always-on mode).
-fn keep_sample(watch: &Watch, generation: u64, seq: u64, cpu_wait_base: Option<u64>) {
-    if let Some(stack) = read_unit_stack(watch, generation, seq) {
-        store_sample(watch, seq, stack, cpu_wait_base);
+fn keep_sample(watch: &Watch, unit: &Unit, activity: Option<&ThreadActivity>) {
+    if let Some(stack) = read_unit_stack(watch, unit.generation, unit.seq, activity) {
+        store_sample(watch, unit.seq, stack, unit.cpu_wait_base);
     }
 }
 
@@ -552,8 +581,15 @@ fn store_sample(watch: &Watch, seq: u64, stack: Vec<SampledFrame>, cpu_wait_base
 /// Reads the stalled thread's stack and writes the report, to stderr and to the thread's
 /// recordings; counts it for the unit's final report. In the always-on mode the stack is also
 /// kept to blame the unit from, even when stalls are not reported while they run.
-fn report(watch: &Watch, unit: &Unit, so_far: Ticks, number: u32, clock: &Clock) {
-    let Some(stack) = read_unit_stack(watch, unit.generation, unit.seq) else {
+fn report(
+    watch: &Watch,
+    unit: &Unit,
+    activity: Option<&ThreadActivity>,
+    so_far: Ticks,
+    number: u32,
+    clock: &Clock,
+) {
+    let Some(stack) = read_unit_stack(watch, unit.generation, unit.seq, activity) else {
         return;
     };
     if watch.sampling.load(Ordering::Relaxed) {

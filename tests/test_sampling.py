@@ -1,0 +1,307 @@
+"""The always-on mode (``mode="sampling"``): no profile hook; each callback or task step timed from
+its start and end, blamed from the stack loopwatch's watchdog read while it ran. What it shares
+with the exact mode is pinned in test_detection and test_filters_and_errors (conftest.BACKENDS);
+here, what is its own. Real loops, real threads, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import clean_env, items_summed_in, line_of, write
+from loopwatch import BlockingCallInfo, EventLoopMonitor, _native, event_loop_monitor_ctx
+from loopwatch._recording import read_recording
+
+SAMPLING = sys.version_info >= (3, 12)
+needs_sampling = pytest.mark.skipif(not SAMPLING, reason="the always-on mode needs CPython 3.12+")
+needs_stack_reads = pytest.mark.skipif(
+    _native._stack_reads()[1] is not None, reason=f"stacks cannot be read here: {_native._stack_reads()[1]}"
+)
+THRESHOLD_MS = 30.0
+
+
+def sampling_monitor(**kwargs: Any) -> tuple[EventLoopMonitor, list[BlockingCallInfo]]:
+    reports: list[BlockingCallInfo] = []
+    kwargs.setdefault("threshold_ms", THRESHOLD_MS)
+    kwargs.setdefault("report_stalls", False)
+    return EventLoopMonitor(mode="sampling", on_blocking_call=reports.append, **kwargs), reports
+
+
+def test_an_unknown_mode_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="mode must be 'exact' or 'sampling', got 'fast'"):
+        EventLoopMonitor(mode="fast")
+    with pytest.raises(ValueError, match="mode must be"):
+        event_loop_monitor_ctx(mode=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(SAMPLING, reason="before 3.12 only")
+def test_before_3_12_the_always_on_mode_is_refused_with_why() -> None:
+    with pytest.raises(ValueError, match=r"needs CPython 3\.12 or newer"):
+        EventLoopMonitor(mode="sampling")
+
+
+@needs_sampling
+@needs_stack_reads
+def test_the_always_on_mode_installs_no_profile_hook_and_gives_its_tool_id_back() -> None:
+    monitor, _ = sampling_monitor()
+
+    async def main() -> list[Any]:
+        with monitor:
+            return [sys.getprofile(), _native._watched(), [sys.monitoring.get_tool(t) for t in range(6)]]
+
+    profile, watched, tools = asyncio.run(main())
+    assert profile is None and watched is None
+    assert "loopwatch-sampler" in tools and "loopwatch" not in tools
+    assert "loopwatch-sampler" not in [sys.monitoring.get_tool(t) for t in range(6)]
+
+
+@needs_sampling
+@needs_stack_reads
+def test_a_blocking_call_is_named_at_its_line_with_its_real_duration() -> None:
+    monitor, reports = sampling_monitor()
+    took: list[float] = []
+
+    def fetch() -> None:
+        started = time.perf_counter()
+        time.sleep(0.08)  # the blocking call
+        took.append((time.perf_counter() - started) * 1000)
+
+    async def handler() -> None:
+        await asyncio.sleep(0)
+        fetch()  # fetch called
+
+    async def main() -> None:
+        with monitor:
+            await asyncio.create_task(handler(), name="request-7")
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert len(reports) == 1
+    info = reports[0]
+    assert (info.kind, info.method_name, info.is_c_call, info.sampled) == ("call", "time.sleep", True, True)
+    assert (info.filename, info.lineno) == (__file__, line_of(Path(__file__), "the blocking call"))
+    assert [frame.name.rsplit(".", 1)[-1] for frame in info.stack] == ["handler", "fetch", "sleep"]
+    assert info.stack[0].is_coroutine and info.stack[0].lineno == line_of(Path(__file__), "fetch called")
+    assert info.task_name == "request-7"
+    # The step's own length, from its boundaries: the call plus what little ran around it.
+    assert took[0] <= info.duration_ms <= took[0] + max(2.0, 0.1 * took[0])
+
+
+@needs_sampling
+@needs_stack_reads
+def test_steps_and_callbacks_under_the_threshold_and_the_idle_loop_are_never_reported() -> None:
+    monitor, reports = sampling_monitor()
+
+    def short_callback() -> None:
+        time.sleep(0.002)
+
+    async def short_steps() -> None:
+        for _ in range(100):
+            time.sleep(0.002)
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        with monitor:
+            loop = asyncio.get_running_loop()
+            for _ in range(100):
+                loop.call_soon(short_callback)
+            await asyncio.gather(*(short_steps() for _ in range(4)))
+            await asyncio.sleep(0.3)  # the loop waits in its selector: idle, not blocked
+
+    asyncio.run(main())
+    assert reports == []
+
+
+@needs_sampling
+@needs_stack_reads
+def test_loopwatchs_own_callbacks_are_not_the_programs_stall() -> None:
+    reports: list[BlockingCallInfo] = []
+
+    def slow_callback(info: BlockingCallInfo) -> None:
+        reports.append(info)
+        time.sleep(0.1)  # the report's callback runs as a loop callback of its own
+
+    async def main() -> None:
+        with EventLoopMonitor(threshold_ms=THRESHOLD_MS, mode="sampling", on_blocking_call=slow_callback):
+            time.sleep(0.06)
+            await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+    assert [info.method_name for info in reports] == ["time.sleep"]
+
+
+@needs_sampling
+@needs_stack_reads
+def test_each_loop_in_each_thread_reports_its_own_culprit() -> None:
+    found: dict[str, list[str]] = {}
+
+    def serve(name: str, seconds: float) -> None:
+        monitor, reports = sampling_monitor()
+
+        async def main() -> None:
+            with monitor:
+                for _ in range(3):
+                    time.sleep(seconds)
+                    await asyncio.sleep(0.01)
+
+        asyncio.run(main())
+        found[name] = [f"{info.method_name}@{info.thread_id == threading.get_ident()}" for info in reports]
+
+    threads = [threading.Thread(target=serve, args=(f"t{i}", 0.05 + 0.01 * i)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == {f"t{i}": ["time.sleep@True"] * 3 for i in range(3)}
+
+
+@needs_sampling
+@needs_stack_reads
+def test_a_step_cut_short_by_an_exception_the_loop_lets_through_is_not_a_stall(capfd) -> None:
+    monitor, reports = sampling_monitor(report_stalls=True)
+
+    def stop_everything() -> None:
+        raise SystemExit("out of Handle._run, past its return event")
+
+    async def then_block() -> None:
+        time.sleep(0.06)
+
+    with monitor:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.call_soon(stop_everything)
+            with pytest.raises(SystemExit):
+                loop.run_forever()
+            # Outside any loop now: the watchdog must not take this for the step still running.
+            time.sleep(0.15)
+            loop.run_until_complete(then_block())
+        finally:
+            loop.close()
+    assert [info.method_name for info in reports] == ["time.sleep"]
+    stalls = [line for line in capfd.readouterr().err.splitlines() if "so far, still running" in line]
+    assert len(stalls) == 1 and "then_block" in stalls[0]
+
+
+@needs_sampling
+@needs_stack_reads
+def test_with_every_tool_id_taken_it_says_why_once_and_the_program_runs_on(caplog) -> None:
+    taken = [tool for tool in (3, 4, 5) if sys.monitoring.get_tool(tool) is None]
+    for tool in taken:
+        sys.monitoring.use_tool_id(tool, "another tool")
+    try:
+        from loopwatch import _monitor
+
+        _monitor._unwatched_said = False
+        for _ in range(2):
+            monitor, reports = sampling_monitor()
+
+            async def main(monitor: EventLoopMonitor = monitor) -> str:
+                with monitor:
+                    time.sleep(0.05)
+                    return "done"
+
+            with caplog.at_level("WARNING", logger="loopwatch"):
+                assert asyncio.run(main()) == "done"
+            assert reports == []
+    finally:
+        for tool in taken:
+            sys.monitoring.free_tool_id(tool)
+    assert caplog.text.count("the always-on mode (mode='sampling') watches nothing here") == 1
+    assert "tool id" in caplog.text
+
+
+@needs_sampling
+@needs_stack_reads
+def test_a_loop_it_cannot_see_is_said(caplog) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    from loopwatch import _monitor
+
+    _monitor._unseen_loop_said = False
+
+    async def main() -> None:
+        with EventLoopMonitor(mode="sampling"):
+            await asyncio.sleep(0)
+
+    with caplog.at_level(logging.WARNING, logger="loopwatch"):
+        loop = uvloop.new_event_loop()
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+    assert "sees asyncio's own loops only, and this thread runs a uvloop.Loop" in caplog.text
+
+
+@needs_sampling
+@needs_stack_reads
+def test_reports_are_recorded_as_in_the_exact_mode(tmp_path: Path) -> None:
+    path = tmp_path / "run.lwrec"
+    monitor, _ = sampling_monitor(record_to=path)
+
+    async def main() -> None:
+        with monitor:
+            time.sleep(0.05)
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    episodes = read_recording(path).episodes
+    assert [(e.method_name, e.kind) for e in episodes] == [("time.sleep", "call")]
+
+
+HOLDS_THE_GIL = """
+import asyncio, sys
+import loopwatch
+
+ITEMS = int(sys.argv[1])
+finals = []
+
+def crunch():
+    return sum(range(ITEMS))  # the call
+
+async def handler():
+    await asyncio.sleep(0)
+    print("START", file=sys.stderr, flush=True)
+    crunch()  # crunch called
+    print("END", file=sys.stderr, flush=True)
+
+async def main():
+    with loopwatch.EventLoopMonitor(threshold_ms=100, on_blocking_call=finals.append, mode="sampling"):
+        await handler()
+        await asyncio.sleep(0.01)
+    for info in finals:
+        print("FINAL", info.method_name, round(info.duration_ms), info.reports_while_running, info.lineno)
+
+asyncio.run(main())
+"""
+
+
+@needs_sampling
+@needs_stack_reads
+def test_a_c_call_holding_the_gil_is_reported_while_it_runs_and_once_when_it_ends(tmp_path: Path) -> None:
+    program = write(tmp_path / "app.py", HOLDS_THE_GIL)
+    done = subprocess.run(
+        [sys.executable, str(program), str(items_summed_in(0.6))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    start, end = lines.index("START"), lines.index("END")
+    stalls = [i for i, line in enumerate(lines) if "so far, still running" in line]
+    assert stalls and all(start < i < end for i in stalls), done.stderr
+    assert lines[stalls[0]].endswith(f"at {program}:{line_of(program, 'the call')} in crunch")
+    assert lines[stalls[0] + 2].strip() == f"{program}:{line_of(program, 'crunch called')} in handler"
+    finals = [line.split() for line in done.stdout.splitlines() if line.startswith("FINAL")]
+    assert len(finals) == 1, done.stdout
+    _, culprit, duration_ms, reported, lineno = finals[0]
+    # A C call that computes is blamed on the line that calls it (see BlockingCallInfo.sampled).
+    assert (culprit, int(lineno)) == ("__main__.crunch", line_of(program, "the call"))
+    assert int(duration_ms) >= 100 and int(reported) == len(stalls)
