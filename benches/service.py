@@ -1,5 +1,6 @@
 """A real service under load: what an event-loop monitor costs a uvicorn + Starlette JSON API,
-side by side with no monitor, the empty-hook floor, and the peer asyncio-event-loop-monitor ("aelm").
+side by side with no monitor, the empty-hook floor, loopwatch's exact and always-on modes, and the
+peers asyncio-event-loop-monitor ("aelm") and pyleak.
 
     python benches/service.py [--duration 8] [--warmup 2] [--rounds 3] [--concurrency 32]
                               [--loop asyncio|uvloop] [--json results.json] [--plot service.png]
@@ -44,7 +45,10 @@ TOOLS = {
     "loopwatch": ("loopwatch", "loopwatch"),
     # The same without reports of running stalls: what the watchdog costs.
     "loopwatch-no-stalls": ("loopwatch", "loopwatch"),
+    # The always-on mode (CPython 3.12+): no profile hook.
+    "loopwatch-sampling": ("loopwatch", "loopwatch"),
     "aelm": ("asyncio_event_loop_monitor", "asyncio-event-loop-monitor"),
+    "pyleak": ("pyleak", "pyleak"),
 }
 METRICS = ["rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "errors", "server_cpu", "loadgen_cpu"]
 SERVER_START_TIMEOUT_S = 30
@@ -126,7 +130,10 @@ def available_tools(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
     tools, skipped = [], {}
     for tool in wanted:
         module, distribution = TOOLS[tool]
-        if module is not None and importlib.util.find_spec(module) is None:
+        if tool == "loopwatch-sampling" and sys.version_info < (3, 12):
+            skipped[tool] = "the always-on mode needs CPython 3.12+"
+            print(f"skipping {tool}: {skipped[tool]}")
+        elif module is not None and importlib.util.find_spec(module) is None:
             skipped[tool] = f"{distribution} is not installed (pip install {distribution})"
             print(f"skipping {tool}: {skipped[tool]}")
         else:
@@ -159,7 +166,15 @@ def add_ratios(by_tool: dict[str, dict]) -> None:
 
 def versions() -> dict[str, Optional[str]]:
     found: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in ["uvicorn", "starlette", "httptools", "uvloop", "loopwatch", "asyncio-event-loop-monitor"]:
+    for name in [
+        "uvicorn",
+        "starlette",
+        "httptools",
+        "uvloop",
+        "loopwatch",
+        "asyncio-event-loop-monitor",
+        "pyleak",
+    ]:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -238,7 +253,14 @@ def plot(results: dict, settings: dict, path: str) -> None:
         return
     scenarios = list(results)
     tools = [tool for tool in TOOLS if any(tool in results[scenario] for scenario in scenarios)]
-    colors = {"none": "#9e9e9e", "floor": "#d0d0d0", "loopwatch": "#1f77b4", "aelm": "#ff7f0e"}
+    colors = {
+        "none": "#9e9e9e",
+        "floor": "#d0d0d0",
+        "loopwatch": "#1f77b4",
+        "loopwatch-sampling": "#2ca02c",
+        "aelm": "#ff7f0e",
+        "pyleak": "#9467bd",
+    }
     panels = [
         ("rps", "requests/s (higher is better)"),
         ("p50_ms", "p50 latency, ms"),

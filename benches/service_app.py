@@ -1,7 +1,8 @@
 """The service that benches/service.py puts under load: a small Starlette JSON API served by uvicorn,
 with one event-loop monitor (or none) active on the loop thread for the whole life of the server.
 
-    python benches/service_app.py --port 8000 --monitor none|floor|loopwatch|aelm [--loop asyncio|uvloop]
+    python benches/service_app.py --port 8000 --monitor none|floor|loopwatch|...|aelm|pyleak
+                                  [--loop asyncio|uvloop]
 
 Endpoints: GET /items/{item_id} and GET /feed/{user_id} decode stored documents, POST /orders decodes
 the request body; all three do small helper calls and dict/list work and encode a JSON response.
@@ -177,27 +178,69 @@ class EmptyHook:
         _native._bench_uninstall_hook()
 
 
+class PyleakMonitor:
+    """pyleak's event-loop block detector as a user would run it for a whole service: a thread that
+    pings the loop every threshold and, when the ping is late, takes the loop thread's stack with
+    `sys._current_frames()`. Each block it finds counts as a report, named by the innermost frame."""
+
+    def __init__(self, reports: BlockingReports) -> None:
+        self.reports = reports
+        self.detector: Any = None
+
+    def activate(self) -> None:
+        import asyncio
+        import logging
+
+        from pyleak.eventloop import _EventLoopBlockDetector
+
+        reports = self.reports
+
+        class Counting(_EventLoopBlockDetector):
+            def _handle_single_block(self, block_info: Any) -> None:
+                stack = block_info.blocking_stack or []
+                reports(type("Block", (), {"method_name": stack[-1].name if stack else "?"})())
+
+        self.detector = Counting(
+            action="log",
+            logger=logging.getLogger("pyleak-bench"),
+            threshold=THRESHOLD_MS / 1000,
+            check_interval=THRESHOLD_MS / 1000,
+            schedule_callback=asyncio.get_running_loop().call_soon_threadsafe,
+        )
+        self.detector.start_monitoring()
+
+    def deactivate(self) -> None:
+        self.detector.stop_monitoring()
+
+
 def make_monitor(name: str, reports: BlockingReports):
     if name == "none":
         return None
     if name == "floor":
         return EmptyHook()
-    if name in ("loopwatch", "loopwatch-no-stalls"):
+    if name in ("loopwatch", "loopwatch-no-stalls", "loopwatch-sampling"):
         from loopwatch import EventLoopMonitor
 
         # Every report counts here: the sanity check compares them with the /block requests.
         # "loopwatch-no-stalls": without the watchdog's reports of steps still running.
+        # "loopwatch-sampling": the always-on mode (no profile hook), stalls reported as they run.
         return EventLoopMonitor(
             threshold_ms=THRESHOLD_MS,
             on_blocking_call=reports,
             reports_per_minute=None,
-            report_stalls=name == "loopwatch",
+            report_stalls=name != "loopwatch-no-stalls",
+            mode="sampling" if name == "loopwatch-sampling" else "exact",
         )
+    if name == "pyleak":
+        return PyleakMonitor(reports)
     if name == "aelm":
         from asyncio_event_loop_monitor import EventLoopMonitor as PeerMonitor
 
         return PeerMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=reports)
-    raise ValueError(f"monitor must be none, floor, loopwatch, loopwatch-no-stalls or aelm, got {name!r}")
+    raise ValueError(
+        "monitor must be none, floor, loopwatch, loopwatch-no-stalls, loopwatch-sampling, aelm or pyleak, "
+        f"got {name!r}"
+    )
 
 
 def make_app(monitor_name: str) -> Starlette:

@@ -44,18 +44,11 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
 # use `pytestmark = pytest.mark.usefixtures("exact_backend")`.
 EXACT_BACKENDS = ["legacy", "monitoring"] if sys.version_info >= (3, 12) else ["legacy"]
 # Modules that pin what every way of seeing must answer alike (`usefixtures("backend")`) also run
-# in the always-on mode ("sampling", 3.12+, asyncio's own loops), through `monitor()`; a test the
-# always-on mode cannot be expected to pass says why with `@exact_only("...")`, and is skipped with
-# that reason.
+# in the always-on mode ("sampling", 3.12+, asyncio's own loops), through `monitor()`; where that
+# mode answers otherwise, the test asserts its answer and says why.
 BACKENDS = [*EXACT_BACKENDS, "sampling"] if sys.version_info >= (3, 12) else EXACT_BACKENDS
 MODE = "exact"
 """The mode `monitor()` makes monitors in: set by the `backend` fixture."""
-
-
-def exact_only(reason: str) -> pytest.MarkDecorator:
-    """Marks a test whose behaviour only the exact mode has: `reason` says what the always-on
-    mode does instead (the documented difference)."""
-    return pytest.mark.exact_only(reason)
 
 
 @pytest.fixture(params=EXACT_BACKENDS)
@@ -67,9 +60,6 @@ def exact_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "sampling":
-        marker = request.node.get_closest_marker("exact_only")
-        if marker is not None:
-            pytest.skip(f"exact mode only: {marker.args[0]}")
         if "loop_kind" in request.fixturenames and request.getfixturevalue("loop_kind") != "asyncio":
             pytest.skip("the always-on mode sees asyncio's own loops only")
         monkeypatch.setitem(globals(), "MODE", "sampling")

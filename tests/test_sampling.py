@@ -305,3 +305,56 @@ def test_a_c_call_holding_the_gil_is_reported_while_it_runs_and_once_when_it_end
     # A C call that computes is blamed on the line that calls it (see BlockingCallInfo.sampled).
     assert (culprit, int(lineno)) == ("__main__.crunch", line_of(program, "the call"))
     assert int(duration_ms) >= 100 and int(reported) == len(stalls)
+
+
+BLOCKS_ONCE = """
+import asyncio, time
+
+async def main():
+    time.sleep(0.08)  # the block
+    await asyncio.sleep(0.01)
+
+asyncio.run(main())
+"""
+
+
+@needs_sampling
+@needs_stack_reads
+def test_loopwatch_run_watches_a_program_in_the_always_on_mode(tmp_path: Path) -> None:
+    program = write(tmp_path / "app.py", BLOCKS_ONCE)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loopwatch",
+            "run",
+            "--mode",
+            "sampling",
+            "--threshold-ms",
+            "30",
+            str(program),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "time.sleep blocked the event loop for" in done.stderr
+    assert f"at {program}:{line_of(program, 'the block')}" in done.stderr
+    assert "(always-on mode: the stack as read while it ran)" in done.stderr
+    assert "1 blocking episode of 30 ms or more, 1 culprit" in done.stderr
+
+
+def test_loopwatch_run_refuses_an_unknown_mode_with_the_choices(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loopwatch", "run", "--mode", "fast", "app.py"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "argument --mode: mode must be 'exact' or 'sampling', got 'fast'" in done.stderr

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from loopwatch import _native
 from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE, MAX_CULPRITS, CulpritRateLimit
-from loopwatch._monitor import DEFAULT_THRESHOLD_MS, EventLoopMonitor, _absolute_path_pattern
+from loopwatch._monitor import DEFAULT_THRESHOLD_MS, EventLoopMonitor, _absolute_path_pattern, _check_mode
 from loopwatch._recording import RecordingError
 from loopwatch._report import BlockingCallInfo
 
@@ -36,6 +36,7 @@ ENV_INCLUDE = "LOOPWATCH_INCLUDE"
 ENV_EXCLUDE = "LOOPWATCH_EXCLUDE"
 ENV_RECORD = "LOOPWATCH_RECORD"
 ENV_REPORT_STALLS = "LOOPWATCH_REPORT_STALLS"
+ENV_MODE = "LOOPWATCH_MODE"
 PATTERN_SEPARATOR = ","
 _ON = ("1", "true", "yes", "on")
 _OFF = ("", "0", "false", "no", "off")
@@ -62,6 +63,8 @@ class Settings:
     """An absolute path, or None."""
     report_stalls: bool = True
     """Whether a step still running past the threshold is reported while it runs."""
+    mode: str = "exact"
+    """``"exact"`` or ``"sampling"`` (the always-on mode); see `EventLoopMonitor`."""
 
     def environment(self) -> dict[str, str]:
         """The variables that make a Python process started with them monitored the same way."""
@@ -72,6 +75,7 @@ class Settings:
             ENV_EXCLUDE: PATTERN_SEPARATOR.join(self.exclude),
             ENV_RECORD: self.record or "",
             ENV_REPORT_STALLS: "1" if self.report_stalls else "0",
+            ENV_MODE: self.mode,
         }
 
 
@@ -105,6 +109,14 @@ def check_record_path(text: str) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
+def check_mode(text: str) -> str:
+    """The mode a user named, checked as the monitor checks it (3.12+ for "sampling")."""
+    try:
+        return _check_mode(text)
+    except ValueError as error:
+        raise SettingsError(str(error).replace("mode='sampling'", "sampling")) from None
+
+
 def _named(name: str, check: Callable[[str], T], text: str) -> T:
     try:
         return check(text)
@@ -134,6 +146,7 @@ def settings_from_environment(environ: Mapping[str, str]) -> Optional[Settings]:
         exclude=_patterns_from_environment(environ, ENV_EXCLUDE),
         record=_named(ENV_RECORD, check_record_path, record) if record else None,
         report_stalls=stalls in _ON,
+        mode=_named(ENV_MODE, check_mode, environ.get(ENV_MODE, "exact").strip() or "exact"),
     )
 
 
@@ -248,6 +261,7 @@ class _WholeProgram:
             # The reporter applies the limit itself, so that it still counts every episode.
             "reports_per_minute": None,
             "report_stalls": self.settings.report_stalls,
+            "mode": self.settings.mode,
         }
         if self.settings.record is not None:
             options["record_to"] = self.settings.record

@@ -45,7 +45,7 @@ EXIT_PROGRAM_ERROR = 1  # what python exits with after an uncaught exception
 EXIT_INTERRUPTED = 130  # what a shell reports for a program stopped by Ctrl-C
 
 # The options that take a value: splitting the command line must skip their values.
-_OPTIONS_WITH_VALUE = ("--threshold-ms", "--include", "--exclude", "--record")
+_OPTIONS_WITH_VALUE = ("--threshold-ms", "--include", "--exclude", "--record", "--mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +135,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not report a step while it still runs past the threshold (by default loopwatch's "
         "watchdog writes its stack to stderr at 1x, 10x and 100x the threshold)",
     )
+    parser.add_argument(
+        "--mode",
+        type=_option_type(_autostart.check_mode),
+        default="exact",
+        metavar="MODE",
+        help="exact (the default: a profile hook times every call) or sampling (the always-on mode, "
+        "CPython 3.12+: no hook; each step timed from its start and end and blamed from the stack "
+        "read while it ran)",
+    )
     # The program's command line never reaches argparse (see split_command_line): the CLI puts
     # it here. The parser's own error() gives `main` the usual usage error (exit 2).
     parser.set_defaults(program=Program(), usage_error=parser.error)
@@ -151,6 +160,7 @@ def main(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude),
         record=args.record,
         report_stalls=args.report_stalls,
+        mode=args.mode,
     )
     name = program.argv[0]
     if not program.module:
