@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 import urllib.request
@@ -138,6 +139,36 @@ def test_concurrent_requests_on_one_loop_are_reported_to_their_own_request(serve
     assert {r.context["request_id"] for r in reports} == {"first", "second"}
     for report in endpoint_reports(reports):
         assert report.duration_ms >= BLOCK_S * 1000
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="the always-on mode needs CPython 3.12+")
+def test_always_on_every_request_is_reported_to_itself_and_selected_ones_exactly():
+    reports: list[BlockingCallInfo] = []
+    with Server(make_app(reports, token=TOKEN, always_on=True), "asyncio") as server:
+        calls = [
+            ("/block", {"x-loopwatch": TOKEN, "x-request-id": "selected"}),
+            ("/block", {"x-request-id": "plain-1"}),
+            ("/block", {"x-request-id": "plain-2"}),
+        ]
+        with ThreadPoolExecutor(len(calls)) as pool:
+            list(pool.map(lambda call: server.get(*call), calls))
+        assert server.get("/hook") == {"profiling": False}
+    found = {r.context["request_id"]: r for r in endpoint_reports(reports)}
+    assert sorted(found) == ["plain-1", "plain-2", "selected"]
+    # Each request is watched one way: the selected one exactly, the others always on.
+    assert {name: info.sampled for name, info in found.items()} == {
+        "selected": False,
+        "plain-1": True,
+        "plain-2": True,
+    }
+    assert all(info.duration_ms >= BLOCK_S * 1000 for info in found.values())
+    assert len(reports) == len({(r.context["request_id"], r.timestamp) for r in reports})
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="before 3.12 only")
+def test_always_on_is_refused_before_3_12():
+    with pytest.raises(ValueError, match="needs CPython 3.12 or newer"):
+        make_app([], always_on=True)
 
 
 def test_an_endpoint_run_in_a_child_task_by_inner_middleware_is_still_the_request(server_loop):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import ast
 import asyncio
 import builtins
+import contextvars
 import linecache
 import os
 import sys
 import types
 from typing import Any, Optional
+
+from loopwatch import _native
 
 # (filename, function, line, (end_line, col, end_col) or None, is_coroutine, stood still),
 # innermost first
@@ -160,9 +163,10 @@ def _handle_of(handle_frame: types.FrameType) -> Any:
 
 def describe_unit(
     handle_frame: Optional[types.FrameType], sampled: Optional[list[Frame]], c_callback: bool
-) -> tuple[list[Frame], list[Name], Optional[Name], Optional[str]]:
+) -> tuple[list[Frame], list[Name], Optional[Name], Optional[str], Optional[int]]:
     """What the report of a unit says: its frames (innermost first), their names, the C function
-    the innermost was calling, and the task it was a step of. `handle_frame` is the running
+    the innermost was calling, the task it was a step of, and the monitoring scope it ran in (by
+    address, as the exact mode gives it: `loopwatch._scope`). `handle_frame` is the running
     `Handle._run` (None when the unit has not ended); `sampled` the unit's frames as the watchdog
     read them (None: no stack was read while the unit ran; empty: the unit had no Python frame of
     its own then, and `c_callback` says the callback is a C function). Without frames, a task's
@@ -170,8 +174,11 @@ def describe_unit(
     handle = _handle_of(handle_frame) if handle_frame is not None else None
     if handle_frame is not None:
         task = _task_of(handle)
+        context = getattr(handle, "_context", None)
+        scope = context.get(_native.SCOPE) if isinstance(context, contextvars.Context) else None
     else:  # reported before it ended (a flush, the monitor's end): from inside the unit itself
         task = asyncio.current_task() if asyncio._get_running_loop() is not None else None
+        scope = _native.SCOPE.get(None)
     task_name = task.get_name() if task is not None else None
     callee = None
     frames: list[Frame] = []
@@ -185,4 +192,4 @@ def describe_unit(
     elif task is not None:
         frames = _await_chain(task)
     names = [_frame_name(frame[0], frame[1]) for frame in frames]
-    return frames, names, callee, task_name
+    return frames, names, callee, task_name, id(scope) if scope is not None else None

@@ -53,6 +53,10 @@ class _ScopeHub:
             self.monitor = None
             self.open.pop(id(scope), None)
             return
+        if self.monitor is not None and self.monitor.mode == "sampling":
+            # The always-on mode learns a step's scope only when the step ends, by then out of
+            # the scope: what the step blocked so far is reported now, still inside it.
+            self.monitor._flush()
         self.open.pop(id(scope), None)
         # The hook stays on for the other scopes: this step's episode arrives when the step
         # ends, before the loop runs anything else.
@@ -78,6 +82,7 @@ class _ScopeHub:
             reports_per_minute=None,  # each scope applies its own
             report_stalls=settings._report_stalls,
             on_stall=settings._on_stall,
+            mode=settings.mode,
         )
 
     def _route(self, info: BlockingCallInfo) -> None:
@@ -89,8 +94,9 @@ class _ScopeHub:
         scope._settings._dispatch(dataclasses.replace(info, context=scope.context))
 
 
-def _hub() -> _ScopeHub:
-    return per_thread("scope_hub", _ScopeHub)
+def _hub(mode: str) -> _ScopeHub:
+    """The calling thread's scopes of `mode`: each mode watches its own, with its own monitor."""
+    return per_thread(f"scope_hub_{mode}", _ScopeHub)
 
 
 class TaskScope(_AlsoAsync):
@@ -113,7 +119,7 @@ class TaskScope(_AlsoAsync):
             raise RuntimeError("monitor_current_task() must be entered inside an asyncio task")
         self._token = _native.SCOPE.set(self)
         try:
-            _hub().enter(self)
+            _hub(self._settings.mode).enter(self)
         except BaseException:
             _native.SCOPE.reset(self._token)
             self._token = None
@@ -129,7 +135,7 @@ class TaskScope(_AlsoAsync):
         if self._token is None:
             return
         try:
-            _hub().exit(self)
+            _hub(self._settings.mode).exit(self)
         finally:
             _native.SCOPE.reset(self._token)
             self._token = None
@@ -145,6 +151,7 @@ def monitor_current_task(
     record_to: Optional[PathArg] = None,
     report_stalls: bool = False,
     on_stall: Optional[StallCallback] = None,
+    mode: str = "exact",
 ) -> TaskScope:
     """Monitors only the current task (and tasks it creates inside the block), for one request or
     job in a busy service: other tasks on the same loop are never reported, even while the hook is
@@ -158,6 +165,10 @@ def monitor_current_task(
     ``report_stalls`` is off by default here: a stall reported while it runs is the loop's, and the
     watchdog that reports it cannot tell which task the running step belongs to, so it could name
     a task outside the scope.
+
+    ``mode="sampling"`` watches the scope in the always-on mode (see `EventLoopMonitor`): no
+    profile hook, cheap enough for every request. Scopes of each mode are watched apart; a task
+    is in one scope at a time (the innermost it entered).
     """
     if context is not None and not isinstance(context, Mapping):
         raise TypeError(f"context must be a mapping, got {type(context).__name__}")
@@ -170,5 +181,6 @@ def monitor_current_task(
         record_to=record_to,
         report_stalls=report_stalls,
         on_stall=on_stall,
+        mode=mode,
     )
     return TaskScope(settings, context)

@@ -4,7 +4,8 @@ while a selected request is in flight, and only selected requests are ever repor
     app = LoopwatchMiddleware(app, threshold_ms=10, token=os.environ["LOOPWATCH_TOKEN"], sample_rate=0.01)
 
 A request is selected when it carries the secret token in the ``x-loopwatch`` header (compared in
-constant time; with no token configured the header does nothing), or by the sample rate.
+constant time; with no token configured the header does nothing), or by the sample rate. With
+``always_on=True`` (CPython 3.12+) every other request is watched too, in the always-on mode.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Iterable, MutableMapping
 from typing import Any, Callable, Optional
 
 from loopwatch._limits import DEFAULT_REPORTS_PER_MINUTE
-from loopwatch._monitor import EventLoopMonitor
+from loopwatch._monitor import EventLoopMonitor, _check_mode
 from loopwatch._recording import PathArg
 from loopwatch._report import BlockingCallCallback
 from loopwatch._scope import monitor_current_task
@@ -47,6 +48,10 @@ class LoopwatchMiddleware:
             its request's ``context``.
         report_stalls: see `monitor_current_task` (off by default: a stall reported while it
             runs may be another request's).
+        always_on: also watch every request that is not selected, in the always-on mode
+            (``mode="sampling"`` of `EventLoopMonitor`, CPython 3.12+): no profile hook, each
+            blocking step timed exactly and blamed from the stack read while it ran. Selected
+            requests get the exact mode instead; a request is reported by one or the other.
     """
 
     def __init__(
@@ -64,7 +69,10 @@ class LoopwatchMiddleware:
         reports_per_minute: Optional[int] = DEFAULT_REPORTS_PER_MINUTE,
         record_to: Optional[PathArg] = None,
         report_stalls: bool = False,
+        always_on: bool = False,
     ) -> None:
+        if not isinstance(always_on, bool):
+            raise TypeError(f"always_on must be True or False, got {type(always_on).__name__}")
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string, or None to select by sampling only")
         if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool):
@@ -89,10 +97,15 @@ class LoopwatchMiddleware:
             record_to,
             report_stalls,
         )._checked_settings()
-        del self._settings["mode"]  # a request's scope is watched by the exact mode
+        # Checked now too: the always-on mode needs 3.12+.
+        self._always_on = {**self._settings, "mode": _check_mode("sampling")} if always_on else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") not in ("http", "websocket") or not self._selected(scope):
+        if scope.get("type") not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        settings = self._settings if self._selected(scope) else self._always_on
+        if settings is None:
             await self.app(scope, receive, send)
             return
         context = {
@@ -100,7 +113,7 @@ class LoopwatchMiddleware:
             "path": scope.get("path", ""),
             "request_id": self._header_value(scope, self._request_id_header) or uuid.uuid4().hex,
         }
-        async with monitor_current_task(context=context, **self._settings):
+        async with monitor_current_task(context=context, **settings):
             await self.app(scope, receive, send)
 
     def _selected(self, scope: Scope) -> bool:

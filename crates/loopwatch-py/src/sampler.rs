@@ -648,7 +648,7 @@ fn report(
     let described = py
         .import("loopwatch._sampling")?
         .call_method1("describe_unit", (handle_frame, sampled, c_callback))?;
-    let (frames, names, callee, task_name): (
+    let (frames, names, callee, task_name, scope): (
         Vec<(
             String,
             String,
@@ -660,6 +660,7 @@ fn report(
         Vec<(String, String)>,
         Option<(String, String)>,
         Option<String>,
+        Option<u64>,
     ) = described.extract()?;
     let frames: Vec<SampledFrame> = frames
         .into_iter()
@@ -682,6 +683,7 @@ fn report(
     let names: Vec<FrameName> = names.into_iter().map(name).collect();
     let callee = callee.map(name);
     unit.task_name = task_name;
+    unit.scope = scope;
     let Some(episode) = sampled_episode(&unit, &frames, &names, callee.as_ref(), filters) else {
         return Ok(());
     };
