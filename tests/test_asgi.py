@@ -167,7 +167,7 @@ def test_always_on_every_request_is_reported_to_itself_and_selected_ones_exactly
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="before 3.12 only")
 def test_always_on_is_refused_before_3_12():
-    with pytest.raises(ValueError, match="needs CPython 3.12 or newer"):
+    with pytest.raises(ValueError, match=r"needs CPython 3\.12 or newer"):
         make_app([], always_on=True)
 
 
