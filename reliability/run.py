@@ -45,12 +45,18 @@ class Mode:
 
 
 def modes(work: Path) -> list[Mode]:
-    return [
+    found = [
         Mode("baseline"),
         Mode("plugin warn", ["--loopwatch", "--loopwatch-mode=warn"]),
         Mode("plugin fail", ["--loopwatch"]),
         Mode("LOOPWATCH=1", env={"LOOPWATCH": "1", "LOOPWATCH_RECORD": str(work / "whole-program.lwrec")}),
     ]
+    if sys.version_info >= (3, 12):  # run.py runs on the interpreter it tests
+        record = str(work / "always-on.lwrec")
+        found.append(
+            Mode("always on", env={"LOOPWATCH": "1", "LOOPWATCH_MODE": "sampling", "LOOPWATCH_RECORD": record})
+        )
+    return found
 
 
 @dataclass
