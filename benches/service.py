@@ -123,6 +123,7 @@ def measure(tool: str, scenario: str, args: argparse.Namespace) -> dict:
         result = json.loads(done.stdout)
         stats = get_json(port, "/stats")
         result["blocking_reports"], result["culprits"] = stats["blocking_reports"], stats["culprits"]
+        result["sleep_ms"] = stats.get("sleep_ms", [])
     return result
 
 
@@ -239,6 +240,9 @@ def print_table(results: dict, settings: dict) -> None:
                 for run in summary["rounds"]:
                     culprits.update(run["culprits"])
                 listed = ", ".join(f"{name} {count}" for name, count in culprits.most_common()) or "none"
+                durations = [ms for run in summary["rounds"] for ms in run.get("sleep_ms", [])]
+                if durations:
+                    listed += f" (time.sleep: median {statistics.median(durations):.1f} ms)"
                 print(f"  {scenario:<6} {tool:<19} {listed}")
 
 

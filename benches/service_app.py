@@ -158,10 +158,14 @@ class BlockingReports:
     def __init__(self) -> None:
         self.count = 0
         self.by_culprit: Counter[str] = Counter()
+        self.sleep_ms: list[float] = []
+        """The durations reported for /block's time.sleep, where the monitor says."""
 
     def __call__(self, info: Any) -> None:
         self.count += 1
         self.by_culprit[info.method_name] += 1
+        if info.method_name == "time.sleep" and hasattr(info, "duration_ms"):
+            self.sleep_ms.append(info.duration_ms)
 
 
 class EmptyHook:
@@ -263,7 +267,12 @@ def make_app(monitor_name: str) -> Starlette:
             return json_response({"monitor": monitor_name, "blocking_reports": None, "culprits": {}})
         culprits = dict(reports.by_culprit.most_common())
         return json_response(
-            {"monitor": monitor_name, "blocking_reports": reports.count, "culprits": culprits}
+            {
+                "monitor": monitor_name,
+                "blocking_reports": reports.count,
+                "culprits": culprits,
+                "sleep_ms": reports.sleep_ms,
+            }
         )
 
     routes = [
@@ -280,7 +289,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument(
-        "--monitor", choices=["none", "floor", "loopwatch", "loopwatch-no-stalls", "aelm"], default="none"
+        "--monitor",
+        choices=["none", "floor", "loopwatch", "loopwatch-no-stalls", "loopwatch-sampling", "aelm", "pyleak"],
+        default="none",
     )
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args()

@@ -6,7 +6,9 @@ here, what is its own. Real loops, real threads, real processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -358,3 +360,61 @@ def test_loopwatch_run_refuses_an_unknown_mode_with_the_choices(tmp_path: Path) 
     )
     assert done.returncode == 2
     assert "argument --mode: mode must be 'exact' or 'sampling', got 'fast'" in done.stderr
+
+
+STRESS_SECONDS = float(os.environ.get("LOOPWATCH_STRESS_S", "5"))
+"""How long the stress test runs (CI: 5 s; set LOOPWATCH_STRESS_S=300 for minutes)."""
+
+
+@needs_sampling
+@needs_stack_reads
+def test_steps_whose_stack_changes_as_fast_as_it_can_are_blamed_only_on_their_own_frames() -> None:
+    # Every step runs past a 1 ms threshold, so the watchdog reads nearly every one, at half the
+    # threshold and at each report, while the stack recurses, yields, unwinds and starts threads.
+    from test_stalls import _generate, _known_functions, _recurse, _spawn_and_join, _unwind, is_stdlib_function
+
+    known = _known_functions()
+    monitor, reports = sampling_monitor(threshold_ms=1.0, report_stalls=True, reports_per_minute=None)
+
+    async def churn(rounds: int) -> None:
+        _recurse(rounds % 40)
+        sum(_generate(20))
+        with contextlib.suppress(ValueError):
+            _unwind(rounds % 25)
+        if rounds % 50 == 0:
+            _spawn_and_join()
+
+    async def main() -> None:
+        steps = 0
+        deadline = time.monotonic() + STRESS_SECONDS
+        with monitor:
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                while time.perf_counter() - started < 0.003:
+                    await churn(steps)
+                    steps += 1
+                await asyncio.sleep(0)
+
+    asyncio.run(main())
+    for code in (churn.__code__, main.__code__):
+        known[(code.co_filename, code.co_qualname)] = range(code.co_firstlineno, code.co_firstlineno + 20)
+    assert len(reports) > 100, len(reports)
+    for info in reports:
+        for frame in info.stack:
+            if frame.is_c_call:
+                continue  # named from the call site of the frame below it
+            # Named module-qualified: the known function whose file and qualified name it ends with.
+            place = next(
+                (
+                    (filename, function)
+                    for filename, function in known
+                    if filename == frame.filename and frame.name.endswith(function)
+                ),
+                None,
+            )
+            if place is None:
+                # What the helper thread's start and join run: the standard library's own.
+                function = frame.name.rsplit(".", 1)[-1]
+                assert is_stdlib_function(frame.filename, function, frame.lineno), info.format()
+            else:
+                assert frame.lineno in known[place], (place, frame.lineno, info.format())
