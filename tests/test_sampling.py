@@ -371,7 +371,14 @@ STRESS_SECONDS = float(os.environ.get("LOOPWATCH_STRESS_S", "5"))
 def test_steps_whose_stack_changes_as_fast_as_it_can_are_blamed_only_on_their_own_frames() -> None:
     # Every step runs past a 1 ms threshold, so the watchdog reads nearly every one, at half the
     # threshold and at each report, while the stack recurses, yields, unwinds and starts threads.
-    from test_stalls import _generate, _known_functions, _recurse, _spawn_and_join, _unwind, is_stdlib_function
+    from test_stalls import (
+        _generate,
+        _known_functions,
+        _recurse,
+        _spawn_and_join,
+        _unwind,
+        is_stdlib_function,
+    )
 
     known = _known_functions()
     monitor, reports = sampling_monitor(threshold_ms=1.0, report_stalls=True, reports_per_minute=None)
@@ -417,4 +424,5 @@ def test_steps_whose_stack_changes_as_fast_as_it_can_are_blamed_only_on_their_ow
                 function = frame.name.rsplit(".", 1)[-1]
                 assert is_stdlib_function(frame.filename, function, frame.lineno), info.format()
             else:
-                assert frame.lineno in known[place], (place, frame.lineno, info.format())
+                # A line the reader could not resolve is left out, never guessed.
+                assert frame.lineno is None or frame.lineno in known[place], (place, frame.lineno)
