@@ -4,8 +4,8 @@ the GIL (``sum(range(n))``, sized on this machine to about `--seconds`), watched
 
     python benches/stalls.py [--runs 20] [--threshold-ms 50] [--seconds 1.0] [--json PATH]
 
-For each run, in a fresh process, on each way of watching (``sys.monitoring`` and the legacy hook
-from 3.12, the legacy hook before): the lateness of the first report after the threshold, as the
+For each run, in a fresh process, on each way of watching (from 3.12 the exact mode through
+``sys.monitoring`` and through the legacy hook, and the always-on mode; the legacy hook before): the lateness of the first report after the threshold, as the
 watchdog timed it ("blocked for N ms so far" minus the threshold), and as this script saw it arrive
 on the pipe (from the program's "START" line, written just before the call, to the report's line);
 and whether every report came before the call ended. Medians and maxima over runs.
@@ -28,6 +28,7 @@ import asyncio, sys
 import loopwatch
 
 ITEMS = int(sys.argv[1])
+MODE = sys.argv[3]
 
 async def step():
     await asyncio.sleep(0)
@@ -36,7 +37,9 @@ async def step():
     print("END", file=sys.stderr, flush=True)
 
 async def main():
-    with loopwatch.EventLoopMonitor(threshold_ms=float(sys.argv[2]), on_blocking_call=lambda info: None):
+    with loopwatch.EventLoopMonitor(
+        threshold_ms=float(sys.argv[2]), on_blocking_call=lambda info: None, mode=MODE
+    ):
         await step()
 
 asyncio.run(main())
@@ -57,10 +60,14 @@ def items_for(seconds: float) -> int:
 
 
 def one_run(items: int, threshold_ms: float, backend: str) -> dict:
+    """One program watched `backend`-wise: "monitoring" or "legacy" (the exact mode's), or
+    "always-on"."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWATCH")}
-    env["LOOPWATCH_BACKEND"] = backend
+    mode = "sampling" if backend == "always-on" else "exact"
+    if mode == "exact":
+        env["LOOPWATCH_BACKEND"] = backend
     process = subprocess.Popen(
-        [sys.executable, "-c", PROGRAM, str(items), str(threshold_ms)],
+        [sys.executable, "-c", PROGRAM, str(items), str(threshold_ms), mode],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -102,7 +109,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     items = items_for(args.seconds)
-    backends = ["monitoring", "legacy"] if sys.version_info >= (3, 12) else ["legacy"]
+    backends = ["monitoring", "legacy", "always-on"] if sys.version_info >= (3, 12) else ["legacy"]
     results: dict[str, dict] = {}
     runs: dict[str, list[dict]] = {backend: [] for backend in backends}
     for _ in range(args.runs):

@@ -224,6 +224,10 @@ const STATE_ASCII: u32 = 0x40;
 const MAX_DEPTH: usize = 1024;
 const MAX_NAME: usize = 1024;
 const MAX_TABLE: usize = 1 << 20;
+/// Bytes of a frame object read at once (3.9, 3.10): up to and with `f_lasti`.
+const OBJECT_FRAME_HEAD: usize = 112;
+/// More references than any live frame object has: a count read as more is not a count.
+const MAX_REFS: usize = 1 << 40;
 
 /// The addresses of the types whose objects are read: a read is believed only of an object whose
 /// `ob_type` is one of them.
@@ -435,16 +439,30 @@ fn raw_frames(memory: &Memory, tstate: usize, types: &Types) -> Option<Vec<RawFr
                 lasti,
                 lasti_bytes,
             } => {
-                if !memory.is_a(at, types.frame) {
+                // The frame object's head in one read (a chain that changes while it is followed
+                // is read again, so each read is kept short).
+                let mut head = [0u8; OBJECT_FRAME_HEAD];
+                let span = lasti + 4;
+                if span > head.len() || !memory.read(at, &mut head[..span]) {
                     return None;
                 }
-                let lasti = memory.u32_at(at + lasti)? as i32;
+                let word = |offset: usize| {
+                    usize::from_ne_bytes(head[offset..offset + 8].try_into().expect("8 bytes"))
+                };
+                // A frame object that has been freed keeps its type and code, and its `f_back`
+                // becomes the link of the frame free list, which other threads' frames join: only
+                // a frame with references is alive (a chain that reaches a dead one is read again).
+                let refs = word(0);
+                if word(OB_TYPE) != types.frame || refs == 0 || refs >= MAX_REFS {
+                    return None;
+                }
+                let lasti = u32::from_ne_bytes(head[lasti..lasti + 4].try_into().expect("4 bytes"));
                 frames.push(RawFrame {
                     frame: at,
-                    code: memory.word(at + code)?,
-                    offset: usize::try_from(lasti).ok().map(|i| i * lasti_bytes),
+                    code: word(code),
+                    offset: usize::try_from(lasti as i32).ok().map(|i| i * lasti_bytes),
                 });
-                at = memory.word(at + back)?;
+                at = word(back);
             }
             Chain::Interpreter {
                 code,
