@@ -140,10 +140,14 @@ def test_many_small_blocking_calls_between_awaits_are_one_step(run, backend):
                 time.sleep(BLOCK_S / 10)
 
     run(main)
-    # The always-on mode sees one of the calls in progress when it reads the stack, and cannot
-    # tell it from one long call: it names the call it saw, for the whole step.
-    culprit = ("call", "sleep") if backend == "sampling" else ("step", "main")
-    assert [(r.kind, short(r.method_name)) for r in reports] == [culprit]
+    found = [(r.kind, short(r.method_name)) for r in reports]
+    if backend == "sampling":
+        # The always-on mode sees one of the calls in progress when it reads the stack, and cannot
+        # tell it from one long call: it names the call it saw, for the whole step; or, when the
+        # loop moved on between two calls while it looked, the step.
+        assert found in ([("call", "sleep")], [("step", "main")])
+    else:
+        assert found == [("step", "main")]
     assert reports[0].duration_ms >= BLOCK_S * 1000
 
 
