@@ -54,7 +54,9 @@ def modes(work: Path) -> list[Mode]:
     if sys.version_info >= (3, 12):  # run.py runs on the interpreter it tests
         record = str(work / "always-on.lwrec")
         found.append(
-            Mode("always on", env={"LOOPWATCH": "1", "LOOPWATCH_MODE": "sampling", "LOOPWATCH_RECORD": record})
+            Mode(
+                "always on", env={"LOOPWATCH": "1", "LOOPWATCH_MODE": "sampling", "LOOPWATCH_RECORD": record}
+            )
         )
     return found
 

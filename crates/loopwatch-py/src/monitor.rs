@@ -164,8 +164,27 @@ unsafe impl Sync for ThreadMonitor {}
 unsafe impl Send for ThreadMonitor {}
 
 #[allow(clippy::useless_conversion)] // `c_ulong` is not 64 bits everywhere
-fn current_thread() -> u64 {
+pub fn current_thread() -> u64 {
     u64::from(unsafe { ffi::PyThread_get_thread_ident() })
+}
+
+/// The threshold in clock ticks, refusing what is not a positive, finite number of ms.
+pub fn threshold_ticks(threshold_ms: f64) -> PyResult<Ticks> {
+    if !threshold_ms.is_finite() || threshold_ms <= 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "threshold_ms must be > 0, got {threshold_ms}"
+        )));
+    }
+    Ok(Clock::new().ticks_for_nanos(threshold_ms * 1e6))
+}
+
+/// The calling thread's name (`threading.current_thread().name`), for stall reports.
+pub fn thread_name(py: Python<'_>) -> String {
+    py.import("threading")
+        .and_then(|threading| threading.call_method0("current_thread"))
+        .and_then(|thread| thread.getattr("name"))
+        .and_then(|name| name.extract())
+        .unwrap_or_else(|_| "?".to_owned())
 }
 
 impl ThreadMonitor {
@@ -189,16 +208,6 @@ impl ThreadMonitor {
             ));
         }
         Ok(state)
-    }
-
-    /// The threshold in clock ticks, refusing what is not a positive, finite number of ms.
-    fn threshold_ticks(threshold_ms: f64) -> PyResult<Ticks> {
-        if !threshold_ms.is_finite() || threshold_ms <= 0.0 {
-            return Err(PyValueError::new_err(format!(
-                "threshold_ms must be > 0, got {threshold_ms}"
-            )));
-        }
-        Ok(Clock::new().ticks_for_nanos(threshold_ms * 1e6))
     }
 
     /// Pushes the Python frames running now, outermost first, timed from now.
@@ -291,15 +300,6 @@ impl ThreadMonitor {
         Ok(Some(tracker))
     }
 
-    /// The calling thread's name (`threading.current_thread().name`), for stall reports.
-    fn thread_name(py: Python<'_>) -> String {
-        py.import("threading")
-            .and_then(|threading| threading.call_method0("current_thread"))
-            .and_then(|thread| thread.getattr("name"))
-            .and_then(|name| name.extract())
-            .unwrap_or_else(|_| "?".to_owned())
-    }
-
     /// Reports what the running unit has blocked so far (to the current sink).
     fn flush_and_deliver(&self, me: *mut ffi::PyObject) -> PyResult<()> {
         let delivery = {
@@ -376,13 +376,13 @@ impl ThreadMonitor {
             ));
         }
         let clock = Clock::new();
-        let threshold = Self::threshold_ticks(threshold_ms)?;
+        let threshold = threshold_ticks(threshold_ms)?;
         let tracker = Tracker::new(threshold, clock.nanos_per_tick(), filters.set.clone());
         let (backend, fallback) = Backend::choose()?;
         state.watch = WatchHandle::register(
             crate::stackread::current_thread_state(),
             current_thread(),
-            &Self::thread_name(py),
+            &thread_name(py),
             threshold,
             stall_reports,
             false,
@@ -472,7 +472,7 @@ impl ThreadMonitor {
         stall_callbacks: bool,
     ) -> PyResult<()> {
         let this = slf.get();
-        let threshold = Self::threshold_ticks(threshold_ms)?;
+        let threshold = threshold_ticks(threshold_ms)?;
         if this.state()?.tracker.is_none() {
             return Err(PyRuntimeError::new_err(
                 "this ThreadMonitor is not installed",

@@ -107,10 +107,12 @@ struct Registration {
     threads: usize,
 }
 
-/// Touched only with the GIL held (install and uninstall are Python calls).
-struct Shared(std::cell::UnsafeCell<Option<Registration>>);
-unsafe impl Sync for Shared {}
-static REGISTRATION: Shared = Shared(std::cell::UnsafeCell::new(None));
+/// A process-wide value touched only with the GIL held (install and uninstall are Python calls).
+pub struct UnderTheGil<T>(pub std::cell::UnsafeCell<T>);
+// SAFETY: every access holds the GIL, which serializes them.
+unsafe impl<T> Sync for UnderTheGil<T> {}
+static REGISTRATION: UnderTheGil<Option<Registration>> =
+    UnderTheGil(std::cell::UnsafeCell::new(None));
 
 /// Why this backend cannot be used in this process, decided once at import; `None` if it can.
 static UNAVAILABLE: OnceLock<Option<&'static str>> = OnceLock::new();

@@ -12,18 +12,20 @@ use loopwatch_core::cpu_wait::thread_cpu_wait_ns;
 use loopwatch_core::sampled::{
     is_unit_boundary, sampled_episode, unit_frames, FrameName, SampledUnit,
 };
-use loopwatch_core::{Clock, SampledFrame, Span, Ticks};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use loopwatch_core::{Clock, SampledFrame, Ticks};
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::errors::{attached, SavedError};
-use crate::monitor::Filters;
+use crate::monitor::{current_thread, thread_name, threshold_ticks, Filters};
 use crate::monitoring::{
     callback_object, guard_thread_end, holds_tool_id, none, unguard_thread_end, use_free_tool_id,
+    UnderTheGil,
 };
 use crate::report::episode_to_python;
+use crate::stackread::{frame_from_tuple, frame_to_tuple, FrameTuple};
 use crate::watchdog::WatchHandle;
 
 const TOOL_NAME: &str = "loopwatch-sampler";
@@ -46,9 +48,7 @@ struct Registration {
     threads: usize,
 }
 
-struct Shared(UnsafeCell<Option<Registration>>);
-unsafe impl Sync for Shared {}
-static REGISTRATION: Shared = Shared(UnsafeCell::new(None));
+static REGISTRATION: UnderTheGil<Option<Registration>> = UnderTheGil(UnsafeCell::new(None));
 
 struct State {
     installed: bool,
@@ -74,11 +74,6 @@ pub struct ThreadSampler {
 unsafe impl Sync for ThreadSampler {}
 unsafe impl Send for ThreadSampler {}
 
-#[allow(clippy::useless_conversion)] // `c_ulong` is not 64 bits everywhere
-fn current_thread() -> u64 {
-    u64::from(unsafe { ffi::PyThread_get_thread_ident() })
-}
-
 impl ThreadSampler {
     unsafe fn state_of(obj: *mut ffi::PyObject) -> *mut State {
         let py = Python::assume_attached();
@@ -99,15 +94,6 @@ impl ThreadSampler {
         }
         Ok(state)
     }
-}
-
-fn threshold_ticks(clock: &Clock, threshold_ms: f64) -> PyResult<Ticks> {
-    if !threshold_ms.is_finite() || threshold_ms <= 0.0 {
-        return Err(PyValueError::new_err(format!(
-            "threshold_ms must be > 0, got {threshold_ms}"
-        )));
-    }
-    Ok(clock.ticks_for_nanos(threshold_ms * 1e6))
 }
 
 #[pymethods]
@@ -163,7 +149,7 @@ impl ThreadSampler {
                 "this thread is already watched in the always-on mode",
             ));
         }
-        let threshold = threshold_ticks(&state.clock, threshold_ms)?;
+        let threshold = threshold_ticks(threshold_ms)?;
         register(py)?;
         state.watch = WatchHandle::register(
             crate::stackread::current_thread_state(),
@@ -221,7 +207,7 @@ impl ThreadSampler {
                 "this ThreadSampler is not installed",
             ));
         }
-        let threshold = threshold_ticks(&state.clock, threshold_ms)?;
+        let threshold = threshold_ticks(threshold_ms)?;
         state.threshold = threshold;
         state.filters = Some(filters.set().clone());
         state.sink = Some(sink);
@@ -316,11 +302,13 @@ impl ThreadSampler {
     }
 
     #[getter]
+    #[allow(clippy::unused_self)] // a property of the Python object, as `ThreadMonitor`'s
     fn backend(&self) -> &'static str {
         "sampling"
     }
 
     #[getter]
+    #[allow(clippy::unused_self)] // as `backend`
     fn fallback(&self) -> Option<String> {
         None
     }
@@ -337,6 +325,7 @@ impl ThreadSampler {
     }
 
     #[getter]
+    #[allow(clippy::unused_self)] // as `backend`
     fn paused_profiler(&self) -> Option<Py<PyAny>> {
         None
     }
@@ -362,14 +351,6 @@ unsafe fn inside_a_unit() -> bool {
         ffi::Py_DECREF(frame.cast());
     }
     found
-}
-
-fn thread_name(py: Python<'_>) -> String {
-    py.import("threading")
-        .and_then(|threading| threading.call_method0("current_thread"))
-        .and_then(|thread| thread.getattr("name"))
-        .and_then(|name| name.extract())
-        .unwrap_or_else(|_| "?".to_owned())
 }
 
 /// The thread ends while its sampler is installed: its share of the tool id goes back.
@@ -611,6 +592,16 @@ unsafe fn unit_over_threshold(
     ffi::Py_DECREF(obj);
 }
 
+/// What `loopwatch._sampling.describe_unit` answers: the frames, their (name, module), the C
+/// callee's, the task's name and the scope's address.
+type Described = (
+    Vec<FrameTuple>,
+    Vec<(String, String)>,
+    Option<(String, String)>,
+    Option<String>,
+    Option<u64>,
+);
+
 /// Names the unit's frames (in Python: modules, the C function at the call site, the task),
 /// builds the episode and hands it to the sink.
 fn report(
@@ -625,22 +616,8 @@ fn report(
     };
     let sink = sink.clone_ref(py);
     let frames = unit_frames(stack, is_unit_boundary);
-    let sampled: Option<Vec<_>> = frames.map(|frames| {
-        frames
-            .iter()
-            .map(|f| {
-                (
-                    f.filename.as_str(),
-                    f.function.as_str(),
-                    f.line,
-                    f.span.map(|s| (s.end_line, s.col, s.end_col)),
-                    f.is_coroutine,
-                    f.still,
-                )
-            })
-            .collect()
-    });
-    // The running `Handle._run`: its `self` says which callback, and for a task step, which task.
+    let sampled: Option<Vec<FrameTuple>> =
+        frames.map(|frames| frames.iter().map(frame_to_tuple).collect());
     // The loop's `Handle._run` itself standing still at the read: the callback is a C function.
     let c_callback = stack
         .first()
@@ -648,37 +625,8 @@ fn report(
     let described = py
         .import("loopwatch._sampling")?
         .call_method1("describe_unit", (handle_frame, sampled, c_callback))?;
-    let (frames, names, callee, task_name, scope): (
-        Vec<(
-            String,
-            String,
-            Option<u32>,
-            Option<(u32, u32, u32)>,
-            bool,
-            bool,
-        )>,
-        Vec<(String, String)>,
-        Option<(String, String)>,
-        Option<String>,
-        Option<u64>,
-    ) = described.extract()?;
-    let frames: Vec<SampledFrame> = frames
-        .into_iter()
-        .map(
-            |(filename, function, line, span, is_coroutine, still)| SampledFrame {
-                filename,
-                function,
-                line,
-                span: span.map(|(end_line, col, end_col)| Span {
-                    end_line,
-                    col,
-                    end_col,
-                }),
-                is_coroutine,
-                still,
-            },
-        )
-        .collect();
+    let (frames, names, callee, task_name, scope): Described = described.extract()?;
+    let frames: Vec<SampledFrame> = frames.into_iter().map(frame_from_tuple).collect();
     let name = |(name, module): (String, String)| FrameName { name, module };
     let names: Vec<FrameName> = names.into_iter().map(name).collect();
     let callee = callee.map(name);

@@ -718,10 +718,10 @@ fn own_stack_agrees(py: Python<'_>) -> Result<bool, ()> {
     Ok(!expected.is_empty() && read == expected)
 }
 
-/// A frame as `_read_stack` gives it: (filename, function, line), and with `details` also the
-/// span `(end_line, col, end_col)` of what it runs, whether it is a coroutine's, and whether it
-/// stood still (the innermost only).
-type FrameTuple = (
+/// A frame as Python sees it (`_read_stack`, the always-on mode's naming): (filename, function,
+/// line, the span `(end_line, col, end_col)` of what it runs, whether it is a coroutine's, and
+/// whether it waited in a call (the innermost only)).
+pub type FrameTuple = (
     String,
     String,
     Option<u32>,
@@ -729,6 +729,35 @@ type FrameTuple = (
     bool,
     bool,
 );
+
+pub fn frame_to_tuple(f: &SampledFrame) -> FrameTuple {
+    (
+        f.filename.clone(),
+        f.function.clone(),
+        f.line,
+        f.span.map(|s| (s.end_line, s.col, s.end_col)),
+        f.is_coroutine,
+        f.still,
+    )
+}
+
+#[cfg(Py_3_12)] // the always-on mode's
+pub fn frame_from_tuple(
+    (filename, function, line, span, is_coroutine, still): FrameTuple,
+) -> SampledFrame {
+    SampledFrame {
+        filename,
+        function,
+        line,
+        span: span.map(|(end_line, col, end_col)| loopwatch_core::Span {
+            end_line,
+            col,
+            end_col,
+        }),
+        is_coroutine,
+        still,
+    }
+}
 
 /// For tests and diagnostics: the calling thread's stack read as the watchdog reads it,
 /// innermost first, or, with `tstate`, another thread's, read with the GIL released. `None` when
@@ -745,16 +774,9 @@ pub fn _read_stack(
         Some(tstate) => py.detach(|| read_stack(tstate, None)),
     }?;
     frames
-        .into_iter()
+        .iter()
         .map(|f| {
-            let full: FrameTuple = (
-                f.filename,
-                f.function,
-                f.line,
-                f.span.map(|s| (s.end_line, s.col, s.end_col)),
-                f.is_coroutine,
-                f.still,
-            );
+            let full = frame_to_tuple(f);
             if details {
                 full.into_pyobject(py).map(Bound::into_any)
             } else {
