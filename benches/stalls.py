@@ -6,9 +6,10 @@ the GIL (``sum(range(n))``, sized on this machine to about `--seconds`), watched
 
 For each run, in a fresh process, on each way of watching (from 3.12 the exact mode through
 ``sys.monitoring`` and through the legacy hook, and the always-on mode; the legacy hook before):
-the lateness of the first report after the threshold, as the watchdog timed it ("blocked for N ms so far" minus the threshold), and as this script saw it arrive
-on the pipe (from the program's "START" line, written just before the call, to the report's line);
-and whether every report came before the call ended. Medians and maxima over runs.
+the lateness of the first report after the threshold, as the watchdog timed it ("blocked for N ms
+so far" minus the threshold), and as this script saw it arrive on the pipe (from the program's
+"START" line, written just before the call, to the report's line); and whether every report came
+before the call ended. Medians and maxima over runs.
 """
 
 from __future__ import annotations
