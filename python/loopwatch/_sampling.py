@@ -130,8 +130,15 @@ def callee_at(frame: Frame) -> Optional[Name]:
 
 
 def _task_of(handle: Any) -> Optional[asyncio.Task[Any]]:
-    callback = getattr(handle, "_callback", None)
-    owner = getattr(callback, "__self__", None)
+    """The task whose step a handle runs. Only the step wrappers of asyncio's own tasks are asked
+    for their `__self__` (a bound method, or C tasks' step wrapper): any other callback could
+    run the program's code when asked for an attribute."""
+    if not isinstance(handle, asyncio.Handle):
+        return None
+    callback: Any = getattr(handle, "_callback", None)  # a slot of asyncio's own Handle
+    if not isinstance(callback, types.MethodType) and type(callback).__name__ != "TaskStepMethWrapper":
+        return None
+    owner = callback.__self__
     return owner if isinstance(owner, asyncio.Task) else None
 
 
