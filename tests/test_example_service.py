@@ -33,8 +33,12 @@ SLOW_CULPRITS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def service() -> Any:
+    """The service, started afresh for each test: what one test's requests leave behind in it must
+    not be charged to the next test's. With one service for both tests, the fixed endpoint's test
+    failed 4 of 8 runs on 3.11 (steps over 10 ms in httpx and anyio code after the slow test's
+    requests: a wait loopwatch does not yet tell apart, see issue 14); started afresh, 0 of 8."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
