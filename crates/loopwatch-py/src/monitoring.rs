@@ -237,22 +237,49 @@ pub fn holds_tool_id(py: Python<'_>, tool: u8, name: &str) -> PyResult<bool> {
         == Some(name))
 }
 
-fn claim_tool(py: Python<'_>) -> PyResult<Option<u8>> {
-    let Some(tool) = use_free_tool_id(py, TOOL_NAME)? else {
-        return Ok(None);
-    };
+/// The events a tool takes, by their names in `sys.monitoring.events`, with their callbacks.
+pub type EventTable = [(&'static str, ffi::vectorcallfunc)];
+
+/// Registers each callback of `events` for `tool`; returns the events' mask.
+pub fn register_callbacks(py: Python<'_>, tool: u8, events: &EventTable) -> PyResult<u64> {
     let monitoring = py.import("sys")?.getattr("monitoring")?;
-    let events = monitoring.getattr("events")?;
+    let names = monitoring.getattr("events")?;
     let mut mask: u64 = 0;
-    for (name, callback) in EVENTS {
-        let event: u64 = events.getattr(name)?.extract()?;
+    for &(name, callback) in events {
+        let event: u64 = names.getattr(name)?.extract()?;
         monitoring.call_method1(
             "register_callback",
             (tool, event, callback_object(py, callback)?),
         )?;
         mask |= event;
     }
-    monitoring.call_method1("set_events", (tool, mask))?;
+    Ok(mask)
+}
+
+/// Takes `tool`'s callbacks of `events` away and frees the tool id (its events already off).
+pub fn unregister_callbacks_and_free(
+    py: Python<'_>,
+    tool: u8,
+    events: &EventTable,
+) -> PyResult<()> {
+    let monitoring = py.import("sys")?.getattr("monitoring")?;
+    let names = monitoring.getattr("events")?;
+    for &(name, _) in events {
+        let event: u64 = names.getattr(name)?.extract()?;
+        monitoring.call_method1("register_callback", (tool, event, py.None()))?;
+    }
+    monitoring.call_method1("free_tool_id", (tool,))?;
+    Ok(())
+}
+
+fn claim_tool(py: Python<'_>) -> PyResult<Option<u8>> {
+    let Some(tool) = use_free_tool_id(py, TOOL_NAME)? else {
+        return Ok(None);
+    };
+    let mask = register_callbacks(py, tool, &EVENTS)?;
+    py.import("sys")?
+        .getattr("monitoring")?
+        .call_method1("set_events", (tool, mask))?;
     Ok(Some(tool))
 }
 
@@ -260,15 +287,10 @@ fn release_tool(py: Python<'_>, tool: u8) -> PyResult<()> {
     if !holds_tool_id(py, tool, TOOL_NAME)? {
         return Ok(());
     }
-    let monitoring = py.import("sys")?.getattr("monitoring")?;
-    monitoring.call_method1("set_events", (tool, 0))?;
-    let events = monitoring.getattr("events")?;
-    for (name, _) in EVENTS {
-        let event: u64 = events.getattr(name)?.extract()?;
-        monitoring.call_method1("register_callback", (tool, event, py.None()))?;
-    }
-    monitoring.call_method1("free_tool_id", (tool,))?;
-    Ok(())
+    py.import("sys")?
+        .getattr("monitoring")?
+        .call_method1("set_events", (tool, 0))?;
+    unregister_callbacks_and_free(py, tool, &EVENTS)
 }
 
 // --- the callbacks: objects CPython calls through vectorcall, with nothing in between ---------
@@ -328,10 +350,7 @@ fn callback_type(py: Python<'_>) -> PyResult<*mut ffi::PyTypeObject> {
     Ok(kind.cast())
 }
 
-pub fn callback_object(
-    py: Python<'_>,
-    function: ffi::vectorcallfunc,
-) -> PyResult<Bound<'_, PyAny>> {
+fn callback_object(py: Python<'_>, function: ffi::vectorcallfunc) -> PyResult<Bound<'_, PyAny>> {
     let kind = callback_type(py)?;
     unsafe {
         let object = ffi::PyType_GenericAlloc(kind, 0);

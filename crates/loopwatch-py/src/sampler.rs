@@ -21,8 +21,8 @@ use pyo3::types::PyTuple;
 use crate::errors::{attached, SavedError};
 use crate::monitor::{current_thread, thread_name, threshold_ticks, Filters};
 use crate::monitoring::{
-    callback_object, guard_thread_end, holds_tool_id, none, unguard_thread_end, use_free_tool_id,
-    UnderTheGil,
+    guard_thread_end, holds_tool_id, none, register_callbacks, unguard_thread_end,
+    unregister_callbacks_and_free, use_free_tool_id, UnderTheGil,
 };
 use crate::report::episode_to_python;
 use crate::stackread::{frame_from_tuple, frame_to_tuple, FrameTuple};
@@ -394,15 +394,9 @@ fn register(py: Python<'_>) -> PyResult<()> {
         )));
     };
     let outcome = (|| -> PyResult<Vec<Py<PyAny>>> {
+        register_callbacks(py, tool, &EVENTS)?;
         let monitoring = py.import("sys")?.getattr("monitoring")?;
         let events = monitoring.getattr("events")?;
-        for (name, callback) in EVENTS {
-            let event: u64 = events.getattr(name)?.extract()?;
-            monitoring.call_method1(
-                "register_callback",
-                (tool, event, callback_object(py, callback)?),
-            )?;
-        }
         let start: u64 = events.getattr("PY_START")?.extract()?;
         let ret: u64 = events.getattr("PY_RETURN")?.extract()?;
         let handle_run = py
@@ -461,13 +455,7 @@ fn release(py: Python<'_>, tool: u8, codes: &[Py<PyAny>]) -> PyResult<()> {
     for code in codes {
         monitoring.call_method1("set_local_events", (tool, code, 0))?;
     }
-    let events = monitoring.getattr("events")?;
-    for (name, _) in EVENTS {
-        let event: u64 = events.getattr(name)?.extract()?;
-        monitoring.call_method1("register_callback", (tool, event, py.None()))?;
-    }
-    monitoring.call_method1("free_tool_id", (tool,))?;
-    Ok(())
+    unregister_callbacks_and_free(py, tool, &EVENTS)
 }
 
 // --- the callbacks: on every callback of every asyncio loop in the process -------------------
