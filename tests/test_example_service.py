@@ -38,7 +38,7 @@ def service() -> Any:
     """The service, started afresh for each test: what one test's requests leave behind in it must
     not be charged to the next test's. With one service for both tests, the fixed endpoint's test
     failed 4 of 8 runs on 3.11 (steps over 10 ms in httpx and anyio code after the slow test's
-    requests: a wait loopwatch does not yet tell apart, see issue 14); started afresh, 0 of 8."""
+    requests); started afresh, 0 of 8."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -83,8 +83,15 @@ def culprits_by_request(base: str, path: str) -> dict[str, set[str]]:
         reports = json.load(response)
     found: dict[str, set[str]] = defaultdict(set)
     for report in reports:
-        if report["path"] == path:
-            found[report["request_id"]].add(report["culprit"])
+        if report["path"] != path:
+            continue
+        if report["kind"] == "gc":
+            # A garbage collection held the loop, not the endpoint's code (on 3.9 a generation-2
+            # collection during the first requests took 20 ms, 64 ms on a busy machine, and was
+            # blamed on whatever it interrupted before loopwatch timed collections).
+            assert report["culprit"].startswith("garbage collection"), report
+            continue
+        found[report["request_id"]].add(report["culprit"])
     return found
 
 

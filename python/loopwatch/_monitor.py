@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import inspect
 import logging
 import math
@@ -14,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Iterable
 from types import TracebackType
@@ -195,6 +197,7 @@ class _ThreadHub:
                     )
         self.active = active
         self._recipients = tuple(active)
+        _watch_gc(self, bool(active))
 
     def deliver_stall(self, info: StallInfo) -> None:
         """A report of a stall still running on this hub's thread, from the courier thread: to
@@ -317,6 +320,43 @@ class _AlsoAsync:
         tb: Optional[TracebackType],
     ) -> None:
         self.__exit__(exc_type, exc, tb)
+
+
+_GC_WATCHERS: weakref.WeakSet[_ThreadHub] = weakref.WeakSet()
+_GC_LOCK = threading.Lock()
+
+
+def _watch_gc(hub: _ThreadHub, watching: bool) -> None:
+    """Keeps loopwatch's callback in `gc.callbacks` while any thread is watched, and only then:
+    it times each collection on the thread that runs it, so that a collection inside a step is
+    not charged to the code it interrupted. Found by identity (a program's callbacks are never
+    compared, so none of their code runs); one the program removed is simply not timed."""
+    callback = _native._gc_callback
+    with _GC_LOCK:
+        if watching:
+            _GC_WATCHERS.add(hub)
+        else:
+            _GC_WATCHERS.discard(hub)
+        at = next((i for i, cb in enumerate(gc.callbacks) if cb is callback), None)
+        if _GC_WATCHERS and at is None:
+            gc.callbacks.append(callback)
+        elif not _GC_WATCHERS and at is not None:
+            del gc.callbacks[at]
+
+
+def _judged_at(raw: dict[str, Any], threshold_ns: int) -> dict[str, Any]:
+    """An episode the hook judged at a lower threshold (another monitor's), judged at this one:
+    over it only for want of a CPU, it is starved; only because of garbage collections, the
+    collection is the culprit (as the hook decides, see `loopwatch_core::tracker`)."""
+    own_ns = raw["duration_ns"] - raw["cpu_wait_ns"]
+    raw = {**raw, "threshold_ns": threshold_ns, "starved": own_ns < threshold_ns}
+    gc_ns = raw.get("gc_ns", 0)
+    if raw["kind"] != "gc" and gc_ns and own_ns >= threshold_ns and own_ns - gc_ns < threshold_ns:
+        generation = raw.get("gc_generation")
+        name = "garbage collection" if generation is None else f"garbage collection (generation {generation})"
+        stack = [*raw["stack"][: raw["culprit"] + 1], (name, None, None, None, gc_ns, False, False, True)]
+        raw.update(kind="gc", stack=stack, culprit=len(stack) - 1)
+    return raw
 
 
 class _StarvedSteps:
@@ -515,8 +555,7 @@ class EventLoopMonitor(_AlsoAsync):
         if raw["duration_ns"] < threshold_ns:
             return False
         if raw["threshold_ns"] != threshold_ns:
-            starved = raw["duration_ns"] - raw["cpu_wait_ns"] < threshold_ns
-            raw = {**raw, "threshold_ns": threshold_ns, "starved": starved}
+            raw = _judged_at(raw, threshold_ns)
         if len(self._pending) >= MAX_PENDING_REPORTS:
             self._dropped += 1
             return True

@@ -18,6 +18,7 @@ __all__ = [
     "_bench_uninstall_hook",
     "_code_reads",
     "_dropped_stalls",
+    "_gc_callback",
     "_read_stack",
     "_release_stalls",
     "_stack_reads",
@@ -119,6 +120,9 @@ def _bench_install_empty_hook() -> None:
 
 def _bench_uninstall_hook() -> None:
     """Removes any profile function from the calling thread."""
+
+def _gc_callback(phase: Any, info: Any) -> None:
+    """For `gc.callbacks`: times each garbage collection on the thread that runs it."""
 
 def _code_reads() -> str:
     """How the hook reads a frame's code: "struct" or "portable"."""

@@ -67,7 +67,10 @@ class BlockingCallInfo:
     kind: str = "call"
     """``"call"``: a sync call made by a coroutine step; ``"callback"``: a sync loop callback
     (``call_soon``, a done-callback, a protocol method); ``"step"``: a coroutine step with no single
-    call over the threshold (an inline loop, many small calls, a call invisible to the hook)."""
+    call over the threshold (an inline loop, many small calls, a call invisible to the hook);
+    ``"gc"``: a callback or step over the threshold only because a garbage collection ran inside
+    it: the culprit is the collection (``garbage collection (generation 2)``), and the stack ends
+    with the frames it interrupted."""
     filename: Optional[str] = None
     """Where to look: the culprit's file, or for a C function the file of the code that called it."""
     lineno: Optional[int] = None
@@ -87,6 +90,9 @@ class BlockingCallInfo:
     """Of ``duration_ms``, how long (at least) the loop's thread was ready to run but had no CPU:
     a busy machine, not the code. A report's ``duration_ms - cpu_wait_ms`` is always at least the
     threshold. 0.0 where the OS does not say (outside Linux)."""
+    gc_ms: float = 0.0
+    """Of ``duration_ms``, how long the loop's thread spent in garbage collections (each
+    collection's wall time). Code is blamed only for what it ran besides them."""
     context: Optional[Mapping[str, Any]] = None
     """What the monitoring scope the episode happened in says about itself: for a request
     monitored by ``LoopwatchMiddleware``, its ``method``, ``path`` and ``request_id``."""
@@ -126,6 +132,7 @@ class BlockingCallInfo:
             threshold_ms=raw["threshold_ns"] / 1e6,
             culprit_duration_ms=culprit.duration_ms,
             cpu_wait_ms=raw["cpu_wait_ns"] / 1e6,
+            gc_ms=raw.get("gc_ns", 0) / 1e6,
             reports_while_running=raw.get("reports_while_running", 0),
             sampled=raw.get("sampled", False),
             _scope=raw.get("scope"),
@@ -143,6 +150,7 @@ class BlockingCallInfo:
             "culprit_duration_ms": self.culprit_duration_ms,
             "threshold_ms": self.threshold_ms,
             "cpu_wait_ms": self.cpu_wait_ms,
+            "gc_ms": self.gc_ms,
             "is_c_call": self.is_c_call,
             "filename": self.filename,
             "lineno": self.lineno,
@@ -210,16 +218,24 @@ class BlockingCallInfo:
         return line if frame is self.stack[-1] else f"{line} in {frame.name}"
 
     def headline(self) -> str:
-        what = {
-            "call": "blocked the event loop",
-            "callback": "(a loop callback) blocked the event loop",
-            "step": "(a coroutine step with no single slow call) blocked the event loop",
-        }.get(self.kind, "blocked the event loop")
         task = f" in task {self.task_name!r}" if self.task_name else ""
         scope = ""
         if self.context:
             scope = " (" + ", ".join(f"{key}={value}" for key, value in self.context.items()) + ")"
         held_back = f"; {self.suppressed} more like it held back" if self.suppressed else ""
+        if self.kind == "gc":
+            interrupted = self.stack[-2].name if len(self.stack) >= 2 else None
+            during = f" while {interrupted} ran" if interrupted else ""
+            return (
+                f"{self.method_name}, {self.gc_ms:.1f} ms, blocked the event loop for "
+                f"{self.duration_ms:.1f} ms{task}{scope}{during}, at {self.where}; no code is to "
+                f"blame{held_back}"
+            )
+        what = {
+            "call": "blocked the event loop",
+            "callback": "(a loop callback) blocked the event loop",
+            "step": "(a coroutine step with no single slow call) blocked the event loop",
+        }.get(self.kind, "blocked the event loop")
         via = f" (via {self.via})" if self.via else ""
         return (
             f"{self.method_name}{via} {what} for {self.duration_ms:.1f} ms{task}{scope} "
@@ -235,12 +251,16 @@ class BlockingCallInfo:
         lines.append(where)
         if self.sampled:
             lines.append("  (always-on mode: the stack as read while it ran)")
+        elif self.kind == "gc":
+            pass  # the headline says how long the collection took
         elif self.culprit_duration_ms < 0.9 * self.duration_ms:
             lines.append(f"  {self.method_name} itself ran {self.culprit_duration_ms:.1f} ms of it")
         if self.cpu_wait_ms >= 0.1 * self.duration_ms:
             lines.append(
                 f"  {self.cpu_wait_ms:.1f} ms of it the loop's thread waited for a CPU (a busy machine)"
             )
+        if self.kind != "gc" and self.gc_ms >= 0.1 * self.duration_ms:
+            lines.append(f"  {self.gc_ms:.1f} ms of it was garbage collection (not counted against the code)")
         innermost_first = list(reversed(self.stack))
         groups = [
             ("your code", [f for f in innermost_first if f.is_user_code]),

@@ -13,6 +13,9 @@ pub enum EpisodeKind {
     Callback,
     /// A coroutine step ran over the threshold with no single call over it.
     Step,
+    /// A callback or step ran over the threshold only because a garbage collection ran inside
+    /// it: the collection is the culprit, not the frame it interrupted.
+    Gc,
 }
 
 impl EpisodeKind {
@@ -21,6 +24,7 @@ impl EpisodeKind {
             EpisodeKind::Call => "call",
             EpisodeKind::Callback => "callback",
             EpisodeKind::Step => "step",
+            EpisodeKind::Gc => "gc",
         }
     }
 }
@@ -60,6 +64,14 @@ pub struct StackFrame {
     pub included: bool,
 }
 
+/// The name a garbage collection is reported under, as a culprit.
+pub fn gc_culprit_name(generation: Option<u8>) -> String {
+    match generation {
+        Some(generation) => format!("garbage collection (generation {generation})"),
+        None => "garbage collection".to_owned(),
+    }
+}
+
 /// One blocking episode: one continuous stall of the loop by one callback or task step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Episode {
@@ -72,6 +84,13 @@ pub struct Episode {
     /// Of `duration_ns`, how long (at least) the thread was ready to run but had no CPU: the
     /// machine was busy, the code did not run. 0 where the OS does not say.
     pub cpu_wait_ns: u64,
+    /// Of `duration_ns`, how long the loop's thread spent in garbage collections (the wall time
+    /// of those that ran inside the episode).
+    #[serde(default)]
+    pub gc_ns: u64,
+    /// The oldest generation among those collections; `None` when none ran.
+    #[serde(default)]
+    pub gc_generation: Option<u8>,
     /// The task's await chain, then the sync chain down to (at least) the culprit.
     pub stack: Vec<StackFrame>,
     /// Index of the culprit in `stack`.

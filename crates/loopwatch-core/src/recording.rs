@@ -79,6 +79,10 @@ pub struct RecordedEpisode {
     pub threshold_ms: f64,
     #[serde(default)]
     pub cpu_wait_ms: f64,
+    /// Of `duration_ms`, the loop's thread's garbage collections; absent (0) in recordings of
+    /// loopwatch before it timed them.
+    #[serde(default)]
+    pub gc_ms: f64,
     #[serde(default)]
     pub is_c_call: bool,
     pub filename: Option<String>,
@@ -109,6 +113,7 @@ impl RecordedEpisode {
             self.culprit_duration_ms,
             self.threshold_ms,
             self.cpu_wait_ms,
+            self.gc_ms,
         ];
         if !self.timestamp.is_finite() || times.iter().any(|t| !t.is_finite() || *t < 0.0) {
             return Some("a time that is negative or not a number");
@@ -437,6 +442,7 @@ mod tests {
             culprit_duration_ms: duration_ms,
             threshold_ms: 10.0,
             cpu_wait_ms: 0.0,
+            gc_ms: 0.0,
             is_c_call: true,
             filename: Some("/app/main.py".to_owned()),
             lineno: Some(12),

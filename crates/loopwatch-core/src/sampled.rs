@@ -6,6 +6,7 @@
 use crate::episode::{Episode, EpisodeKind, StackFrame};
 use crate::filter::FilterSet;
 use crate::stall::SampledFrame;
+use crate::tracker::gc_frame;
 
 /// The frames of a sampled stack (innermost first) that belong to the unit: those inside its
 /// boundary frame (the loop's `Handle._run`), which is left out with everything outside it.
@@ -40,6 +41,10 @@ pub struct SampledUnit {
     pub threshold_ns: u64,
     /// Of the duration, how long (at least) the thread waited for a CPU.
     pub cpu_wait_ns: u64,
+    /// Of the duration, how long the thread spent in garbage collections, and the oldest
+    /// generation among them.
+    pub gc_ns: u64,
+    pub gc_generation: Option<u8>,
     pub reports_while_running: u32,
     pub task_name: Option<String>,
     pub scope: Option<u64>,
@@ -92,10 +97,20 @@ pub fn sampled_episode(
             included: filters.allows(&callee.name, &callee.module, None),
         });
     }
-    let culprit = stack.iter().rposition(|frame| frame.included)?;
+    let mut culprit = stack.iter().rposition(|frame| frame.included)?;
     // As in the exact mode, the stack ends at the culprit.
     stack.truncate(culprit + 1);
-    let kind = if stack[culprit].is_coroutine {
+    let own_ns = unit.duration_ns.saturating_sub(unit.cpu_wait_ns);
+    let only_collected = unit.gc_ns > 0
+        && own_ns >= unit.threshold_ns
+        && own_ns.saturating_sub(unit.gc_ns) < unit.threshold_ns;
+    let kind = if only_collected {
+        // Over the threshold only because of a collection: the collection is the culprit, below
+        // the frame it interrupted.
+        stack.push(gc_frame(unit.gc_generation, unit.gc_ns));
+        culprit += 1;
+        EpisodeKind::Gc
+    } else if stack[culprit].is_coroutine {
         EpisodeKind::Step
     } else if stack[..culprit].iter().any(|frame| frame.is_coroutine) {
         EpisodeKind::Call
@@ -107,6 +122,8 @@ pub fn sampled_episode(
         duration_ns: unit.duration_ns,
         threshold_ns: unit.threshold_ns,
         cpu_wait_ns: unit.cpu_wait_ns.min(unit.duration_ns),
+        gc_ns: unit.gc_ns.min(unit.duration_ns),
+        gc_generation: unit.gc_generation,
         stack,
         culprit,
         task_name: unit.task_name.clone(),
@@ -250,5 +267,30 @@ mod tests {
         assert!(sampled_episode(&unit(), &[], &[], None, &no_filters()).is_none());
         let frames = blocked_step();
         assert!(sampled_episode(&unit(), &frames[..2], &names, None, &no_filters()).is_none());
+    }
+
+    #[test]
+    fn a_unit_over_the_threshold_only_because_of_a_collection_names_the_collection() {
+        let frames = [frame("handler", "/app/app.py", 22, true)];
+        let names = [name("app", "handler")];
+        let mut collected = unit();
+        collected.gc_ns = 45_000_000;
+        collected.gc_generation = Some(2);
+        let episode = sampled_episode(&collected, &frames, &names, None, &no_filters()).unwrap();
+        assert_eq!(episode.kind, EpisodeKind::Gc);
+        assert_eq!(
+            episode.culprit_frame().name,
+            "garbage collection (generation 2)"
+        );
+        assert_eq!(episode.location(), (Some("/app/app.py"), Some(22)));
+        assert_eq!(
+            (episode.gc_ns, episode.gc_generation),
+            (45_000_000, Some(2))
+        );
+        // A shorter collection leaves the code over the threshold: the code is blamed.
+        collected.gc_ns = 5_000_000;
+        let episode = sampled_episode(&collected, &frames, &names, None, &no_filters()).unwrap();
+        assert_eq!(episode.kind, EpisodeKind::Step);
+        assert_eq!(episode.culprit_frame().name, "app.handler");
     }
 }

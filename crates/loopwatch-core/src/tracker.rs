@@ -10,8 +10,9 @@
 //! and links it under its parent; when the unit ends, the chain of longest over-threshold calls
 //! becomes one [`Episode`] with the deepest blameable frame as its culprit.
 
-use crate::episode::{Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
+use crate::episode::{gc_culprit_name, Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
 use crate::filter::FilterSet;
+use crate::gc::GcTime;
 
 /// A raw clock reading; only differences are meaningful.
 pub type Ticks = u64;
@@ -114,6 +115,8 @@ impl Entry {
 struct Node {
     info: FrameInfo,
     duration: Ticks,
+    /// Of `duration`, what garbage collections took.
+    gc: GcTime,
     child: u32,
     call_line: u32,
     is_c: bool,
@@ -121,6 +124,13 @@ struct Node {
     included: bool,
     /// This node or a descendant may be blamed as a (non-coroutine) culprit.
     has_culprit: bool,
+}
+
+impl Node {
+    /// The time that was not garbage collection.
+    fn own(&self) -> Ticks {
+        self.duration.saturating_sub(self.gc.ticks)
+    }
 }
 
 /// Identifies a frame to the [`Resolver`].
@@ -150,6 +160,12 @@ pub trait Resolver {
     /// where the OS says. Asked at most about once a millisecond, and once per episode.
     fn cpu_wait_ns(&mut self) -> Option<u64> {
         None
+    }
+    /// How much of `[from, to)` this thread spent in garbage collections. Asked on the slow path
+    /// only, once per frame of an episode.
+    fn gc_within(&mut self, from: Ticks, to: Ticks) -> GcTime {
+        let _ = (from, to);
+        GcTime::default()
     }
 }
 
@@ -533,9 +549,11 @@ impl Tracker {
             .allows(&info.name, &info.module, info.filename.as_deref());
         let child_has_culprit =
             entry.blame != NO_NODE && self.arena[entry.blame as usize].has_culprit;
+        let gc = r.gc_within(entry.start, entry.start.saturating_add(duration));
         self.arena.push(Node {
             info,
             duration,
+            gc,
             child: entry.blame,
             call_line: entry.call_line,
             is_c: entry.is_c,
@@ -547,7 +565,8 @@ impl Tracker {
     }
 
     /// Links an over-threshold child under its parent if it is the best candidate so far:
-    /// one that holds a culprit beats one that does not, then the longer wins.
+    /// one that holds a culprit beats one that does not, then the longer wins, not counting
+    /// the collections that ran inside it.
     fn attach<R: Resolver>(&mut self, parent_index: usize, node: u32, r: &mut R) {
         if node == NO_NODE {
             return;
@@ -556,7 +575,7 @@ impl Tracker {
         let candidate = &self.arena[node as usize];
         let better = parent.blame == NO_NODE || {
             let current = &self.arena[parent.blame as usize];
-            (candidate.has_culprit, candidate.duration) > (current.has_culprit, current.duration)
+            (candidate.has_culprit, candidate.own()) > (current.has_culprit, current.own())
         };
         if better {
             let call_line = if parent.is_c {
@@ -634,12 +653,50 @@ impl Tracker {
             chain.push(node);
             next = node.child;
         }
+        let threshold_ns = self.nanos(self.threshold);
         // A frame is blamed only if it is over the threshold even with all of the unit's wait
-        // for a CPU inside it: a tiny call preempted on a busy machine is not a culprit.
-        let own_time_over = |n: &&&Node| {
-            self.nanos(n.duration).saturating_sub(cpu_wait_ns) >= self.nanos(self.threshold)
+        // for a CPU inside it, and without the collections that ran inside it: a tiny call
+        // preempted on a busy machine, or interrupted by a collection, is not a culprit.
+        let own_time_ns = |i: usize| {
+            self.nanos(chain[i].duration)
+                .saturating_sub(cpu_wait_ns)
+                .saturating_sub(self.nanos(chain[i].gc.ticks))
         };
-        let blamable = chain.iter().take_while(own_time_over).count();
+        let blamable = (0..chain.len())
+            .take_while(|&i| own_time_ns(i) >= threshold_ns)
+            .count();
+        // The root's is the unit's.
+        let unit_gc = chain[0].gc;
+        let gc_ns = self.nanos(unit_gc.ticks);
+        let only_collected = blamable == 0
+            && unit_gc.ticks > 0
+            && self.nanos(duration).saturating_sub(cpu_wait_ns) >= threshold_ns;
+        if only_collected {
+            // Over the threshold only because of a collection: the collection is the culprit,
+            // and the frames it interrupted say where, if the filters watch any of them.
+            if !chain.iter().any(|node| node.included) {
+                return None;
+            }
+            let mut stack: Vec<StackFrame> = chain
+                .iter()
+                .enumerate()
+                .map(|(i, node)| self.stack_frame(node, i + 1 == chain.len()))
+                .collect();
+            stack.push(gc_frame(unit_gc.generation, gc_ns));
+            return Some(Episode {
+                kind: EpisodeKind::Gc,
+                duration_ns: self.nanos(duration),
+                threshold_ns,
+                cpu_wait_ns,
+                gc_ns,
+                gc_generation: unit_gc.generation,
+                culprit: stack.len() - 1,
+                stack,
+                task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
+                scope: self.unit_task.as_ref().and_then(|task| task.scope),
+                reports_while_running: 0,
+            });
+        }
         if blamable > 0 {
             chain.truncate(blamable);
         }
@@ -662,8 +719,10 @@ impl Tracker {
         Some(Episode {
             kind,
             duration_ns: self.nanos(duration),
-            threshold_ns: self.nanos(self.threshold),
+            threshold_ns,
             cpu_wait_ns,
+            gc_ns,
+            gc_generation: unit_gc.generation,
             stack,
             culprit,
             task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
@@ -727,9 +786,11 @@ impl Tracker {
         if !included {
             return;
         }
-        let cpu_wait_ns =
-            self.cpu_wait_between(entry.start, entry.start.saturating_add(duration), r);
-        let frame = StackFrame {
+        let end = entry.start.saturating_add(duration);
+        let cpu_wait_ns = self.cpu_wait_between(entry.start, end, r);
+        let gc = r.gc_within(entry.start, end);
+        let gc_ns = self.nanos(gc.ticks);
+        let mut stack = vec![StackFrame {
             name: info.name,
             filename: info.filename,
             lineno: info.def_line,
@@ -738,14 +799,28 @@ impl Tracker {
             is_c_call: is_c,
             is_coroutine: false,
             included,
+        }];
+        let threshold_ns = self.nanos(self.threshold);
+        let own_ns = self.nanos(unseen).saturating_sub(cpu_wait_ns);
+        let kind = if gc.ticks > 0
+            && own_ns >= threshold_ns
+            && own_ns.saturating_sub(gc_ns) < threshold_ns
+        {
+            // The callback ran over the threshold only because a collection ran inside it.
+            stack.push(gc_frame(gc.generation, gc_ns));
+            EpisodeKind::Gc
+        } else {
+            EpisodeKind::Callback
         };
         self.finished.push(Episode {
-            kind: EpisodeKind::Callback,
+            kind,
             duration_ns: self.nanos(duration),
-            threshold_ns: self.nanos(self.threshold),
+            threshold_ns,
             cpu_wait_ns,
-            stack: vec![frame],
-            culprit: 0,
+            gc_ns,
+            gc_generation: gc.generation,
+            culprit: stack.len() - 1,
+            stack,
             // By its return, `Context.run` has left the callback's context: no task or scope.
             task_name: None,
             scope: None,
@@ -755,5 +830,19 @@ impl Tracker {
 
     fn nanos(&self, ticks: Ticks) -> u64 {
         (ticks as f64 * self.nanos_per_tick).round() as u64
+    }
+}
+
+/// The frame a garbage collection is reported as, below the frame it interrupted.
+pub(crate) fn gc_frame(generation: Option<u8>, gc_ns: u64) -> StackFrame {
+    StackFrame {
+        name: gc_culprit_name(generation),
+        filename: None,
+        lineno: None,
+        end_lineno: None,
+        duration_ns: gc_ns,
+        is_c_call: false,
+        is_coroutine: false,
+        included: true,
     }
 }

@@ -44,7 +44,8 @@ fn record() -> impl Strategy<Value = Record> {
         prop_oneof![
             Just(EpisodeKind::Call),
             Just(EpisodeKind::Callback),
-            Just(EpisodeKind::Step)
+            Just(EpisodeKind::Step),
+            Just(EpisodeKind::Gc)
         ],
     )
         .prop_map(|(method_name, duration_ms, stack, context, kind)| {
@@ -59,6 +60,7 @@ fn record() -> impl Strategy<Value = Record> {
                 culprit_duration_ms: duration_ms / 2.0,
                 threshold_ms: 10.0,
                 cpu_wait_ms: 0.0,
+                gc_ms: 0.0,
                 is_c_call: false,
                 filename: None,
                 lineno: Some(3),

@@ -628,3 +628,104 @@ fn the_running_units_start_is_known_while_it_runs_and_changes_only_off_the_hot_p
     assert_eq!(s.tracker.unit_started_at(), None);
     s.leave_dispatch();
 }
+
+#[test]
+fn a_step_over_the_threshold_only_because_of_a_collection_names_the_collection() {
+    let mut s = Sim::new();
+    // A runs 5 ticks of its own; a generation-2 collection inside it takes 40.
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .advance(3)
+        .collect_garbage(2, 40)
+        .advance(2)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    let e = &s.episodes[0];
+    assert_eq!(e.kind, EpisodeKind::Gc);
+    assert_eq!(e.culprit_frame().name, "garbage collection (generation 2)");
+    assert_eq!((e.duration_ns, e.gc_ns, e.gc_generation), (45, 40, Some(2)));
+    assert_eq!(e.culprit_frame().duration_ns, 40);
+    // The frames it interrupted say where: the step, then A.
+    assert_eq!(
+        s.names(0),
+        ["app.main", "app.a", "garbage collection (generation 2)"]
+    );
+    assert_eq!(e.location(), (Some("/app/9.py"), Some(90)));
+    assert!(!e.starved());
+}
+
+#[test]
+fn a_real_block_beside_a_collection_is_still_blamed_and_says_how_long_collections_took() {
+    let mut s = Sim::new();
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .collect_garbage(1, 30)
+        .ret(A)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(25)
+        .c_ret(SLEEP)
+        .ret(MAIN)
+        .leave_dispatch();
+    let e = &s.episodes[0];
+    assert_eq!(e.kind, EpisodeKind::Call);
+    assert_eq!(e.culprit_frame().name, "time.sleep");
+    assert_eq!((e.duration_ns, e.gc_ns, e.gc_generation), (55, 30, Some(1)));
+}
+
+#[test]
+fn a_call_that_a_collection_interrupted_is_not_the_culprit_its_caller_is() {
+    let mut s = Sim::new();
+    // A runs 25 ticks of its own, then B inside it runs 2 and is interrupted by a 30-tick
+    // collection: B is over the threshold by wall time only.
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .advance(25)
+        .call(B, Tag::PLAIN)
+        .advance(2)
+        .collect_garbage(0, 30)
+        .ret(B)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    let e = &s.episodes[0];
+    assert_eq!(e.kind, EpisodeKind::Call);
+    assert_eq!(e.culprit_frame().name, "app.a");
+    assert_eq!(e.gc_ns, 30);
+}
+
+#[test]
+fn a_collection_before_the_step_is_not_counted_in_it() {
+    let mut s = Sim::new();
+    s.collect_garbage(2, 100)
+        .enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .advance(30)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    let e = &s.episodes[0];
+    assert_eq!(e.culprit_frame().name, "app.a");
+    assert_eq!((e.gc_ns, e.gc_generation), (0, None));
+}
+
+#[test]
+fn a_step_the_machine_starved_stays_starved_with_a_collection_in_it() {
+    let mut s = sim_with_cpu_wait();
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .collect_garbage(0, 5)
+        .wait_for_cpu(25)
+        .ret(A)
+        .ret(MAIN)
+        .leave_dispatch();
+    let e = &s.episodes[0];
+    assert!(e.starved());
+    assert_ne!(e.kind, EpisodeKind::Gc);
+}

@@ -6,6 +6,7 @@ mod courier;
 mod errors;
 mod events;
 mod floor;
+mod gcwatch;
 mod hook;
 mod locals;
 mod monitor;
@@ -45,6 +46,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sampler::ThreadSampler>()?;
     m.add_class::<recording::RecordingWriter>()?;
     m.add_class::<recording::RecordingReader>()?;
+    m.add_function(wrap_pyfunction!(gcwatch::_gc_callback, m)?)?;
     m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;
     m.add_function(wrap_pyfunction!(monitor::_watched, m)?)?;
     m.add_function(wrap_pyfunction!(stackread::_read_stack, m)?)?;

@@ -229,6 +229,7 @@ fn episode_from_python(dict: &Bound<'_, PyDict>) -> PyResult<RecordedEpisode> {
         "call" => EpisodeKind::Call,
         "callback" => EpisodeKind::Callback,
         "step" => EpisodeKind::Step,
+        "gc" => EpisodeKind::Gc,
         other => {
             return Err(PyValueError::new_err(format!(
                 "unknown episode kind {other:?}"
@@ -247,6 +248,9 @@ fn episode_from_python(dict: &Bound<'_, PyDict>) -> PyResult<RecordedEpisode> {
         culprit_duration_ms: item(dict, "culprit_duration_ms")?,
         threshold_ms: item(dict, "threshold_ms")?,
         cpu_wait_ms: item(dict, "cpu_wait_ms")?,
+        gc_ms: dict
+            .get_item("gc_ms")?
+            .map_or(Ok(0.0), |value| value.extract())?,
         is_c_call: item(dict, "is_c_call")?,
         filename: item(dict, "filename")?,
         lineno: item(dict, "lineno")?,
@@ -301,6 +305,7 @@ fn episode_to_python<'py>(
     dict.set_item("culprit_duration_ms", episode.culprit_duration_ms)?;
     dict.set_item("threshold_ms", episode.threshold_ms)?;
     dict.set_item("cpu_wait_ms", episode.cpu_wait_ms)?;
+    dict.set_item("gc_ms", episode.gc_ms)?;
     dict.set_item("is_c_call", episode.is_c_call)?;
     dict.set_item("filename", episode.filename.as_deref())?;
     dict.set_item("lineno", episode.lineno)?;

@@ -10,6 +10,8 @@ pub fn episode_to_python<'py>(py: Python<'py>, episode: &Episode) -> PyResult<Bo
     report.set_item("duration_ns", episode.duration_ns)?;
     report.set_item("threshold_ns", episode.threshold_ns)?;
     report.set_item("cpu_wait_ns", episode.cpu_wait_ns)?;
+    report.set_item("gc_ns", episode.gc_ns)?;
+    report.set_item("gc_generation", episode.gc_generation)?;
     report.set_item("starved", episode.starved())?;
     report.set_item("culprit", episode.culprit)?;
     report.set_item("task_name", episode.task_name.as_deref())?;

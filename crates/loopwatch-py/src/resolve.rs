@@ -5,7 +5,7 @@ use std::ffi::CStr;
 use std::sync::OnceLock;
 
 use loopwatch_core::tracker::FrameRef;
-use loopwatch_core::{FrameInfo, Resolver, TaskInfo};
+use loopwatch_core::{FrameInfo, GcTime, Resolver, TaskInfo, Ticks};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyModule, PyString, PyType};
@@ -117,6 +117,10 @@ impl Resolver for PyResolver<'_> {
 
     fn cpu_wait_ns(&mut self) -> Option<u64> {
         loopwatch_core::cpu_wait::thread_cpu_wait_ns()
+    }
+
+    fn gc_within(&mut self, from: Ticks, to: Ticks) -> GcTime {
+        loopwatch_core::gc::thread_gc_within(from, to)
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use loopwatch_core::cpu_wait::thread_cpu_wait_ns;
+use loopwatch_core::gc::thread_gc_within;
 use loopwatch_core::sampled::{
     is_unit_boundary, sampled_episode, unit_frames, FrameName, SampledUnit,
 };
@@ -510,7 +511,7 @@ unsafe extern "C" fn on_return(
             } else {
                 // `Handle._run` is still the running frame: its `self` names the callback.
                 let handle_frame = ffi::PyEval_GetFrame();
-                attached(|| unit_over_threshold(obj, state, ran, handle_frame));
+                attached(|| unit_over_threshold(obj, state, (started, now), handle_frame));
             }
         }
     }
@@ -526,7 +527,7 @@ unsafe fn report_running_unit(obj: *mut ffi::PyObject, state: &mut State, restar
     let now = state.clock.now();
     let ran = now.saturating_sub(started);
     if ran >= state.threshold {
-        unit_over_threshold(obj, state, ran, std::ptr::null_mut());
+        unit_over_threshold(obj, state, (started, now), std::ptr::null_mut());
     } else if let Some(watch) = state.watch.as_mut() {
         watch.publish(None);
     }
@@ -544,9 +545,10 @@ unsafe fn report_running_unit(obj: *mut ffi::PyObject, state: &mut State, restar
 unsafe fn unit_over_threshold(
     obj: *mut ffi::PyObject,
     state: &mut State,
-    ran: Ticks,
+    (started, now): (Ticks, Ticks),
     handle_frame: *mut ffi::PyFrameObject,
 ) {
+    let ran = now.saturating_sub(started);
     let py = Python::assume_attached();
     let _saved = SavedError::take();
     let (sample, reported) = match state.watch.as_mut() {
@@ -563,10 +565,13 @@ unsafe fn unit_over_threshold(
         .map_or(0, |(base, now)| now.saturating_sub(base));
     let stack = sample.map(|sample| sample.stack).unwrap_or_default();
     let nanos = |ticks: Ticks| (ticks as f64 * state.clock.nanos_per_tick()) as u64;
+    let gc = thread_gc_within(started, now);
     let unit = SampledUnit {
         duration_ns: nanos(ran),
         threshold_ns: nanos(state.threshold),
         cpu_wait_ns,
+        gc_ns: nanos(gc.ticks),
+        gc_generation: gc.generation,
         reports_while_running: reported,
         task_name: None,
         scope: None,

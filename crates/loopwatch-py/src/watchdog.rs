@@ -62,6 +62,9 @@ struct Watch {
     /// The last stack read of a running unit, for its report when it ends. Only tried by the
     /// watchdog; locked by the thread when its unit ends.
     sample: Mutex<Option<Sample>>,
+    /// Set by the thread while it runs a garbage collection (see `note_collecting`): a stack
+    /// read then shows the frame the collection interrupted, not what the unit was doing.
+    collecting: AtomicBool,
 }
 
 /// A stack the watchdog read while a unit ran (always-on mode).
@@ -72,6 +75,8 @@ pub struct Sample {
     pub stack: Vec<SampledFrame>,
     /// The thread's CPU wait (ns) the watchdog took as the stall's baseline, if any.
     pub cpu_wait_base: Option<u64>,
+    /// Read while the thread ran a garbage collection.
+    pub in_gc: bool,
 }
 
 impl Watch {
@@ -93,6 +98,7 @@ impl Watch {
             reported: AtomicU32::new(0),
             sampling: AtomicBool::new(false),
             sample: Mutex::new(None),
+            collecting: AtomicBool::new(false),
         }
     }
 
@@ -123,6 +129,30 @@ impl Watch {
 }
 
 static WATCHES: [Watch; SLOTS] = [const { Watch::new() }; SLOTS];
+
+thread_local! {
+    /// The slots this thread has taken (a bit each), for `note_collecting`; a bit is believed
+    /// only while its slot is in use by this thread's kernel id.
+    static MY_SLOTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Tells the watchdog that the calling thread starts or stops a garbage collection (from
+/// `gc.callbacks`): what it reads of the thread's stack meanwhile is marked as such.
+pub fn note_collecting(collecting: bool) {
+    let mut slots = MY_SLOTS.with(std::cell::Cell::get);
+    if slots == 0 {
+        return;
+    }
+    let tid = current_tid();
+    while slots != 0 {
+        let index = slots.trailing_zeros() as usize;
+        slots &= slots - 1;
+        let watch = &WATCHES[index];
+        if watch.in_use.load(Ordering::Relaxed) && watch.tid.load(Ordering::Relaxed) == tid {
+            watch.collecting.store(collecting, Ordering::Release);
+        }
+    }
+}
 /// Set by the watchdog before it parks; a thread whose unit starts then wakes it.
 static PARKED: AtomicBool = AtomicBool::new(false);
 /// The watchdog thread of this process (a leaked handle), and the process it was started in: the
@@ -192,6 +222,8 @@ impl WatchHandle {
         watch.threshold.store(threshold, Ordering::Relaxed);
         watch.enabled.store(enabled, Ordering::Relaxed);
         watch.sampling.store(sampling, Ordering::Relaxed);
+        watch.collecting.store(false, Ordering::Relaxed);
+        MY_SLOTS.with(|slots| slots.set(slots.get() | (1 << index)));
         if let Ok(mut sample) = watch.sample.lock() {
             *sample = None;
         }
@@ -545,9 +577,10 @@ fn read_unit_stack(
     generation: u64,
     seq: u64,
     activity: Option<&ThreadActivity>,
-) -> Option<Vec<SampledFrame>> {
+) -> Option<(Vec<SampledFrame>, bool)> {
     let tstate = watch.tstate.load(Ordering::Relaxed) as usize;
     let stack = read_stack(tstate, activity).unwrap_or_default();
+    let in_gc = watch.collecting.load(Ordering::Acquire);
     if watch.generation.load(Ordering::Acquire) != generation
         || watch.seq.load(Ordering::Acquire) != seq
     {
@@ -557,24 +590,33 @@ fn read_unit_stack(
         // The unit's end was missed (an exception the loop lets through): nothing runs in it.
         return None;
     }
-    Some(stack)
+    Some((stack, in_gc))
 }
 
 /// Keeps a stack of the running unit for its report when it ends (always-on mode).
 fn keep_sample(watch: &Watch, unit: &Unit, activity: Option<&ThreadActivity>) {
-    if let Some(stack) = read_unit_stack(watch, unit.generation, unit.seq, activity) {
-        store_sample(watch, unit.seq, stack, unit.cpu_wait_base);
+    if let Some((stack, in_gc)) = read_unit_stack(watch, unit.generation, unit.seq, activity) {
+        store_sample(watch, unit, stack, in_gc);
     }
 }
 
-fn store_sample(watch: &Watch, seq: u64, stack: Vec<SampledFrame>, cpu_wait_base: Option<u64>) {
+/// Keeps the latest stack of the unit, unless it was read during a garbage collection and an
+/// earlier one of the same unit was not: that one says what the unit's own code was doing.
+fn store_sample(watch: &Watch, unit: &Unit, stack: Vec<SampledFrame>, in_gc: bool) {
     // Never waits: the thread holds the lock only while it takes the sample at a unit's end.
     if let Ok(mut held) = watch.sample.try_lock() {
-        *held = Some(Sample {
-            seq,
-            stack,
-            cpu_wait_base,
-        });
+        let keep_earlier = in_gc
+            && held
+                .as_ref()
+                .is_some_and(|earlier| earlier.seq == unit.seq && !earlier.in_gc);
+        if !keep_earlier {
+            *held = Some(Sample {
+                seq: unit.seq,
+                stack,
+                cpu_wait_base: unit.cpu_wait_base,
+                in_gc,
+            });
+        }
     }
 }
 
@@ -589,11 +631,11 @@ fn report(
     number: u32,
     clock: &Clock,
 ) {
-    let Some(stack) = read_unit_stack(watch, unit.generation, unit.seq, activity) else {
+    let Some((stack, in_gc)) = read_unit_stack(watch, unit.generation, unit.seq, activity) else {
         return;
     };
     if watch.sampling.load(Ordering::Relaxed) {
-        store_sample(watch, unit.seq, stack.clone(), unit.cpu_wait_base);
+        store_sample(watch, unit, stack.clone(), in_gc);
     }
     if !watch.enabled.load(Ordering::Relaxed) {
         return;

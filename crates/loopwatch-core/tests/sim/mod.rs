@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use loopwatch_core::{
-    Episode, FilterSet, FrameInfo, FrameRef, Resolver, Tag, TaskInfo, Ticks, Tracker,
+    Episode, FilterSet, FrameInfo, FrameRef, GcLog, GcTime, Resolver, Tag, TaskInfo, Ticks, Tracker,
 };
 
 pub const THRESHOLD: Ticks = 20;
@@ -21,6 +21,8 @@ pub struct FakeInterpreter {
     /// The thread's cumulative wait for a CPU, if the fake OS says.
     pub cpu_wait: Option<u64>,
     pub cpu_wait_reads: usize,
+    /// The thread's garbage collections.
+    pub gc: GcLog,
 }
 
 impl FakeInterpreter {
@@ -76,6 +78,9 @@ impl Resolver for FakeInterpreter {
     fn cpu_wait_ns(&mut self) -> Option<u64> {
         self.cpu_wait_reads += 1;
         self.cpu_wait
+    }
+    fn gc_within(&mut self, from: Ticks, to: Ticks) -> GcTime {
+        self.gc.within(from, to)
     }
 }
 
@@ -189,6 +194,14 @@ impl Sim {
 
     pub fn advance(&mut self, ticks: Ticks) -> &mut Self {
         self.now += ticks;
+        self
+    }
+
+    /// A garbage collection of `generation` runs for `ticks`.
+    pub fn collect_garbage(&mut self, generation: u8, ticks: Ticks) -> &mut Self {
+        self.py.gc.start(self.now, generation);
+        self.now += ticks;
+        self.py.gc.stop(self.now);
         self
     }
 

@@ -1,0 +1,136 @@
+"""Garbage collection inside a step: a collection the interpreter runs while the step's code
+allocates holds the loop as surely as the code does, but the code is not to blame. loopwatch
+times each collection on the loop's thread and takes it off before it blames a frame: a step
+over the threshold only because of a collection names the collection, and every report says how
+long collections took (``gc_ms``)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import monitor, names, short
+from loopwatch import _native
+
+pytestmark = pytest.mark.usefixtures("backend")
+
+THRESHOLD_MS = 10.0
+
+
+def collection_of(n: int) -> float:
+    """How long (ms) the collection of `n` young objects takes here, measured, not guessed."""
+    took: list[float] = []
+
+    def timer(phase: str, info: dict) -> None:
+        took.append(time.perf_counter())
+
+    gc.collect()
+    gc.disable()
+    try:
+        young = [[] for _ in range(n)]
+        gc.callbacks.append(timer)
+        gc.collect(0)
+    finally:
+        gc.callbacks.remove(timer)
+        gc.enable()
+    del young
+    return (took[-1] - took[0]) * 1e3
+
+
+@pytest.fixture
+def young_heap() -> Iterator[list[list[None]]]:
+    """Enough young objects that collecting them takes four thresholds, made with the collector
+    off: the first allocation after `gc.enable()` collects them all at once (before 3.12 in that
+    allocation, from 3.12 at the interpreter's next check)."""
+    per_object = collection_of(200_000) / 200_000
+    n = int(4 * THRESHOLD_MS / per_object)
+    gc.collect()
+    gc.disable()
+    try:
+        yield [[None] for _ in range(n)]
+    finally:
+        gc.enable()
+
+
+def allocate() -> list[list[None]]:
+    # A few container objects and a loop: the collection starts in here, on every version.
+    made = []
+    for _ in range(10):
+        made.append([None])
+    return made
+
+
+def test_a_step_over_the_threshold_only_because_of_a_collection_names_the_collection(young_heap):
+    ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
+
+    async def main():
+        with ctx:
+            await asyncio.sleep(0)
+            gc.enable()
+            allocate()
+            await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert [(r.kind, r.method_name.startswith("garbage collection (generation ")) for r in reports] == [
+        ("gc", True)
+    ], [r.format() for r in reports]
+    report = reports[0]
+    assert report.gc_ms >= 2 * THRESHOLD_MS
+    assert report.duration_ms - report.gc_ms - report.cpu_wait_ms < THRESHOLD_MS
+    assert report.culprit_duration_ms == report.gc_ms
+    # The frames it interrupted say where it happened; the collection is last.
+    assert "main" in [short(name) for name in names(report)]
+    assert report.stack[-1].name == report.method_name
+    assert "no code is to blame" in report.headline()
+
+
+def test_a_real_block_beside_a_collection_is_blamed_and_says_how_long_collections_took(young_heap):
+    ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
+
+    async def main():
+        with ctx:
+            await asyncio.sleep(0)
+            time.sleep(0.05)
+            gc.enable()
+            allocate()
+            await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert [(r.kind, r.method_name) for r in reports] == [("call", "time.sleep")]
+    assert reports[0].gc_ms >= 2 * THRESHOLD_MS
+    assert reports[0].duration_ms >= 50 + reports[0].gc_ms * 0.9
+
+
+def test_the_collection_timer_is_in_gc_callbacks_only_while_a_thread_is_watched():
+    def timers() -> int:
+        return sum(callback is _native._gc_callback for callback in gc.callbacks)
+
+    ours = []
+
+    def program_callback(phase: str, info: dict) -> None:
+        ours.append(phase)
+
+    gc.callbacks.append(program_callback)
+    try:
+        assert timers() == 0
+        ctx, _ = monitor()
+        outer, _ = monitor()
+        with outer:
+            with ctx:
+                assert timers() == 1
+            assert timers() == 1
+        assert timers() == 0
+        assert program_callback in gc.callbacks, "the program's own callback is left alone"
+    finally:
+        gc.callbacks.remove(program_callback)
