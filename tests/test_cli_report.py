@@ -231,6 +231,7 @@ CULPRIT_KEYS = {
     "p99_ms",
     "max_ms",
     "cpu_wait_ms",
+    "gc_ms",
     "example",
 }
 EXAMPLE_KEYS = {

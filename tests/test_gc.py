@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import monitor, names, short
-from loopwatch import _native
+from loopwatch import _native, read_recording
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -63,7 +63,7 @@ def allocate() -> list[list[None]]:
     return made
 
 
-def test_a_step_over_the_threshold_only_because_of_a_collection_names_the_collection(young_heap):
+def test_a_step_over_the_threshold_only_because_of_a_collection_names_the_collection(run, young_heap):
     ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
 
     async def main():
@@ -73,11 +73,7 @@ def test_a_step_over_the_threshold_only_because_of_a_collection_names_the_collec
             allocate()
             await asyncio.sleep(0)
 
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    run(main)
     assert [(r.kind, r.method_name.startswith("garbage collection (generation ")) for r in reports] == [
         ("gc", True)
     ], [r.format() for r in reports]
@@ -91,7 +87,7 @@ def test_a_step_over_the_threshold_only_because_of_a_collection_names_the_collec
     assert "no code is to blame" in report.headline()
 
 
-def test_a_real_block_beside_a_collection_is_blamed_and_says_how_long_collections_took(young_heap):
+def test_a_real_block_beside_a_collection_is_blamed_and_says_how_long_collections_took(run, young_heap):
     ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
 
     async def main():
@@ -102,11 +98,7 @@ def test_a_real_block_beside_a_collection_is_blamed_and_says_how_long_collection
             allocate()
             await asyncio.sleep(0)
 
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    run(main)
     assert [(r.kind, r.method_name) for r in reports] == [("call", "time.sleep")]
     assert reports[0].gc_ms >= 2 * THRESHOLD_MS
     assert reports[0].duration_ms >= 50 + reports[0].gc_ms * 0.9
@@ -134,3 +126,22 @@ def test_the_collection_timer_is_in_gc_callbacks_only_while_a_thread_is_watched(
         assert program_callback in gc.callbacks, "the program's own callback is left alone"
     finally:
         gc.callbacks.remove(program_callback)
+
+
+def test_a_collection_report_reads_back_from_a_recording(run, young_heap, tmp_path):
+    path = tmp_path / "gc.lwrec"
+    ctx, reports = monitor(threshold_ms=THRESHOLD_MS, record_to=path, report_stalls=False)
+
+    async def main():
+        with ctx:
+            await asyncio.sleep(0)
+            gc.enable()
+            allocate()
+            await asyncio.sleep(0)
+
+    run(main)
+    recorded = list(read_recording(path).episodes)
+    assert [(r.kind, r.method_name, r.gc_ms) for r in recorded] == [
+        (r.kind, r.method_name, r.gc_ms) for r in reports
+    ]
+    assert recorded[0].kind == "gc" and recorded[0].gc_ms >= 2 * THRESHOLD_MS

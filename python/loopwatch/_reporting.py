@@ -30,10 +30,11 @@ Culprits are ordered by total blocked time, most first.
       "culprits_total": 5,              # before --top
       "culprits": [{                    # the --top N worst, by total blocked time
         "rank": 1, "culprit": "time.sleep", "is_c_call": true,
-        "kinds": {"call": 14},          # episodes by kind: call, callback, step
+        "kinds": {"call": 14},          # episodes by kind: call, callback, step, gc
         "count": 14, "total_ms": 420.1, "share": 0.82,   # share of blocked_ms, 0..1
         "p50_ms": 25.1, "p99_ms": 40.2, "max_ms": 40.2,
         "cpu_wait_ms": 0.0,             # of total_ms, time the loop's thread waited for a CPU
+        "gc_ms": 0.0,                   # of total_ms, time it spent in garbage collections
         "example": {                    # the culprit's longest episode
           "timestamp", "duration_ms", "culprit_duration_ms", "kind", "process_id", "thread_id",
           "task_name", "context", "filename", "lineno",
@@ -104,6 +105,7 @@ class CulpritStats:
     share: float
     """Of all the recording's blocked time, 0..1."""
     cpu_wait_ms: float
+    gc_ms: float
     kinds: Mapping[str, int]
     worst: BlockingCallInfo
     """The longest episode (the first of equals): the example shown."""
@@ -150,6 +152,7 @@ def summarize(recording: Recording) -> Summary:
                 max_ms=durations[-1],
                 share=total / blocked_ms if blocked_ms > 0 else 0.0,
                 cpu_wait_ms=math.fsum(info.cpu_wait_ms for info in infos),
+                gc_ms=math.fsum(info.gc_ms for info in infos),
                 kinds=dict(sorted(kinds.items())),
                 worst=max(infos, key=lambda info: info.duration_ms),
             )
@@ -406,6 +409,7 @@ def render_json(summary: Summary, top: int = DEFAULT_TOP) -> dict[str, Any]:
                 "p99_ms": _ms(c.p99_ms),
                 "max_ms": _ms(c.max_ms),
                 "cpu_wait_ms": _ms(c.cpu_wait_ms),
+                "gc_ms": _ms(c.gc_ms),
                 "example": _example(c.worst),
             }
             for rank, c in enumerate(summary.culprits[:top], 1)
