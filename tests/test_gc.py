@@ -145,3 +145,26 @@ def test_a_collection_report_reads_back_from_a_recording(run, young_heap, tmp_pa
         (r.kind, r.method_name, r.gc_ms) for r in reports
     ]
     assert recorded[0].kind == "gc" and recorded[0].gc_ms >= 2 * THRESHOLD_MS
+
+
+def test_a_stall_reported_while_a_collection_runs_says_so(run, young_heap, tmp_path):
+    path = tmp_path / "stall.lwrec"
+    stalls = []
+    ctx, _ = monitor(threshold_ms=THRESHOLD_MS, on_stall=stalls.append, record_to=path)
+
+    async def main():
+        with ctx:
+            await asyncio.sleep(0)
+            gc.enable()
+            allocate()
+            await asyncio.sleep(0)
+
+    run(main)
+    # The collection starts as the step does and runs four thresholds: the first report, at the
+    # threshold, is made while it runs.
+    deadline = time.monotonic() + 5
+    while not stalls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stalls and stalls[0].in_gc, stalls
+    assert "still running, in a garbage collection, at " in stalls[0].format()
+    assert [stall.in_gc for stall in read_recording(path).stalls][:1] == [True]

@@ -37,6 +37,9 @@ class StallInfo:
     stack: tuple[tuple[str, str, Optional[int]], ...]
     """The loop thread's Python stack when the report was made, innermost first:
     ``(filename, function, lineno)``; empty if it could not be read."""
+    in_gc: bool = False
+    """The thread was running a garbage collection when the stack was read: the innermost frame
+    is the one the collection interrupted, not code that ran long."""
 
     @property
     def where(self) -> str:
@@ -49,7 +52,7 @@ class StallInfo:
     def format(self, max_frames: int = 8) -> str:
         lines = [
             f"the event loop of thread {self.thread_name!r} had been blocked for {self.so_far_ms:.0f} ms "
-            f"and was still running, at {self.where}"
+            f"and was still running{', in a garbage collection' if self.in_gc else ''}, at {self.where}"
         ]
         for filename, function, lineno in self.stack[:max_frames]:
             lines.append(

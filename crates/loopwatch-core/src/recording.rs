@@ -104,6 +104,11 @@ fn is_zero(value: &u32) -> bool {
     *value == 0
 }
 
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
 impl RecordedEpisode {
     /// Whether the numbers can be what a monitor measured: a decoded record that says otherwise
     /// is damage, not a report.
@@ -155,6 +160,10 @@ pub struct RecordedStall {
     pub number: u32,
     /// The loop thread's Python stack, innermost first; empty if it could not be read.
     pub stack: Vec<RecordedSample>,
+    /// Read while the thread ran a garbage collection; absent (false) in recordings of
+    /// loopwatch before it said so.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub in_gc: bool,
 }
 
 impl RecordedStall {

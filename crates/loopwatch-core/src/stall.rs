@@ -144,6 +144,9 @@ pub struct RunningStall {
     pub so_far_ms: f64,
     /// Innermost first; empty when the stack could not be read.
     pub stack: Vec<SampledFrame>,
+    /// The thread was running a garbage collection when its stack was read: the innermost
+    /// frame is the one the collection interrupted.
+    pub in_gc: bool,
 }
 
 impl RunningStall {
@@ -154,6 +157,9 @@ impl RunningStall {
             "loopwatch[{}]: the event loop of thread '{}' has been blocked for {:.0} ms so far, still running",
             self.pid, self.thread_name, self.so_far_ms
         );
+        if self.in_gc {
+            text.push_str(", in a garbage collection");
+        }
         match self.stack.first() {
             Some(top) => {
                 let _ = write!(text, ", at {}", frame_place(top));
@@ -284,6 +290,7 @@ mod tests {
             stack: (0..10)
                 .map(|i| frame(&format!("f{i}"), Some(i + 1)))
                 .collect(),
+            in_gc: false,
         };
         let text = stall.to_text();
         let lines: Vec<&str> = text.lines().collect();
@@ -303,6 +310,7 @@ mod tests {
             thread_name: "t".into(),
             so_far_ms: 50.0,
             stack: vec![],
+            in_gc: false,
         };
         assert!(stall
             .to_text()
@@ -312,5 +320,19 @@ mod tests {
             ..stall
         };
         assert!(no_line.to_text().contains(", at app.py in g\n"));
+    }
+
+    #[test]
+    fn a_stall_in_a_garbage_collection_says_so_before_the_frame_it_interrupted() {
+        let stall = RunningStall {
+            pid: 7,
+            thread_name: "t".into(),
+            so_far_ms: 500.0,
+            stack: vec![frame("allocate", Some(3))],
+            in_gc: true,
+        };
+        assert!(stall.to_text().starts_with(
+            "loopwatch[7]: the event loop of thread 't' has been blocked for 500 ms so far, still running, in a garbage collection, at app.py:3 in allocate\n"
+        ));
     }
 }

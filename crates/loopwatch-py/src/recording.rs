@@ -142,6 +142,7 @@ pub fn stall_to_python<'py>(
     dict.set_item("so_far_ms", stall.so_far_ms)?;
     dict.set_item("threshold_ms", stall.threshold_ms)?;
     dict.set_item("number", stall.number)?;
+    dict.set_item("in_gc", stall.in_gc)?;
     let stack: Vec<(&str, &str, Option<u32>)> = stall
         .stack
         .iter()

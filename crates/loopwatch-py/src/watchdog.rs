@@ -649,6 +649,7 @@ fn report(
         thread_name: watch.name(),
         so_far_ms: ms(so_far),
         stack,
+        in_gc,
     };
     write_stderr(stall.to_text().as_bytes());
     let recordings = watch
@@ -680,6 +681,7 @@ fn report(
                 lineno: frame.line,
             })
             .collect(),
+        in_gc: stall.in_gc,
     }));
     for path in recordings {
         // Only files the program's recorder opened (and checked) are added to: never created.
