@@ -168,13 +168,15 @@ def make_tools() -> tuple[list[Tool], dict[str, str]]:
 
         tools.append(Tool("loopwatch-legacy", legacy_session))
 
+    if sys.version_info >= (3, 11):
+
         def sampling_session():
             monitor = EventLoopMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=_count, mode="sampling")
             return started(monitor.activate, monitor.deactivate)
 
         tools.append(Tool("loopwatch-sampling", sampling_session))
     else:
-        skipped["loopwatch-sampling"] = "the always-on mode needs CPython 3.12+"
+        skipped["loopwatch-sampling"] = "the always-on mode needs CPython 3.11+"
 
     import cProfile
 

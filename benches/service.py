@@ -45,7 +45,7 @@ TOOLS = {
     "loopwatch": ("loopwatch", "loopwatch"),
     # The same without reports of running stalls: what the watchdog costs.
     "loopwatch-no-stalls": ("loopwatch", "loopwatch"),
-    # The always-on mode (CPython 3.12+): no profile hook.
+    # The always-on mode (CPython 3.11+): no profile hook.
     "loopwatch-sampling": ("loopwatch", "loopwatch"),
     "aelm": ("asyncio_event_loop_monitor", "asyncio-event-loop-monitor"),
     "pyleak": ("pyleak", "pyleak"),
@@ -131,8 +131,8 @@ def available_tools(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
     tools, skipped = [], {}
     for tool in wanted:
         module, distribution = TOOLS[tool]
-        if tool == "loopwatch-sampling" and sys.version_info < (3, 12):
-            skipped[tool] = "the always-on mode needs CPython 3.12+"
+        if tool == "loopwatch-sampling" and sys.version_info < (3, 11):
+            skipped[tool] = "the always-on mode needs CPython 3.11+"
             print(f"skipping {tool}: {skipped[tool]}")
         elif module is not None and importlib.util.find_spec(module) is None:
             skipped[tool] = f"{distribution} is not installed (pip install {distribution})"

@@ -110,7 +110,9 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     items = items_for(args.seconds)
-    backends = ["monitoring", "legacy", "always-on"] if sys.version_info >= (3, 12) else ["legacy"]
+    backends = ["monitoring", "legacy"] if sys.version_info >= (3, 12) else ["legacy"]
+    if sys.version_info >= (3, 11):
+        backends.append("always-on")
     results: dict[str, dict] = {}
     runs: dict[str, list[dict]] = {backend: [] for backend in backends}
     for _ in range(args.runs):

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The reliability suite: pinned third-party test suites (reliability/run.py) run without loopwatch
-# and in each of its modes, compared test by test, on CPython 3.12 and the newest interpreter
-# present (or the ones named; 3.14 and 3.15 in scripts/sid.sh's root when pyenv has neither).
+# and in each of its modes, compared test by test, on CPython 3.11 (the always-on mode's own way
+# there: a callable in asyncio's Handle._run's place), 3.12 and the newest interpreter present
+# (or the ones named; 3.14 and 3.15 in scripts/sid.sh's root when pyenv has neither).
 # Fails when loopwatch changes any test's outcome.
-#   scripts/reliability.sh            3.12 and the newest
+#   scripts/reliability.sh            3.11, 3.12 and the newest
 #   scripts/reliability.sh 3.13       only this one
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ export MATURIN_PEP517_ARGS="${MATURIN_PEP517_ARGS:---profile test-ext}"
 
 minors=("$@")
 if [ ${#minors[@]} -eq 0 ]; then
-  minors=(3.12)
+  minors=(3.11 3.12)
   for minor in 3.15 3.14 3.13; do
     if [ -n "$(find_python "$minor")" ] || use_sid_root "$minor"; then
       minors+=("$minor"); break

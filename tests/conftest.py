@@ -45,9 +45,9 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
 # use `pytestmark = pytest.mark.usefixtures("exact_backend")`.
 EXACT_BACKENDS = ["legacy", "monitoring"] if sys.version_info >= (3, 12) else ["legacy"]
 # Modules that pin what every way of seeing must answer alike (`usefixtures("backend")`) also run
-# in the always-on mode ("sampling", 3.12+, asyncio's own loops), through `monitor()`; where that
+# in the always-on mode ("sampling", 3.11+, asyncio's own loops), through `monitor()`; where that
 # mode answers otherwise, the test asserts its answer and says why.
-BACKENDS = [*EXACT_BACKENDS, "sampling"] if sys.version_info >= (3, 12) else EXACT_BACKENDS
+BACKENDS = [*EXACT_BACKENDS, "sampling"] if sys.version_info >= (3, 11) else EXACT_BACKENDS
 MODE = "exact"
 """The mode `monitor()` makes monitors in: set by the `backend` fixture."""
 

@@ -141,7 +141,7 @@ def test_concurrent_requests_on_one_loop_are_reported_to_their_own_request(serve
         assert report.duration_ms >= BLOCK_S * 1000
 
 
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="the always-on mode needs CPython 3.12+")
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="the always-on mode needs CPython 3.11+")
 def test_always_on_every_request_is_reported_to_itself_and_selected_ones_exactly():
     reports: list[BlockingCallInfo] = []
     with Server(make_app(reports, token=TOKEN, always_on=True), "asyncio") as server:
@@ -165,9 +165,9 @@ def test_always_on_every_request_is_reported_to_itself_and_selected_ones_exactly
     assert len(reports) == len({(r.context["request_id"], r.timestamp) for r in reports})
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12), reason="before 3.12 only")
-def test_always_on_is_refused_before_3_12():
-    with pytest.raises(ValueError, match=r"needs CPython 3\.12 or newer"):
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="before 3.11 only")
+def test_always_on_is_refused_before_3_11():
+    with pytest.raises(ValueError, match=r"needs CPython 3\.11 or newer"):
         make_app([], always_on=True)
 
 

@@ -21,11 +21,11 @@ from conftest import clean_env, items_summed_in, line_of, write
 from loopwatch import BlockingCallInfo, EventLoopMonitor, _native, event_loop_monitor_ctx
 from loopwatch._recording import read_recording
 
-SAMPLING = sys.version_info >= (3, 12)
-needs_sampling = pytest.mark.skipif(not SAMPLING, reason="the always-on mode needs CPython 3.12+")
 needs_stack_reads = pytest.mark.skipif(
     _native._stack_reads()[1] is not None, reason=f"stacks cannot be read here: {_native._stack_reads()[1]}"
 )
+SAMPLING = sys.version_info >= (3, 11)
+needs_sampling = pytest.mark.skipif(not SAMPLING, reason="the always-on mode needs CPython 3.11+")
 THRESHOLD_MS = 30.0
 
 
@@ -36,6 +36,12 @@ def sampling_monitor(**kwargs: Any) -> tuple[EventLoopMonitor, list[BlockingCall
     return EventLoopMonitor(mode="sampling", on_blocking_call=reports.append, **kwargs), reports
 
 
+@pytest.mark.skipif(SAMPLING, reason="before 3.11 only")
+def test_before_3_11_the_always_on_mode_is_refused_with_why() -> None:
+    with pytest.raises(ValueError, match=r"needs CPython 3\.11 or newer"):
+        EventLoopMonitor(mode="sampling")
+
+
 def test_an_unknown_mode_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="mode must be 'exact' or 'sampling', got 'fast'"):
         EventLoopMonitor(mode="fast")
@@ -43,25 +49,54 @@ def test_an_unknown_mode_is_refused_with_the_choices() -> None:
         event_loop_monitor_ctx(mode=None)  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(SAMPLING, reason="before 3.12 only")
-def test_before_3_12_the_always_on_mode_is_refused_with_why() -> None:
-    with pytest.raises(ValueError, match=r"needs CPython 3\.12 or newer"):
-        EventLoopMonitor(mode="sampling")
+def sampler_tools() -> list[str]:
+    if sys.version_info < (3, 12):
+        return []
+    return [sys.monitoring.get_tool(t) for t in range(6)]
 
 
 @needs_sampling
 @needs_stack_reads
-def test_the_always_on_mode_installs_no_profile_hook_and_gives_its_tool_id_back() -> None:
+def test_the_always_on_mode_installs_no_profile_hook_and_leaves_nothing_behind() -> None:
     monitor, _ = sampling_monitor()
+    original = asyncio.events.Handle.__dict__["_run"]
 
     async def main() -> list[Any]:
         with monitor:
-            return [sys.getprofile(), _native._watched(), [sys.monitoring.get_tool(t) for t in range(6)]]
+            run = asyncio.events.Handle.__dict__["_run"]
+            return [sys.getprofile(), _native._watched(), sampler_tools(), run]
 
-    profile, watched, tools = asyncio.run(main())
+    profile, watched, tools, run = asyncio.run(main())
     assert profile is None and watched is None
-    assert "loopwatch-sampler" in tools and "loopwatch" not in tools
-    assert "loopwatch-sampler" not in [sys.monitoring.get_tool(t) for t in range(6)]
+    if sys.version_info >= (3, 12):
+        # sys.monitoring events on asyncio's own code objects, under a tool id of its own.
+        assert "loopwatch-sampler" in tools and "loopwatch" not in tools
+        assert run is original
+    else:
+        # Before: a callable of its own in Handle._run's place, that calls it.
+        assert type(run).__name__ == "TimedHandleRun"
+    assert "loopwatch-sampler" not in sampler_tools()
+    assert asyncio.events.Handle.__dict__["_run"] is original
+
+
+@needs_sampling
+@needs_stack_reads
+def test_a_handle_run_the_program_replaced_meanwhile_is_left_in_place() -> None:
+    monitor, _ = sampling_monitor()
+    original = asyncio.events.Handle.__dict__["_run"]
+
+    def replacement(self: Any) -> None:
+        original(self)
+
+    async def main() -> None:
+        with monitor:
+            asyncio.events.Handle._run = replacement  # type: ignore[method-assign]
+
+    try:
+        asyncio.run(main())
+        assert asyncio.events.Handle.__dict__["_run"] is replacement
+    finally:
+        asyncio.events.Handle._run = original  # type: ignore[method-assign]
 
 
 @needs_sampling
@@ -191,8 +226,8 @@ def test_a_step_cut_short_by_an_exception_the_loop_lets_through_is_not_a_stall(c
     assert len(stalls) == 1 and "then_block" in stalls[0]
 
 
-@needs_sampling
 @needs_stack_reads
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring is 3.12+")
 def test_with_every_tool_id_taken_it_says_why_once_and_the_program_runs_on(caplog) -> None:
     taken = [tool for tool in (3, 4, 5) if sys.monitoring.get_tool(tool) is None]
     for tool in taken:

@@ -110,7 +110,7 @@ def check_record_path(text: str) -> str:
 
 
 def check_mode(text: str) -> str:
-    """The mode a user named, checked as the monitor checks it (3.12+ for "sampling")."""
+    """The mode a user named, checked as the monitor checks it (3.11+ for "sampling")."""
     try:
         return _check_mode(text)
     except ValueError as error:

@@ -61,8 +61,9 @@ def _check_mode(mode: object) -> str:
         raise ValueError(f"mode must be 'exact' or 'sampling', got {mode!r}")
     if mode == "sampling" and not hasattr(_native, "ThreadSampler"):
         raise ValueError(
-            "mode='sampling' needs CPython 3.12 or newer (it is built on sys.monitoring); "
-            f"this is {sys.version_info.major}.{sys.version_info.minor}: use mode='exact'"
+            "mode='sampling' needs CPython 3.11 or newer (it names a C call from the columns of its "
+            f"call site, which code objects keep from 3.11); this is {sys.version_info.major}."
+            f"{sys.version_info.minor}: use mode='exact'"
         )
     return mode
 
@@ -98,7 +99,7 @@ def _absolute_path_pattern(pattern: str) -> str:
 
 def _new_native(mode: str) -> Any:
     """The native watch of one thread for `mode` (checked by `_check_mode`)."""
-    if sys.version_info >= (3, 12) and mode == "sampling":
+    if mode == "sampling":
         return _native.ThreadSampler()
     return _native.ThreadMonitor()
 
@@ -416,7 +417,7 @@ class EventLoopMonitor(_AlsoAsync):
             (``reports_while_running``). ``False``: only that final report.
         mode: ``"exact"`` (the default) times every call on the loop's thread with a profile hook:
             the exact culprit and its own duration, at the cost of any profile hook. ``"sampling"``
-            (the always-on mode, CPython 3.12+, asyncio's own loops) installs no hook: each
+            (the always-on mode, CPython 3.11+, asyncio's own loops) installs no hook: each
             callback or task step is timed from its start and end, and one that runs past the
             threshold is blamed from the loop thread's stack as loopwatch's watchdog read it while
             it ran (at half the threshold, at the threshold, then at 10x, 100x...): its duration

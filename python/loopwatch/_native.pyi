@@ -76,10 +76,10 @@ class ThreadMonitor:
     def fallback(self) -> Optional[str]: ...
     def __call__(self, _frame: Any, _event: Any, _arg: Any) -> None: ...
 
-if sys.version_info >= (3, 12):
+if sys.version_info >= (3, 11):
     @final
     class ThreadSampler:
-        """One thread's always-on watch (`sys.monitoring` events on asyncio's `Handle._run`)."""
+        """One thread's always-on watch (each call of asyncio's `Handle._run` timed)."""
 
         def __new__(cls) -> ThreadSampler: ...
         def install(

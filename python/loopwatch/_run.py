@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="exact",
         metavar="MODE",
         help="exact (the default: a profile hook times every call) or sampling (the always-on mode, "
-        "CPython 3.12+: no hook; each step timed from its start and end and blamed from the stack "
+        "CPython 3.11+: no hook; each step timed from its start and end and blamed from the stack "
         "read while it ran)",
     )
     # The program's command line never reaches argparse (see split_command_line): the CLI puts

@@ -152,7 +152,8 @@ def _await_chain(task: asyncio.Task[Any]) -> list[Frame]:
         if frame is None:
             break
         code = frame.f_code
-        chain.append((code.co_filename, code.co_qualname, frame.f_lineno, None, True, False))
+        name = getattr(code, "co_qualname", code.co_name)  # before 3.11: the bare name
+        chain.append((code.co_filename, name, frame.f_lineno, None, True, False))
         coro = getattr(coro, "cr_await", None)
     chain.reverse()
     return chain
@@ -169,17 +170,17 @@ def _handle_of(handle_frame: types.FrameType) -> Any:
 
 
 def describe_unit(
-    handle_frame: Optional[types.FrameType], sampled: Optional[list[Frame]], c_callback: bool
+    ran: Optional[Any], sampled: Optional[list[Frame]], c_callback: bool
 ) -> tuple[list[Frame], list[Name], Optional[Name], Optional[str], Optional[int]]:
     """What the report of a unit says: its frames (innermost first), their names, the C function
     the innermost was calling, the task it was a step of, and the monitoring scope it ran in (by
-    address, as the exact mode gives it: `loopwatch._scope`). `handle_frame` is the running
-    `Handle._run` (None when the unit has not ended); `sampled` the unit's frames as the watchdog
-    read them (None: no stack was read while the unit ran; empty: the unit had no Python frame of
-    its own then, and `c_callback` says the callback is a C function). Without frames, a task's
-    report shows where the task waits now."""
-    handle = _handle_of(handle_frame) if handle_frame is not None else None
-    if handle_frame is not None:
+    address, as the exact mode gives it: `loopwatch._scope`). `ran` is the handle that ran, or
+    the running `Handle._run`'s frame (None when the unit has not ended); `sampled` the unit's
+    frames as the watchdog read them (None: no stack was read while the unit ran; empty: the unit
+    had no Python frame of its own then, and `c_callback` says the callback is a C function).
+    Without frames, a task's report shows where the task waits now."""
+    handle = _handle_of(ran) if isinstance(ran, types.FrameType) else ran
+    if ran is not None:
         task = _task_of(handle)
         context = getattr(handle, "_context", None)
         scope = context.get(_native.SCOPE) if isinstance(context, contextvars.Context) else None

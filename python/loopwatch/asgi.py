@@ -5,7 +5,7 @@ while a selected request is in flight, and only selected requests are ever repor
 
 A request is selected when it carries the secret token in the ``x-loopwatch`` header (compared in
 constant time; with no token configured the header does nothing), or by the sample rate. With
-``always_on=True`` (CPython 3.12+) every other request is watched too, in the always-on mode.
+``always_on=True`` (CPython 3.11+) every other request is watched too, in the always-on mode.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class LoopwatchMiddleware:
         report_stalls: see `monitor_current_task` (off by default: a stall reported while it
             runs may be another request's).
         always_on: also watch every request that is not selected, in the always-on mode
-            (``mode="sampling"`` of `EventLoopMonitor`, CPython 3.12+): no profile hook, each
+            (``mode="sampling"`` of `EventLoopMonitor`, CPython 3.11+): no profile hook, each
             blocking step timed exactly and blamed from the stack read while it ran. Selected
             requests get the exact mode instead; a request is reported by one or the other.
     """
@@ -97,7 +97,7 @@ class LoopwatchMiddleware:
             record_to,
             report_stalls,
         )._checked_settings()
-        # Checked now too: the always-on mode needs 3.12+.
+        # Checked now too: the always-on mode needs 3.11+.
         self._always_on = {**self._settings, "mode": _check_mode("sampling")} if always_on else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

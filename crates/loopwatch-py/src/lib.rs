@@ -15,9 +15,11 @@ mod monitoring;
 mod recording;
 mod report;
 mod resolve;
-#[cfg(Py_3_12)]
+#[cfg(Py_3_11)]
 mod sampler;
 mod stackread;
+#[cfg(Py_3_11)]
+mod threadend;
 mod threadstate;
 mod watchdog;
 
@@ -42,7 +44,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SCOPE", scope_var)?;
     m.add_class::<monitor::ThreadMonitor>()?;
     m.add_class::<monitor::Filters>()?;
-    #[cfg(Py_3_12)]
+    #[cfg(Py_3_11)]
     m.add_class::<sampler::ThreadSampler>()?;
     m.add_class::<recording::RecordingWriter>()?;
     m.add_class::<recording::RecordingReader>()?;

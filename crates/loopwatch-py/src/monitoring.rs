@@ -15,6 +15,8 @@ use crate::codes::{c_function_def, fast_code_tag};
 use crate::events::{general_event, hot_event, Callee, Event, Origin};
 use crate::monitor::{State, ThreadMonitor};
 use crate::resolve::FrameKeys;
+use crate::threadend::{guard_thread_end, unguard_thread_end};
+pub use crate::threadend::{none, UnderTheGil};
 use crate::threadstate::current_interpreter_frame;
 
 /// The tool ids loopwatch asks for, in order: 3 and 4 have no role in PEP 669; 5 (the
@@ -28,55 +30,6 @@ thread_local! {
     /// This thread's `ThreadMonitor` while it watches through `sys.monitoring` (a strong
     /// reference, held by the registration), else null. No destructor: read on every event.
     static MONITOR: Cell<*mut ffi::PyObject> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-/// Put in the thread's state dict while a thread is watched: a thread that ends still watched
-/// has that dict cleared on its way out, on its own thread with the GIL held, and so gives its
-/// share of a tool id back (the legacy hook is dropped by CPython the same way). Shared by the
-/// exact mode's watch and the always-on sampler's, each under its own key.
-#[pyclass(module = "loopwatch._native")]
-pub struct EndOfThread {
-    /// What it stands for (a monitor's address): one that replaced it, or a detach, leaves
-    /// nothing to do.
-    token: usize,
-    on_end: unsafe fn(usize),
-}
-
-impl Drop for EndOfThread {
-    fn drop(&mut self) {
-        unsafe { (self.on_end)(self.token) };
-    }
-}
-
-/// Puts an `EndOfThread` calling `on_end(token)` in the calling thread's state dict at `key`.
-///
-/// # Safety
-/// GIL held.
-pub unsafe fn guard_thread_end(
-    py: Python<'_>,
-    key: &std::ffi::CStr,
-    token: usize,
-    on_end: unsafe fn(usize),
-) -> PyResult<()> {
-    let guard = Bound::new(py, EndOfThread { token, on_end })?;
-    let dict = ffi::PyThreadState_GetDict();
-    if dict.is_null() || ffi::PyDict_SetItemString(dict, key.as_ptr(), guard.as_ptr()) != 0 {
-        ffi::PyErr_Clear();
-        // Not kept by the thread: dropping it now would end the watch it stands for.
-        std::mem::forget(guard);
-    }
-    Ok(())
-}
-
-/// Takes the calling thread's guard at `key` away (its `on_end` runs, and finds nothing to do).
-///
-/// # Safety
-/// GIL held.
-pub unsafe fn unguard_thread_end(key: &std::ffi::CStr) {
-    let dict = ffi::PyThreadState_GetDict();
-    if dict.is_null() || ffi::PyDict_DelItemString(dict, key.as_ptr()) != 0 {
-        ffi::PyErr_Clear();
-    }
 }
 
 /// The exact mode's `on_end`: the thread ends while watched through `sys.monitoring`.
@@ -107,10 +60,6 @@ struct Registration {
     threads: usize,
 }
 
-/// A process-wide value touched only with the GIL held (install and uninstall are Python calls).
-pub struct UnderTheGil<T>(pub std::cell::UnsafeCell<T>);
-// SAFETY: every access holds the GIL, which serializes them.
-unsafe impl<T> Sync for UnderTheGil<T> {}
 static REGISTRATION: UnderTheGil<Option<Registration>> =
     UnderTheGil(std::cell::UnsafeCell::new(None));
 
@@ -360,13 +309,6 @@ fn callback_object(py: Python<'_>, function: ffi::vectorcallfunc) -> PyResult<Bo
         (*object.cast::<NativeCallback>()).vectorcall = Some(function);
         Ok(Bound::from_owned_ptr(py, object))
     }
-}
-
-#[inline(always)]
-pub unsafe fn none() -> *mut ffi::PyObject {
-    let none = ffi::Py_None();
-    ffi::Py_INCREF(none);
-    none
 }
 
 /// The thread's monitor, if it watches through `sys.monitoring`.

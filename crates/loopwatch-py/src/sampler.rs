@@ -1,8 +1,11 @@
-//! The always-on mode (3.12+): no profile hook. `sys.monitoring` local events on two code objects
-//! of asyncio's loops, `Handle._run` (start, return) and `BaseEventLoop._run_once` (start), time
-//! each unit (a callback; a task step is one) on the loop's thread for a few tens of ns; the
-//! watchdog reads the thread's stack once a unit has run half the threshold, and a unit that ends
-//! over the threshold is blamed from the last stack it read (see `loopwatch_core::sampled`).
+//! The always-on mode: no profile hook. Each unit (a callback; a task step is one) of asyncio's
+//! loops is timed on the loop's thread at `Handle._run`'s start and end, for a few tens of ns:
+//! from 3.12 by `sys.monitoring` local events on two code objects, `Handle._run` (start, return)
+//! and `BaseEventLoop._run_once` (start); on 3.11, by a callable of loopwatch's own put in
+//! `Handle._run`'s place that calls it (see `legacy`). Not before 3.11: a C call is named from
+//! the columns of its call site, which code objects keep from 3.11. The watchdog reads the thread's stack once
+//! a unit has run half the threshold, and a unit that ends over the threshold is blamed from the
+//! last stack it read (see `loopwatch_core::sampled`).
 
 use std::cell::{Cell, UnsafeCell};
 use std::path::PathBuf;
@@ -21,14 +24,18 @@ use pyo3::types::PyTuple;
 
 use crate::errors::{attached, SavedError};
 use crate::monitor::{current_thread, thread_name, threshold_ticks, Filters};
+#[cfg(Py_3_12)]
 use crate::monitoring::{
-    guard_thread_end, holds_tool_id, none, register_callbacks, unguard_thread_end,
-    unregister_callbacks_and_free, use_free_tool_id, UnderTheGil,
+    holds_tool_id, register_callbacks, unregister_callbacks_and_free, use_free_tool_id,
 };
 use crate::report::episode_to_python;
 use crate::stackread::{frame_from_tuple, frame_to_tuple, FrameTuple};
+#[cfg(Py_3_12)]
+use crate::threadend::none;
+use crate::threadend::{guard_thread_end, unguard_thread_end, UnderTheGil};
 use crate::watchdog::WatchHandle;
 
+#[cfg(Py_3_12)]
 const TOOL_NAME: &str = "loopwatch-sampler";
 const END_OF_THREAD_KEY: &std::ffi::CStr = c"loopwatch.sampler";
 
@@ -43,9 +50,18 @@ static HANDLE_RUN: AtomicUsize = AtomicUsize::new(0);
 
 /// The interpreter-wide registration: the tool id held, the code objects instrumented, and how
 /// many threads use it. Touched only with the GIL held.
+#[cfg(Py_3_12)]
 struct Registration {
     tool: u8,
     codes: Vec<Py<PyAny>>,
+    threads: usize,
+}
+
+/// The interpreter-wide registration on 3.11: the function `Handle._run` was, and how many
+/// threads use loopwatch's callable in its place.
+#[cfg(not(Py_3_12))]
+struct Registration {
+    original: Py<PyAny>,
     threads: usize,
 }
 
@@ -63,6 +79,12 @@ struct State {
     unit: Option<Ticks>,
     /// Since when loopwatch's own work (the reports' callbacks) has run, if it runs now.
     paused_since: Option<Ticks>,
+    /// On 3.11, the handle of the unit the watch started in: its end is not seen (it was
+    /// called before loopwatch's callable was in place), so the next unit's start ends it.
+    #[cfg(not(Py_3_12))]
+    end_unseen: bool,
+    #[cfg(not(Py_3_12))]
+    open_handle: Option<Py<PyAny>>,
 }
 
 /// One thread's always-on watch. Touched only on the thread that installed it, with the GIL.
@@ -112,6 +134,10 @@ impl ThreadSampler {
                 watch: None,
                 unit: None,
                 paused_since: None,
+                #[cfg(not(Py_3_12))]
+                end_unseen: false,
+                #[cfg(not(Py_3_12))]
+                open_handle: None,
             }),
         }
     }
@@ -176,6 +202,10 @@ impl ThreadSampler {
         // Installed from inside a unit (a task step that enters a monitor): timed from now, as
         // the exact mode times the frames it finds running.
         state.unit = unsafe { inside_a_unit() }.then(|| state.clock.now());
+        #[cfg(not(Py_3_12))]
+        if state.unit.is_some() {
+            legacy::end_this_unit_soon(py, state)?;
+        }
         if let Some(watch) = state.watch.as_mut() {
             watch.publish(state.unit);
         }
@@ -237,6 +267,11 @@ impl ThreadSampler {
         state.watch = None;
         state.sink = None;
         state.unit = None;
+        #[cfg(not(Py_3_12))]
+        {
+            state.end_unseen = false;
+            state.open_handle = None;
+        }
         let mine = SAMPLER.with(|s| {
             if s.get() == me {
                 s.set(std::ptr::null_mut());
@@ -271,6 +306,11 @@ impl ThreadSampler {
         let state = self.state()?;
         state.unit = None;
         state.paused_since = None;
+        #[cfg(not(Py_3_12))]
+        {
+            state.end_unseen = false;
+            state.open_handle = None;
+        }
         if let Some(watch) = state.watch.as_mut() {
             watch.after_fork_in_child();
         }
@@ -332,26 +372,35 @@ impl ThreadSampler {
     }
 }
 
-/// Whether `Handle._run` is on the calling thread's stack.
-unsafe fn inside_a_unit() -> bool {
+/// The running `Handle._run`'s frame on the calling thread's stack (a new reference), or null.
+unsafe fn running_handle_run() -> *mut ffi::PyFrameObject {
     let handle_run = HANDLE_RUN.load(Ordering::Relaxed);
     let mut frame = ffi::PyEval_GetFrame();
     if !frame.is_null() {
         ffi::Py_INCREF(frame.cast());
     }
-    let mut found = false;
-    while !frame.is_null() && !found {
+    while !frame.is_null() {
         let code = ffi::PyFrame_GetCode(frame);
-        found = code as usize == handle_run;
+        let found = code as usize == handle_run;
         ffi::Py_DECREF(code.cast());
+        if found {
+            return frame;
+        }
         let back = ffi::PyFrame_GetBack(frame);
         ffi::Py_DECREF(frame.cast());
         frame = back;
     }
-    if !frame.is_null() {
-        ffi::Py_DECREF(frame.cast());
+    std::ptr::null_mut()
+}
+
+/// Whether `Handle._run` is on the calling thread's stack.
+unsafe fn inside_a_unit() -> bool {
+    let frame = running_handle_run();
+    if frame.is_null() {
+        return false;
     }
-    found
+    ffi::Py_DECREF(frame.cast());
+    true
 }
 
 /// The thread ends while its sampler is installed: its share of the tool id goes back.
@@ -379,9 +428,11 @@ unsafe fn end_of_thread(token: usize) {
 }
 
 /// The events, by their names in `sys.monitoring.events`, with their callbacks.
+#[cfg(Py_3_12)]
 const EVENTS: [(&str, ffi::vectorcallfunc); 2] = [("PY_START", on_start), ("PY_RETURN", on_return)];
 
 /// One more thread uses the tool: the first takes a tool id and instruments the code objects.
+#[cfg(Py_3_12)]
 fn register(py: Python<'_>) -> PyResult<()> {
     let registration = unsafe { &mut *REGISTRATION.0.get() };
     if let Some(found) = registration.as_mut() {
@@ -432,6 +483,7 @@ fn register(py: Python<'_>) -> PyResult<()> {
 }
 
 /// One thread less; the last gives the tool id back.
+#[cfg(Py_3_12)]
 fn unregister(py: Python<'_>) -> PyResult<()> {
     let registration = unsafe { &mut *REGISTRATION.0.get() };
     let last = match registration.as_mut() {
@@ -447,6 +499,7 @@ fn unregister(py: Python<'_>) -> PyResult<()> {
     }
 }
 
+#[cfg(Py_3_12)]
 fn release(py: Python<'_>, tool: u8, codes: &[Py<PyAny>]) -> PyResult<()> {
     HANDLE_RUN.store(0, Ordering::Relaxed);
     if !holds_tool_id(py, tool, TOOL_NAME)? {
@@ -469,6 +522,7 @@ fn sampling() -> Option<*mut ffi::PyObject> {
 
 /// `PY_START` (code, offset): `Handle._run` starts a unit; `_run_once` starting means no unit
 /// runs (one whose return was not seen, an exception the loop let through, is over).
+#[cfg(Py_3_12)]
 unsafe extern "C" fn on_start(
     _callback: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
@@ -493,6 +547,7 @@ unsafe extern "C" fn on_start(
 }
 
 /// `PY_RETURN` (code, offset, value) of `Handle._run`: the unit ends.
+#[cfg(Py_3_12)]
 unsafe extern "C" fn on_return(
     _callback: *mut ffi::PyObject,
     _args: *const *mut ffi::PyObject,
@@ -510,7 +565,7 @@ unsafe extern "C" fn on_return(
                 }
             } else {
                 // `Handle._run` is still the running frame: its `self` names the callback.
-                let handle_frame = ffi::PyEval_GetFrame();
+                let handle_frame = ffi::PyEval_GetFrame().cast::<ffi::PyObject>();
                 attached(|| unit_over_threshold(obj, state, (started, now), handle_frame));
             }
         }
@@ -540,13 +595,13 @@ unsafe fn report_running_unit(obj: *mut ffi::PyObject, state: &mut State, restar
 }
 
 /// The slow path: a unit ended over the threshold. Blames it from the watchdog's last stack
-/// and hands the episode to the sink. `handle_frame`: the running `Handle._run`'s frame, if the
-/// unit ends with it. Never raises into the program.
+/// and hands the episode to the sink. `handle`: the handle that ran, or the running
+/// `Handle._run`'s frame, if the unit ends with it (else null). Never raises into the program.
 unsafe fn unit_over_threshold(
     obj: *mut ffi::PyObject,
     state: &mut State,
     (started, now): (Ticks, Ticks),
-    handle_frame: *mut ffi::PyFrameObject,
+    handle: *mut ffi::PyObject,
 ) {
     let ran = now.saturating_sub(started);
     let py = Python::assume_attached();
@@ -577,8 +632,8 @@ unsafe fn unit_over_threshold(
         scope: None,
     };
     ffi::Py_INCREF(obj);
-    let handle_frame = Bound::from_borrowed_ptr_or_opt(py, handle_frame.cast());
-    let outcome = report(py, state, unit, &stack, handle_frame);
+    let handle = Bound::from_borrowed_ptr_or_opt(py, handle);
+    let outcome = report(py, state, unit, &stack, handle);
     if let Err(error) = outcome {
         error.write_unraisable(py, None);
     }
@@ -602,7 +657,7 @@ fn report(
     state: &mut State,
     mut unit: SampledUnit,
     stack: &[SampledFrame],
-    handle_frame: Option<Bound<'_, PyAny>>,
+    handle: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let (Some(sink), Some(filters)) = (state.sink.as_ref(), state.filters.as_ref()) else {
         return Ok(());
@@ -617,7 +672,7 @@ fn report(
         .is_some_and(|frame| is_unit_boundary(frame) && frame.still);
     let described = py
         .import("loopwatch._sampling")?
-        .call_method1("describe_unit", (handle_frame, sampled, c_callback))?;
+        .call_method1("describe_unit", (handle, sampled, c_callback))?;
     let (frames, names, callee, task_name, scope): Described = described.extract()?;
     let frames: Vec<SampledFrame> = frames.into_iter().map(frame_from_tuple).collect();
     let name = |(name, module): (String, String)| FrameName { name, module };
@@ -632,4 +687,255 @@ fn report(
     raw.set_item("sampled", true)?;
     sink.bind(py).call1(PyTuple::new(py, [raw])?)?;
     Ok(())
+}
+
+// --- 3.11: loopwatch's callable in `Handle._run`'s place ------------------------------
+
+#[cfg(not(Py_3_12))]
+use legacy::{register, unregister};
+
+#[cfg(not(Py_3_12))]
+mod legacy {
+    //! With no `sys.monitoring`, the class attribute `asyncio.events.Handle._run` is replaced,
+    //! while any thread is watched, by a callable of loopwatch's own that times the call of the
+    //! original function around it: one C call more per callback, and no frame (the original's
+    //! frame, the unit's boundary on the stack, is as it was). It is a method descriptor, so
+    //! `handle._run()` calls it with the handle and nothing is bound. It is put back when the
+    //! last thread stops, unless the program has put something else there meanwhile.
+
+    use std::ffi::c_int;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    use pyo3::exceptions::PyRuntimeError;
+    use pyo3::ffi;
+    use pyo3::prelude::*;
+
+    use super::{
+        attached, sampling, unit_over_threshold, Registration, ThreadSampler, HANDLE_RUN,
+        REGISTRATION,
+    };
+
+    /// The original `Handle._run` (a strong reference kept for the process's life once taken:
+    /// a wrapper the program kept a reference to still calls it).
+    static ORIGINAL: AtomicUsize = AtomicUsize::new(0);
+
+    #[repr(C)]
+    struct TimedRun {
+        ob_base: ffi::PyObject,
+        vectorcall: Option<ffi::vectorcallfunc>,
+    }
+
+    extern "C" {
+        fn PyMethod_New(
+            function: *mut ffi::PyObject,
+            instance: *mut ffi::PyObject,
+        ) -> *mut ffi::PyObject;
+    }
+
+    /// `handle._run` read as an attribute (not called at once): bound as a function would be.
+    unsafe extern "C" fn bind(
+        descriptor: *mut ffi::PyObject,
+        instance: *mut ffi::PyObject,
+        _owner: *mut ffi::PyObject,
+    ) -> *mut ffi::PyObject {
+        if instance.is_null() || instance == ffi::Py_None() {
+            ffi::Py_INCREF(descriptor);
+            return descriptor;
+        }
+        PyMethod_New(descriptor, instance)
+    }
+
+    static TIMED_RUN_TYPE: OnceLock<usize> = OnceLock::new();
+
+    fn timed_run_type(py: Python<'_>) -> PyResult<*mut ffi::PyTypeObject> {
+        if let Some(&kind) = TIMED_RUN_TYPE.get() {
+            return Ok(kind as *mut ffi::PyTypeObject);
+        }
+        // Leaked on purpose: a type made from a spec points at its members for its life.
+        let members: &'static mut [ffi::PyMemberDef; 2] = Box::leak(Box::new([
+            ffi::PyMemberDef {
+                name: c"__vectorcalloffset__".as_ptr(),
+                type_code: ffi::Py_T_PYSSIZET,
+                offset: std::mem::offset_of!(TimedRun, vectorcall) as ffi::Py_ssize_t,
+                flags: ffi::Py_READONLY,
+                doc: std::ptr::null(),
+            },
+            unsafe { std::mem::zeroed() },
+        ]));
+        let slots: &'static mut [ffi::PyType_Slot; 4] = Box::leak(Box::new([
+            ffi::PyType_Slot {
+                slot: ffi::Py_tp_members,
+                pfunc: members.as_mut_ptr().cast(),
+            },
+            ffi::PyType_Slot {
+                slot: ffi::Py_tp_call,
+                pfunc: ffi::PyVectorcall_Call as *mut std::ffi::c_void,
+            },
+            ffi::PyType_Slot {
+                slot: ffi::Py_tp_descr_get,
+                pfunc: bind as *mut std::ffi::c_void,
+            },
+            ffi::PyType_Slot {
+                slot: 0,
+                pfunc: std::ptr::null_mut(),
+            },
+        ]));
+        let spec: &'static mut ffi::PyType_Spec = Box::leak(Box::new(ffi::PyType_Spec {
+            name: c"loopwatch._native.TimedHandleRun".as_ptr(),
+            basicsize: std::mem::size_of::<TimedRun>() as c_int,
+            itemsize: 0,
+            flags: (ffi::Py_TPFLAGS_DEFAULT
+                | ffi::Py_TPFLAGS_HAVE_VECTORCALL
+                | ffi::Py_TPFLAGS_METHOD_DESCRIPTOR) as _,
+            slots: slots.as_mut_ptr(),
+        }));
+        let kind = unsafe { ffi::PyType_FromSpec(spec) };
+        if kind.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let _ = TIMED_RUN_TYPE.set(kind as usize);
+        Ok(kind.cast())
+    }
+
+    fn timed_run(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+        let kind = timed_run_type(py)?;
+        unsafe {
+            let object = ffi::PyType_GenericAlloc(kind, 0);
+            if object.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            (*object.cast::<TimedRun>()).vectorcall = Some(run);
+            Ok(Bound::from_owned_ptr(py, object))
+        }
+    }
+
+    /// `handle._run()`: the unit starts, the original runs, the unit ends.
+    unsafe extern "C" fn run(
+        _callable: *mut ffi::PyObject,
+        args: *const *mut ffi::PyObject,
+        nargsf: usize,
+        names: *mut ffi::PyObject,
+    ) -> *mut ffi::PyObject {
+        let original = ORIGINAL.load(Ordering::Relaxed) as *mut ffi::PyObject;
+        if let Some(obj) = sampling() {
+            let state = &mut *ThreadSampler::state_of(obj);
+            if state.installed {
+                let open = state.unit.take().filter(|_| state.end_unseen);
+                state.end_unseen = false;
+                if let Some(open) = open {
+                    // The unit the watch started in has ended (see `State::open_handle`).
+                    let now = state.clock.now();
+                    let handle = state.open_handle.take();
+                    if now.saturating_sub(open) >= state.threshold {
+                        let handle = handle.as_ref().map_or(std::ptr::null_mut(), Py::as_ptr);
+                        attached(|| unit_over_threshold(obj, state, (open, now), handle));
+                    }
+                }
+                let started = state.clock.now();
+                state.unit = Some(started);
+                if let Some(watch) = state.watch.as_mut() {
+                    watch.publish(Some(started));
+                }
+            }
+        }
+        let result = ffi::PyObject_Vectorcall(original, args, nargsf, names);
+        // Looked up again: the callback may have stopped (or started) the watch.
+        if let Some(obj) = sampling() {
+            let state = &mut *ThreadSampler::state_of(obj);
+            if let (true, Some(started)) = (state.installed, state.unit.take()) {
+                let now = state.clock.now();
+                if now.saturating_sub(started) < state.threshold {
+                    if let Some(watch) = state.watch.as_mut() {
+                        watch.publish(None);
+                    }
+                } else {
+                    let handle = if ffi::PyVectorcall_NARGS(nargsf) >= 1 {
+                        *args
+                    } else {
+                        std::ptr::null_mut()
+                    };
+                    attached(|| unit_over_threshold(obj, state, (started, now), handle));
+                }
+            }
+        }
+        result
+    }
+
+    /// The watch starts inside a unit whose end it will not see: keeps its handle for its
+    /// report, and has the loop run a callback of loopwatch's own (`int()`, nothing) at its next
+    /// turn, whose start ends it, even if the loop then has nothing else to do.
+    pub(super) fn end_this_unit_soon(py: Python<'_>, state: &mut super::State) -> PyResult<()> {
+        let frame = unsafe { super::running_handle_run() };
+        if !frame.is_null() {
+            let frame = unsafe { Bound::from_owned_ptr(py, frame.cast()) };
+            let handle = frame.getattr("f_locals")?.get_item("self").ok();
+            state.open_handle = handle.map(Bound::unbind);
+        }
+        state.end_unseen = true;
+        let running = py
+            .import("asyncio.events")?
+            .call_method0("_get_running_loop")?;
+        if !running.is_none() {
+            running.call_method1("call_soon", (py.get_type::<pyo3::types::PyInt>(),))?;
+        }
+        Ok(())
+    }
+
+    fn handle_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+        py.import("asyncio.events")?.getattr("Handle")
+    }
+
+    /// The class's own `_run`, not an inherited one.
+    fn own_run<'py>(handle: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        handle.getattr("__dict__")?.get_item("_run")
+    }
+
+    /// One more thread is watched: the first puts the timed callable in place.
+    pub(super) fn register(py: Python<'_>) -> PyResult<()> {
+        let registration = unsafe { &mut *REGISTRATION.0.get() };
+        if let Some(found) = registration.as_mut() {
+            found.threads += 1;
+            return Ok(());
+        }
+        let handle = handle_class(py)?;
+        let original = own_run(&handle)?;
+        let Ok(code) = original.getattr("__code__") else {
+            return Err(PyRuntimeError::new_err(
+                "the always-on mode times asyncio's Handle._run, which is not a Python function here",
+            ));
+        };
+        HANDLE_RUN.store(code.as_ptr() as usize, Ordering::Relaxed);
+        // Kept for the process's life: see `ORIGINAL`.
+        ORIGINAL.store(original.clone().into_ptr() as usize, Ordering::Relaxed);
+        handle.setattr("_run", timed_run(py)?)?;
+        *registration = Some(Registration {
+            original: original.unbind(),
+            threads: 1,
+        });
+        Ok(())
+    }
+
+    /// One thread less; the last puts the original back, if the timed callable is still there.
+    pub(super) fn unregister(py: Python<'_>) -> PyResult<()> {
+        let registration = unsafe { &mut *REGISTRATION.0.get() };
+        let last = match registration.as_mut() {
+            Some(found) => {
+                found.threads -= 1;
+                found.threads == 0
+            }
+            None => false,
+        };
+        let Some(ended) = registration.take_if(|_| last) else {
+            return Ok(());
+        };
+        HANDLE_RUN.store(0, Ordering::Relaxed);
+        let handle = handle_class(py)?;
+        let ours_type = timed_run_type(py)?.cast::<ffi::PyObject>();
+        let ours = own_run(&handle).is_ok_and(|now| now.get_type().as_ptr() == ours_type);
+        if ours {
+            handle.setattr("_run", ended.original.bind(py))?;
+        }
+        Ok(())
+    }
 }

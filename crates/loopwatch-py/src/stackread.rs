@@ -741,7 +741,7 @@ pub fn frame_to_tuple(f: &SampledFrame) -> FrameTuple {
     )
 }
 
-#[cfg(Py_3_12)] // the always-on mode's
+#[cfg(Py_3_11)] // the always-on mode's
 pub fn frame_from_tuple(
     (filename, function, line, span, is_coroutine, still): FrameTuple,
 ) -> SampledFrame {
