@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import clean_env, items_summed_in, line_of, write
-from loopwatch import BlockingCallInfo, EventLoopMonitor, _native, event_loop_monitor_ctx
+from loopwatch import BlockingCallInfo, EventLoopMonitor, _native, event_loop_monitor_ctx, monitor_current_task
 from loopwatch._recording import read_recording
 
 needs_stack_reads = pytest.mark.skipif(
@@ -154,6 +154,32 @@ def test_steps_and_callbacks_under_the_threshold_and_the_idle_loop_are_never_rep
 
     asyncio.run(main())
     assert reports == []
+
+
+@needs_sampling
+@needs_stack_reads
+def test_a_watch_started_inside_a_step_times_that_step_to_its_end_for_its_task(capfd) -> None:
+    # A request scope entered in a handler starts the watch inside the handler's step: the step's
+    # blocking after that is its task's, reported once, and the idle loop after it is no stall
+    # (on 3.11 the step's end is not seen: the next callback's start ends it).
+    reports: list[BlockingCallInfo] = []
+
+    async def handler() -> None:
+        scope = monitor_current_task(
+            threshold_ms=THRESHOLD_MS, mode="sampling", on_blocking_call=reports.append, report_stalls=True
+        )
+        with scope:
+            time.sleep(0.1)
+            await asyncio.sleep(0.3)  # nothing else is ready: the loop idles at once
+
+    async def main() -> None:
+        await asyncio.create_task(handler(), name="the-handler")
+
+    asyncio.run(main())
+    assert [(r.method_name, r.task_name) for r in reports] == [("time.sleep", "the-handler")]
+    assert 100 <= reports[0].duration_ms < 100 + 25
+    stalls = [line for line in capfd.readouterr().err.splitlines() if "so far, still running" in line]
+    assert len(stalls) == 1 and "handler" in stalls[0], stalls
 
 
 @needs_sampling
