@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 from conftest import clean_env, items_summed_in, line_of, write
-from loopwatch import BlockingCallInfo, EventLoopMonitor, _native, event_loop_monitor_ctx, monitor_current_task
+from loopwatch import (
+    BlockingCallInfo,
+    EventLoopMonitor,
+    _native,
+    event_loop_monitor_ctx,
+    monitor_current_task,
+)
 from loopwatch._recording import read_recording
 
 needs_stack_reads = pytest.mark.skipif(

@@ -99,7 +99,7 @@ def _absolute_path_pattern(pattern: str) -> str:
 
 def _new_native(mode: str) -> Any:
     """The native watch of one thread for `mode` (checked by `_check_mode`)."""
-    if mode == "sampling":
+    if sys.version_info >= (3, 11) and mode == "sampling":
         return _native.ThreadSampler()
     return _native.ThreadMonitor()
 
