@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import monitor, names, short
@@ -63,17 +63,25 @@ def allocate() -> list[list[None]]:
     return made
 
 
-def test_a_step_over_the_threshold_only_because_of_a_collection_names_the_collection(run, young_heap):
-    ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
+def collect_in_a_step(run, ctx, before: Callable[[], object] = lambda: None) -> None:
+    """Runs one monitored step that does `before`, then turns the collector back on and
+    allocates: the young heap is collected inside the step."""
 
     async def main():
         with ctx:
             await asyncio.sleep(0)
+            before()
             gc.enable()
             allocate()
             await asyncio.sleep(0)
 
     run(main)
+
+
+def test_a_step_over_the_threshold_only_because_of_a_collection_names_the_collection(run, young_heap):
+    ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
+
+    collect_in_a_step(run, ctx)
     assert [(r.kind, r.method_name.startswith("garbage collection (generation ")) for r in reports] == [
         ("gc", True)
     ], [r.format() for r in reports]
@@ -90,15 +98,7 @@ def test_a_step_over_the_threshold_only_because_of_a_collection_names_the_collec
 def test_a_real_block_beside_a_collection_is_blamed_and_says_how_long_collections_took(run, young_heap):
     ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
 
-    async def main():
-        with ctx:
-            await asyncio.sleep(0)
-            time.sleep(0.05)
-            gc.enable()
-            allocate()
-            await asyncio.sleep(0)
-
-    run(main)
+    collect_in_a_step(run, ctx, before=lambda: time.sleep(0.05))
     assert [(r.kind, r.method_name) for r in reports] == [("call", "time.sleep")]
     assert reports[0].gc_ms >= 2 * THRESHOLD_MS
     assert reports[0].duration_ms >= 50 + reports[0].gc_ms * 0.9
@@ -132,14 +132,7 @@ def test_a_collection_report_reads_back_from_a_recording(run, young_heap, tmp_pa
     path = tmp_path / "gc.lwrec"
     ctx, reports = monitor(threshold_ms=THRESHOLD_MS, record_to=path, report_stalls=False)
 
-    async def main():
-        with ctx:
-            await asyncio.sleep(0)
-            gc.enable()
-            allocate()
-            await asyncio.sleep(0)
-
-    run(main)
+    collect_in_a_step(run, ctx)
     recorded = list(read_recording(path).episodes)
     assert [(r.kind, r.method_name, r.gc_ms) for r in recorded] == [
         (r.kind, r.method_name, r.gc_ms) for r in reports
@@ -152,14 +145,7 @@ def test_a_stall_reported_while_a_collection_runs_says_so(run, young_heap, tmp_p
     stalls = []
     ctx, _ = monitor(threshold_ms=THRESHOLD_MS, on_stall=stalls.append, record_to=path)
 
-    async def main():
-        with ctx:
-            await asyncio.sleep(0)
-            gc.enable()
-            allocate()
-            await asyncio.sleep(0)
-
-    run(main)
+    collect_in_a_step(run, ctx)
     # The collection starts as the step does and runs four thresholds: the first report, at the
     # threshold, is made while it runs.
     deadline = time.monotonic() + 5

@@ -4,7 +4,6 @@
 //! and a thread that is not watched pays one thread-local read per event.
 
 use std::cell::Cell;
-use std::ffi::c_int;
 use std::sync::OnceLock;
 
 use loopwatch_core::Tag;
@@ -17,6 +16,7 @@ use crate::monitor::{State, ThreadMonitor};
 use crate::resolve::FrameKeys;
 use crate::threadend::{guard_thread_end, unguard_thread_end};
 pub use crate::threadend::{none, UnderTheGil};
+use crate::threadend::{rust_callable, rust_callable_type};
 use crate::threadstate::current_interpreter_frame;
 
 /// The tool ids loopwatch asks for, in order: 3 and 4 have no role in PEP 669; 5 (the
@@ -244,71 +244,17 @@ fn release_tool(py: Python<'_>, tool: u8) -> PyResult<()> {
 
 // --- the callbacks: objects CPython calls through vectorcall, with nothing in between ---------
 
-/// A callable object whose call is one Rust function (like CPython's own legacy-event handlers):
-/// cheaper to call than a builtin function, which checks the recursion limit on every call.
-#[repr(C)]
-struct NativeCallback {
-    ob_base: ffi::PyObject,
-    vectorcall: Option<ffi::vectorcallfunc>,
-}
-
 static CALLBACK_TYPE: OnceLock<usize> = OnceLock::new();
 
-fn callback_type(py: Python<'_>) -> PyResult<*mut ffi::PyTypeObject> {
-    if let Some(&kind) = CALLBACK_TYPE.get() {
-        return Ok(kind as *mut ffi::PyTypeObject);
-    }
-    // Leaked on purpose: a type made from a spec keeps pointing at its members for its life,
-    // which is the process's.
-    let members: &'static mut [ffi::PyMemberDef; 2] = Box::leak(Box::new([
-        ffi::PyMemberDef {
-            name: c"__vectorcalloffset__".as_ptr(),
-            type_code: ffi::Py_T_PYSSIZET,
-            offset: std::mem::offset_of!(NativeCallback, vectorcall) as ffi::Py_ssize_t,
-            flags: ffi::Py_READONLY,
-            doc: std::ptr::null(),
-        },
-        unsafe { std::mem::zeroed() },
-    ]));
-    let slots: &'static mut [ffi::PyType_Slot; 3] = Box::leak(Box::new([
-        ffi::PyType_Slot {
-            slot: ffi::Py_tp_members,
-            pfunc: members.as_mut_ptr().cast(),
-        },
-        ffi::PyType_Slot {
-            slot: ffi::Py_tp_call,
-            pfunc: ffi::PyVectorcall_Call as *mut std::ffi::c_void,
-        },
-        ffi::PyType_Slot {
-            slot: 0,
-            pfunc: std::ptr::null_mut(),
-        },
-    ]));
-    let spec: &'static mut ffi::PyType_Spec = Box::leak(Box::new(ffi::PyType_Spec {
-        name: c"loopwatch._native.MonitoringCallback".as_ptr(),
-        basicsize: std::mem::size_of::<NativeCallback>() as c_int,
-        itemsize: 0,
-        flags: (ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_HAVE_VECTORCALL) as _,
-        slots: slots.as_mut_ptr(),
-    }));
-    let kind = unsafe { ffi::PyType_FromSpec(spec) };
-    if kind.is_null() {
-        return Err(PyErr::fetch(py));
-    }
-    let _ = CALLBACK_TYPE.set(kind as usize);
-    Ok(kind.cast())
-}
-
 fn callback_object(py: Python<'_>, function: ffi::vectorcallfunc) -> PyResult<Bound<'_, PyAny>> {
-    let kind = callback_type(py)?;
-    unsafe {
-        let object = ffi::PyType_GenericAlloc(kind, 0);
-        if object.is_null() {
-            return Err(PyErr::fetch(py));
-        }
-        (*object.cast::<NativeCallback>()).vectorcall = Some(function);
-        Ok(Bound::from_owned_ptr(py, object))
-    }
+    let kind = if let Some(&kind) = CALLBACK_TYPE.get() {
+        kind as *mut ffi::PyTypeObject
+    } else {
+        let kind = rust_callable_type(py, c"loopwatch._native.MonitoringCallback", None)?;
+        let _ = CALLBACK_TYPE.set(kind as usize);
+        kind
+    };
+    rust_callable(py, kind, function)
 }
 
 /// The thread's monitor, if it watches through `sys.monitoring`.

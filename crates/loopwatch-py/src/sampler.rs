@@ -482,18 +482,18 @@ fn register(py: Python<'_>) -> PyResult<()> {
     }
 }
 
+/// One thread less: the registration, taken, if it was the last.
+fn last_thread_leaves() -> Option<Registration> {
+    let registration = unsafe { &mut *REGISTRATION.0.get() };
+    let found = registration.as_mut()?;
+    found.threads -= 1;
+    registration.take_if(|found| found.threads == 0)
+}
+
 /// One thread less; the last gives the tool id back.
 #[cfg(Py_3_12)]
 fn unregister(py: Python<'_>) -> PyResult<()> {
-    let registration = unsafe { &mut *REGISTRATION.0.get() };
-    let last = match registration.as_mut() {
-        Some(found) => {
-            found.threads -= 1;
-            found.threads == 0
-        }
-        None => false,
-    };
-    match registration.take_if(|_| last) {
+    match last_thread_leaves() {
         Some(ended) => release(py, ended.tool, &ended.codes),
         None => Ok(()),
     }
@@ -703,7 +703,6 @@ mod legacy {
     //! `handle._run()` calls it with the handle and nothing is bound. It is put back when the
     //! last thread stops, unless the program has put something else there meanwhile.
 
-    use std::ffi::c_int;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::OnceLock;
 
@@ -712,19 +711,14 @@ mod legacy {
     use pyo3::prelude::*;
 
     use super::{
-        attached, sampling, unit_over_threshold, Registration, ThreadSampler, HANDLE_RUN,
-        REGISTRATION,
+        attached, last_thread_leaves, sampling, unit_over_threshold, Registration, ThreadSampler,
+        HANDLE_RUN, REGISTRATION,
     };
+    use crate::threadend::{rust_callable, rust_callable_type};
 
     /// The original `Handle._run` (a strong reference kept for the process's life once taken:
     /// a wrapper the program kept a reference to still calls it).
     static ORIGINAL: AtomicUsize = AtomicUsize::new(0);
-
-    #[repr(C)]
-    struct TimedRun {
-        ob_base: ffi::PyObject,
-        vectorcall: Option<ffi::vectorcallfunc>,
-    }
 
     extern "C" {
         fn PyMethod_New(
@@ -752,62 +746,9 @@ mod legacy {
         if let Some(&kind) = TIMED_RUN_TYPE.get() {
             return Ok(kind as *mut ffi::PyTypeObject);
         }
-        // Leaked on purpose: a type made from a spec points at its members for its life.
-        let members: &'static mut [ffi::PyMemberDef; 2] = Box::leak(Box::new([
-            ffi::PyMemberDef {
-                name: c"__vectorcalloffset__".as_ptr(),
-                type_code: ffi::Py_T_PYSSIZET,
-                offset: std::mem::offset_of!(TimedRun, vectorcall) as ffi::Py_ssize_t,
-                flags: ffi::Py_READONLY,
-                doc: std::ptr::null(),
-            },
-            unsafe { std::mem::zeroed() },
-        ]));
-        let slots: &'static mut [ffi::PyType_Slot; 4] = Box::leak(Box::new([
-            ffi::PyType_Slot {
-                slot: ffi::Py_tp_members,
-                pfunc: members.as_mut_ptr().cast(),
-            },
-            ffi::PyType_Slot {
-                slot: ffi::Py_tp_call,
-                pfunc: ffi::PyVectorcall_Call as *mut std::ffi::c_void,
-            },
-            ffi::PyType_Slot {
-                slot: ffi::Py_tp_descr_get,
-                pfunc: bind as *mut std::ffi::c_void,
-            },
-            ffi::PyType_Slot {
-                slot: 0,
-                pfunc: std::ptr::null_mut(),
-            },
-        ]));
-        let spec: &'static mut ffi::PyType_Spec = Box::leak(Box::new(ffi::PyType_Spec {
-            name: c"loopwatch._native.TimedHandleRun".as_ptr(),
-            basicsize: std::mem::size_of::<TimedRun>() as c_int,
-            itemsize: 0,
-            flags: (ffi::Py_TPFLAGS_DEFAULT
-                | ffi::Py_TPFLAGS_HAVE_VECTORCALL
-                | ffi::Py_TPFLAGS_METHOD_DESCRIPTOR) as _,
-            slots: slots.as_mut_ptr(),
-        }));
-        let kind = unsafe { ffi::PyType_FromSpec(spec) };
-        if kind.is_null() {
-            return Err(PyErr::fetch(py));
-        }
+        let kind = rust_callable_type(py, c"loopwatch._native.TimedHandleRun", Some(bind))?;
         let _ = TIMED_RUN_TYPE.set(kind as usize);
-        Ok(kind.cast())
-    }
-
-    fn timed_run(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-        let kind = timed_run_type(py)?;
-        unsafe {
-            let object = ffi::PyType_GenericAlloc(kind, 0);
-            if object.is_null() {
-                return Err(PyErr::fetch(py));
-            }
-            (*object.cast::<TimedRun>()).vectorcall = Some(run);
-            Ok(Bound::from_owned_ptr(py, object))
-        }
+        Ok(kind)
     }
 
     /// `handle._run()`: the unit starts, the original runs, the unit ends.
@@ -908,7 +849,7 @@ mod legacy {
         HANDLE_RUN.store(code.as_ptr() as usize, Ordering::Relaxed);
         // Kept for the process's life: see `ORIGINAL`.
         ORIGINAL.store(original.clone().into_ptr() as usize, Ordering::Relaxed);
-        handle.setattr("_run", timed_run(py)?)?;
+        handle.setattr("_run", rust_callable(py, timed_run_type(py)?, run)?)?;
         *registration = Some(Registration {
             original: original.unbind(),
             threads: 1,
@@ -918,15 +859,7 @@ mod legacy {
 
     /// One thread less; the last puts the original back, if the timed callable is still there.
     pub(super) fn unregister(py: Python<'_>) -> PyResult<()> {
-        let registration = unsafe { &mut *REGISTRATION.0.get() };
-        let last = match registration.as_mut() {
-            Some(found) => {
-                found.threads -= 1;
-                found.threads == 0
-            }
-            None => false,
-        };
-        let Some(ended) = registration.take_if(|_| last) else {
+        let Some(ended) = last_thread_leaves() else {
             return Ok(());
         };
         HANDLE_RUN.store(0, Ordering::Relaxed);
