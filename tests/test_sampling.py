@@ -6,7 +6,6 @@ here, what is its own. Real loops, real threads, real processes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import subprocess
@@ -438,25 +437,13 @@ STRESS_SECONDS = float(os.environ.get("LOOPWATCH_STRESS_S", "5"))
 def test_steps_whose_stack_changes_as_fast_as_it_can_are_blamed_only_on_their_own_frames() -> None:
     # Every step runs past a 1 ms threshold, so the watchdog reads nearly every one, at half the
     # threshold and at each report, while the stack recurses, yields, unwinds and starts threads.
-    from test_stalls import (
-        _generate,
-        _known_functions,
-        _recurse,
-        _spawn_and_join,
-        _unwind,
-        is_stdlib_function,
-    )
+    from test_stalls import _churn, _known_functions, is_stdlib_function
 
     known = _known_functions()
     monitor, reports = sampling_monitor(threshold_ms=1.0, report_stalls=True, reports_per_minute=None)
 
     async def churn(rounds: int) -> None:
-        _recurse(rounds % 40)
-        sum(_generate(20))
-        with contextlib.suppress(ValueError):
-            _unwind(rounds % 25)
-        if rounds % 50 == 0:
-            _spawn_and_join()
+        _churn(rounds)
 
     async def main() -> None:
         steps = 0

@@ -231,7 +231,7 @@ def test_the_reader_gives_the_span_of_each_frames_instruction_and_whether_it_is_
 def _known_functions() -> dict[tuple[str, str], range]:
     """Every function the busy thread below may be running, with its lines."""
     known = {}
-    for func in (_busy_thread, _recurse, _generate, _unwind, _spawn_and_join):
+    for func in (_busy_thread, _churn, _recurse, _generate, _unwind, _spawn_and_join):
         code = func.__code__
         name = code.co_qualname if sys.version_info >= (3, 11) else code.co_name
         lines = (
@@ -268,16 +268,22 @@ def _spawn_and_join() -> None:
     helper.join()
 
 
+def _churn(rounds: int) -> None:
+    """One round of changing the stack as fast as it can: recursion, a generator, an exception
+    unwinding, and now and then a thread started and joined."""
+    _recurse(rounds % 40)
+    sum(_generate(20))
+    with contextlib.suppress(ValueError):
+        _unwind(rounds % 25)
+    if rounds % 50 == 0:
+        _spawn_and_join()
+
+
 def _busy_thread(stop: threading.Event, states: list[int]) -> None:
     states.append(_native._stack_reads()[0])
     rounds = 0
     while not stop.is_set():
-        _recurse(rounds % 40)
-        sum(_generate(20))
-        with contextlib.suppress(ValueError):
-            _unwind(rounds % 25)
-        if rounds % 50 == 0:
-            _spawn_and_join()
+        _churn(rounds)
         rounds += 1
 
 
