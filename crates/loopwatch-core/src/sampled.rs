@@ -5,6 +5,7 @@
 
 use crate::episode::{Episode, EpisodeKind, StackFrame};
 use crate::filter::FilterSet;
+use crate::gc::only_collected;
 use crate::stall::SampledFrame;
 use crate::tracker::gc_frame;
 
@@ -100,11 +101,12 @@ pub fn sampled_episode(
     let mut culprit = stack.iter().rposition(|frame| frame.included)?;
     // As in the exact mode, the stack ends at the culprit.
     stack.truncate(culprit + 1);
-    let own_ns = unit.duration_ns.saturating_sub(unit.cpu_wait_ns);
-    let only_collected = unit.gc_ns > 0
-        && own_ns >= unit.threshold_ns
-        && own_ns.saturating_sub(unit.gc_ns) < unit.threshold_ns;
-    let kind = if only_collected {
+    let kind = if only_collected(
+        unit.duration_ns,
+        unit.cpu_wait_ns,
+        unit.gc_ns,
+        unit.threshold_ns,
+    ) {
         // Over the threshold only because of a collection: the collection is the culprit, below
         // the frame it interrupted.
         stack.push(gc_frame(unit.gc_generation, unit.gc_ns));

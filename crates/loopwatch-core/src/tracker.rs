@@ -12,7 +12,7 @@
 
 use crate::episode::{gc_culprit_name, Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
 use crate::filter::FilterSet;
-use crate::gc::GcTime;
+use crate::gc::{only_collected, GcTime};
 
 /// A raw clock reading; only differences are meaningful.
 pub type Ticks = u64;
@@ -668,54 +668,43 @@ impl Tracker {
         // The root's is the unit's.
         let unit_gc = chain[0].gc;
         let gc_ns = self.nanos(unit_gc.ticks);
-        let only_collected = blamable == 0
-            && unit_gc.ticks > 0
-            && self.nanos(duration).saturating_sub(cpu_wait_ns) >= threshold_ns;
-        if only_collected {
-            // Over the threshold only because of a collection: the collection is the culprit,
-            // and the frames it interrupted say where, if the filters watch any of them.
-            if !chain.iter().any(|node| node.included) {
-                return None;
-            }
-            let mut stack: Vec<StackFrame> = chain
-                .iter()
-                .enumerate()
-                .map(|(i, node)| self.stack_frame(node, i + 1 == chain.len()))
-                .collect();
-            stack.push(gc_frame(unit_gc.generation, gc_ns));
-            return Some(Episode {
-                kind: EpisodeKind::Gc,
-                duration_ns: self.nanos(duration),
-                threshold_ns,
-                cpu_wait_ns,
-                gc_ns,
-                gc_generation: unit_gc.generation,
-                culprit: stack.len() - 1,
-                stack,
-                task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
-                scope: self.unit_task.as_ref().and_then(|task| task.scope),
-                reports_while_running: 0,
-            });
-        }
-        if blamable > 0 {
-            chain.truncate(blamable);
-        }
-        let culprit = chain
-            .iter()
-            .rposition(|n| n.included && !n.is_coroutine)
-            .or_else(|| chain.iter().rposition(|n| n.included))?;
-        let kind = if chain[culprit].is_coroutine {
-            EpisodeKind::Step
-        } else if chain[..culprit].iter().any(|n| n.is_coroutine) {
-            EpisodeKind::Call
-        } else {
-            EpisodeKind::Callback
-        };
-        let stack = chain[..=culprit]
-            .iter()
-            .enumerate()
-            .map(|(i, node)| self.stack_frame(node, i == culprit))
-            .collect();
+        let (kind, stack, culprit) =
+            if only_collected(self.nanos(duration), cpu_wait_ns, gc_ns, threshold_ns) {
+                // Over the threshold only because of a collection: the collection is the
+                // culprit, and the frames it interrupted say where, if the filters watch any.
+                if !chain.iter().any(|node| node.included) {
+                    return None;
+                }
+                let mut stack: Vec<StackFrame> = chain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, node)| self.stack_frame(node, i + 1 == chain.len()))
+                    .collect();
+                stack.push(gc_frame(unit_gc.generation, gc_ns));
+                let culprit = stack.len() - 1;
+                (EpisodeKind::Gc, stack, culprit)
+            } else {
+                if blamable > 0 {
+                    chain.truncate(blamable);
+                }
+                let culprit = chain
+                    .iter()
+                    .rposition(|n| n.included && !n.is_coroutine)
+                    .or_else(|| chain.iter().rposition(|n| n.included))?;
+                let kind = if chain[culprit].is_coroutine {
+                    EpisodeKind::Step
+                } else if chain[..culprit].iter().any(|n| n.is_coroutine) {
+                    EpisodeKind::Call
+                } else {
+                    EpisodeKind::Callback
+                };
+                let stack = chain[..=culprit]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, node)| self.stack_frame(node, i == culprit))
+                    .collect();
+                (kind, stack, culprit)
+            };
         Some(Episode {
             kind,
             duration_ns: self.nanos(duration),
@@ -801,11 +790,7 @@ impl Tracker {
             included,
         }];
         let threshold_ns = self.nanos(self.threshold);
-        let own_ns = self.nanos(unseen).saturating_sub(cpu_wait_ns);
-        let kind = if gc.ticks > 0
-            && own_ns >= threshold_ns
-            && own_ns.saturating_sub(gc_ns) < threshold_ns
-        {
+        let kind = if only_collected(self.nanos(unseen), cpu_wait_ns, gc_ns, threshold_ns) {
             // The callback ran over the threshold only because a collection ran inside it.
             stack.push(gc_frame(gc.generation, gc_ns));
             EpisodeKind::Gc
