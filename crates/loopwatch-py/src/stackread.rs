@@ -226,6 +226,8 @@ const MAX_NAME: usize = 1024;
 const MAX_TABLE: usize = 1 << 20;
 /// Bytes of a frame object read at once (3.9, 3.10): up to and with `f_lasti`.
 const OBJECT_FRAME_HEAD: usize = 112;
+/// The most of an `_PyInterpreterFrame`'s head that is read at once (up to its `owner`).
+const INTERPRETER_FRAME_HEAD: usize = 80;
 /// More references than any live frame object has: a count read as more is not a count.
 const MAX_REFS: usize = 1 << 40;
 
@@ -317,11 +319,6 @@ impl Memory {
         let mut buf = [0u8; 4];
         self.read(address, &mut buf)
             .then(|| u32::from_ne_bytes(buf))
-    }
-
-    fn byte(&self, address: usize) -> Option<u8> {
-        let mut buf = [0u8; 1];
-        self.read(address, &mut buf).then_some(buf[0])
     }
 
     fn is_a(&self, object: usize, type_address: usize) -> bool {
@@ -417,6 +414,7 @@ struct RawFrame {
 /// The chain of frames from the thread state, innermost first; cut where a link does not check out.
 fn raw_frames(memory: &Memory, tstate: usize, types: &Types) -> Option<Vec<RawFrame>> {
     let mut frames = Vec::new();
+    let mut first_traceable: Vec<(usize, Option<u32>)> = Vec::new();
     let mut at = memory.word(tstate + LAYOUT.tstate_frame)?;
     if let Some(offset) = LAYOUT.via_cframe {
         if at == 0 {
@@ -471,15 +469,32 @@ fn raw_frames(memory: &Memory, tstate: usize, types: &Types) -> Option<Vec<RawFr
                 owner,
                 foreign_owner,
             } => {
-                let owned_by = memory.byte(at + owner)?;
+                // The frame's head in one read, as for frame objects above.
+                let mut head = [0u8; INTERPRETER_FRAME_HEAD];
+                let span = (owner + 1).max(code.max(previous).max(instr) + 8);
+                if span > head.len() || !memory.read(at, &mut head[..span]) {
+                    return None;
+                }
+                let word = |offset: usize| {
+                    usize::from_ne_bytes(head[offset..offset + 8].try_into().expect("8 bytes"))
+                };
+                let owned_by = head[owner];
                 if owned_by < foreign_owner {
-                    let code = memory.word(at + code)? & !LAYOUT.tag_bits;
+                    let code = word(code) & !LAYOUT.tag_bits;
                     let start = code + LAYOUT.co_code_adaptive;
-                    let offset = memory.word(at + instr)?.checked_sub(start);
+                    let offset = word(instr).checked_sub(start);
                     // As `_PyFrame_IsIncomplete`: a generator's frame is always complete. A code
                     // pointer that cannot be read (a frame being set up) leaves the frame out;
-                    // naming checks the code object anyway.
-                    let first = memory.u32_at(code + LAYOUT.co_firsttraceable);
+                    // naming checks the code object anyway. Recursion runs one code object in
+                    // many frames: its first traceable instruction is read once per stack.
+                    let known = first_traceable.iter().find(|(c, _)| *c == code).copied();
+                    let first = if let Some((_, first)) = known {
+                        first
+                    } else {
+                        let first = memory.u32_at(code + LAYOUT.co_firsttraceable);
+                        first_traceable.push((code, first));
+                        first
+                    };
                     let complete = owned_by == OWNED_BY_GENERATOR
                         || matches!((offset, first), (Some(offset), Some(first)) if offset >= first as usize * 2);
                     if complete {
@@ -490,7 +505,7 @@ fn raw_frames(memory: &Memory, tstate: usize, types: &Types) -> Option<Vec<RawFr
                         });
                     }
                 }
-                at = memory.word(at + previous)?;
+                at = word(previous);
             }
         }
     }
@@ -621,7 +636,7 @@ fn stands_still(
 }
 
 /// How many times `read_stack` reads a changing stack before it gives up.
-const READ_ATTEMPTS: usize = 4;
+const READ_ATTEMPTS: usize = 8;
 
 /// The calling thread's `PyThreadState`, as `read_stack` takes it.
 pub fn current_thread_state() -> usize {
