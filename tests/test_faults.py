@@ -1,6 +1,7 @@
 """A fault near loopwatch never changes how the program ends: exits, interrupts, loops left open
 in threads, shutdown with a monitor still on, and a callback that fails on every report of a
-storm. Each a real program in its own process, compared with the same program unmonitored."""
+storm. Each a real program in its own process, compared with the same program unmonitored, in the
+exact mode and the always-on mode."""
 
 from __future__ import annotations
 
@@ -39,11 +40,21 @@ def without_loopwatch_lines(stderr: str) -> str:
     return "\n".join(lines)
 
 
-def same_end_as_unmonitored(script: Path, autostart_env: dict[str, str], *args: str) -> str:
-    """Runs `script` without loopwatch and under LOOPWATCH=1: same exit status, same stdout, same
-    stderr but for loopwatch's own lines. Gives the monitored run's stderr."""
+# The always-on mode exists from 3.11.
+MODES = ["exact", "sampling"] if sys.version_info >= (3, 11) else ["exact"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def same_end_as_unmonitored(script: Path, autostart_env: dict[str, str], mode: str, *args: str) -> str:
+    """Runs `script` without loopwatch and under LOOPWATCH=1 in `mode`: same exit status, same
+    stdout, same stderr but for loopwatch's own lines. Gives the monitored run's stderr."""
     plain = run(script, autostart_env, *args)
-    watched = run(script, {**autostart_env, "LOOPWATCH": "1", "LOOPWATCH_THRESHOLD_MS": "30"}, *args)
+    env = {**autostart_env, "LOOPWATCH": "1", "LOOPWATCH_THRESHOLD_MS": "30", "LOOPWATCH_MODE": mode}
+    watched = run(script, env, *args)
     assert (watched.returncode, watched.stdout) == (plain.returncode, plain.stdout), watched.stderr
     assert without_loopwatch_lines(watched.stderr) == plain.stderr.rstrip("\n"), watched.stderr
     assert "Exception ignored" not in watched.stderr and "Fatal Python error" not in watched.stderr
@@ -69,15 +80,17 @@ asyncio.run(main(sys.argv[1]))
 
 @pytest.mark.parametrize("how", ["exit", "interrupt", "error", "return"])
 def test_a_program_ends_as_it_would_unmonitored(
-    tmp_path: Path, autostart_env: dict[str, str], how: str
+    tmp_path: Path, autostart_env: dict[str, str], how: str, mode: str
 ) -> None:
     script = write(tmp_path / "ending.py", ENDINGS)
-    stderr = same_end_as_unmonitored(script, autostart_env, how)
+    stderr = same_end_as_unmonitored(script, autostart_env, mode, how)
     # The block was reported all the same, before the program ended.
     assert "time.sleep blocked the event loop for " in stderr
 
 
-def test_a_loop_left_open_in_a_thread_that_ends(tmp_path: Path, autostart_env: dict[str, str]) -> None:
+def test_a_loop_left_open_in_a_thread_that_ends(
+    tmp_path: Path, autostart_env: dict[str, str], mode: str
+) -> None:
     script = write(
         tmp_path / "thread_loop.py",
         """
@@ -96,21 +109,23 @@ def test_a_loop_left_open_in_a_thread_that_ends(tmp_path: Path, autostart_env: d
         print("joined")
         """,
     )
-    stderr = same_end_as_unmonitored(script, autostart_env)
+    stderr = same_end_as_unmonitored(script, autostart_env, mode)
     assert len(re.findall(r"time\.sleep blocked the event loop for ", stderr)) == 1
 
 
-def test_shutdown_with_a_monitor_still_active(tmp_path: Path, autostart_env: dict[str, str]) -> None:
+def test_shutdown_with_a_monitor_still_active(
+    tmp_path: Path, autostart_env: dict[str, str], mode: str
+) -> None:
     script = write(
         tmp_path / "left_on.py",
         """
-        import asyncio, time
+        import asyncio, sys, time
         from loopwatch import EventLoopMonitor
 
         def report(info):
             print("report", info.method_name)
 
-        monitor = EventLoopMonitor(threshold_ms=30, on_blocking_call=report)
+        monitor = EventLoopMonitor(threshold_ms=30, on_blocking_call=report, mode=sys.argv[1])
 
         async def main():
             monitor.activate()  # never deactivated: the interpreter shuts down with it on
@@ -121,13 +136,14 @@ def test_shutdown_with_a_monitor_still_active(tmp_path: Path, autostart_env: dic
         print("done")
         """,
     )
-    done = run(script, autostart_env)
+    done = run(script, autostart_env, mode)
     assert (done.returncode, done.stdout) == (0, "report time.sleep\ndone\n"), done.stderr
-    assert done.stderr == ""
+    # Nothing but loopwatch's own lines (the always-on mode reports the block while it runs).
+    assert without_loopwatch_lines(done.stderr) == "", done.stderr
 
 
 def test_a_callback_that_raises_on_every_report_of_a_storm_keeps_memory_bounded(
-    tmp_path: Path, autostart_env: dict[str, str]
+    tmp_path: Path, autostart_env: dict[str, str], mode: str
 ) -> None:
     script = write(
         tmp_path / "storm.py",
@@ -151,7 +167,10 @@ def test_a_callback_that_raises_on_every_report_of_a_storm_keeps_memory_bounded(
                 await asyncio.sleep(0)
 
         async def main():
-            with EventLoopMonitor(threshold_ms=0.1, on_blocking_call=broken, reports_per_minute=None):
+            monitor = EventLoopMonitor(
+                threshold_ms=0.1, on_blocking_call=broken, reports_per_minute=None, mode=sys.argv[1]
+            )
+            with monitor:
                 await storm(1_000)
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 await storm(10_000)
@@ -161,7 +180,7 @@ def test_a_callback_that_raises_on_every_report_of_a_storm_keeps_memory_bounded(
         asyncio.run(main())
         """,
     )
-    done = run(script, autostart_env)
+    done = run(script, autostart_env, mode)
     assert done.returncode == 0, done.stderr
     grew = int(re.search(r"grew (-?\d+) KiB", done.stdout).group(1))
     assert grew < 4096, done.stdout  # bounded: nothing of a report or its exception is kept

@@ -1,7 +1,7 @@
 """Child processes made from inside a monitored coroutine, as real processes: a child never
 reports its parent's episode, and reports its own blocks exactly once, with its own pid, whether
 the monitor is the program's own (`event_loop_monitor_ctx`, fork only) or the environment's
-(`LOOPWATCH=1`, every start method)."""
+(`LOOPWATCH=1`, every start method), in the exact mode and the always-on mode."""
 
 from __future__ import annotations
 
@@ -50,27 +50,34 @@ async def work(how):
     await asyncio.to_thread(wait)
     print("child", pid, flush=True)
 
-async def main(how, own_monitor, record):
+async def main(how, own_monitor, record, mode):
     if own_monitor:
-        with event_loop_monitor_ctx(threshold_ms=30, on_blocking_call=report, record_to=record):
+        with event_loop_monitor_ctx(threshold_ms=30, on_blocking_call=report, record_to=record, mode=mode):
             await work(how)
     else:
         await work(how)
 
 if __name__ == "__main__":
-    how, own_monitor, record = sys.argv[1], sys.argv[2] == "own", sys.argv[3]
+    how, own_monitor, record, mode = sys.argv[1], sys.argv[2] == "own", sys.argv[3], sys.argv[4]
     print("parent", os.getpid(), flush=True)
-    asyncio.run(main(how, own_monitor, record))
+    asyncio.run(main(how, own_monitor, record, mode))
 """
 
 
-def run_program(tmp_path: Path, how: str, mode: str, env: dict[str, str]) -> tuple[Path, str, str, int, int]:
+# The always-on mode exists from 3.11.
+MODES = ["exact", "sampling"] if sys.version_info >= (3, 11) else ["exact"]
+
+
+def run_program(
+    tmp_path: Path, how: str, monitor: str, mode: str, env: dict[str, str]
+) -> tuple[Path, str, str, int, int]:
     script = write(tmp_path / "forking.py", PROGRAM)
     record = tmp_path / "run.lwrec"
-    if mode == "env":
+    if monitor == "env":
         env = {**env, "LOOPWATCH": "1", "LOOPWATCH_THRESHOLD_MS": "30", "LOOPWATCH_RECORD": str(record)}
+        env["LOOPWATCH_MODE"] = mode
     done = subprocess.run(
-        [sys.executable, str(script), how, mode, str(record)],
+        [sys.executable, str(script), how, monitor, str(record), mode],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -90,7 +97,8 @@ def check_recording(record: Path, script: Path, parent: int, child: int) -> None
     [in_child] = [e for e in episodes if e.process_id == child]
     assert (in_child.method_name, in_child.lineno) == ("time.sleep", line_of(script, "child blocks"))
     assert 55 <= in_child.duration_ms < 100
-    # The parent's step (its 100 ms and starting the child), once, in the parent.
+    # The parent's step (its 100 ms and starting the child), once, in the parent. (The always-on
+    # mode blames the last stack it read in the step: under forkserver, the wait for the server.)
     [in_parent] = [e for e in episodes if e.process_id == parent]
     assert in_parent.duration_ms >= 100
     assert any(frame.name == "__main__.work" for frame in in_parent.stack)
@@ -99,13 +107,14 @@ def check_recording(record: Path, script: Path, parent: int, child: int) -> None
 FORK_METHODS = ["os.fork", "fork"]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how", FORK_METHODS)
 def test_a_forked_child_reports_only_its_own_block_to_the_programs_monitor(
-    tmp_path: Path, how: str, autostart_env: dict[str, str]
+    tmp_path: Path, how: str, mode: str, autostart_env: dict[str, str]
 ) -> None:
     if how == "fork" and "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork start method here")
-    script, stdout, _, parent, child = run_program(tmp_path, how, "own", autostart_env)
+    script, stdout, _, parent, child = run_program(tmp_path, how, "own", mode, autostart_env)
     reports = re.findall(r"^report (\d+) (\d+) (\S+) (\d+)$", stdout, re.M)
     # Each process reports its own block once, in its own process, with its own pid.
     assert [r for r in reports if r[0] == str(child)] == [
@@ -115,13 +124,14 @@ def test_a_forked_child_reports_only_its_own_block_to_the_programs_monitor(
     check_recording(tmp_path / "run.lwrec", script, parent, child)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how", ["os.fork", "fork", "forkserver", "spawn"])
 def test_every_child_reports_only_its_own_block_under_loopwatch_1(
-    tmp_path: Path, how: str, autostart_env: dict[str, str]
+    tmp_path: Path, how: str, mode: str, autostart_env: dict[str, str]
 ) -> None:
     if how not in ("os.fork", *multiprocessing.get_all_start_methods()):
         pytest.skip(f"no {how} start method here")
-    script, _, stderr, parent, child = run_program(tmp_path, how, "env", autostart_env)
+    script, _, stderr, parent, child = run_program(tmp_path, how, "env", mode, autostart_env)
     heads = [line for line in stderr.splitlines() if "blocked the event loop" in line]
     assert len(heads) == 2, stderr
     [in_child] = [line for line in heads if line.startswith(f"loopwatch[{child}]: ")]
@@ -133,7 +143,8 @@ def test_every_child_reports_only_its_own_block_under_loopwatch_1(
     check_recording(tmp_path / "run.lwrec", script, parent, child)
 
 
-def test_a_child_that_leaves_through_its_parents_step_reports_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_a_child_that_leaves_through_its_parents_step_reports_nothing(tmp_path: Path, mode: str) -> None:
     # The child unwinds the step it was forked in (sys.exit): that step is the parent's.
     script = write(
         tmp_path / "exits.py",
@@ -145,7 +156,7 @@ def test_a_child_that_leaves_through_its_parents_step_reports_nothing(tmp_path: 
             print(f"report {os.getpid()} {info.method_name} {info.duration_ms:.0f}", flush=True)
 
         async def main():
-            with event_loop_monitor_ctx(threshold_ms=30, on_blocking_call=report):
+            with event_loop_monitor_ctx(threshold_ms=30, on_blocking_call=report, mode=sys.argv[1]):
                 time.sleep(0.1)
                 loop = asyncio.get_running_loop()
                 pid = os.fork()
@@ -162,7 +173,7 @@ def test_a_child_that_leaves_through_its_parents_step_reports_nothing(tmp_path: 
         asyncio.run(main())
         """,
     )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     parent = int(re.search(r"^parent (\d+)$", done.stdout, re.M).group(1))
     reports = re.findall(r"^report (\d+) (\S+) (\d+)$", done.stdout, re.M)

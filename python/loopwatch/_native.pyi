@@ -19,6 +19,7 @@ __all__ = [
     "_code_reads",
     "_dropped_stalls",
     "_gc_callback",
+    "_local_variable",
     "_read_stack",
     "_release_stalls",
     "_stack_reads",
@@ -123,6 +124,10 @@ def _bench_uninstall_hook() -> None:
 
 def _gc_callback(phase: Any, info: Any) -> None:
     """For `gc.callbacks`: times each garbage collection on the thread that runs it."""
+
+def _local_variable(frame: Any, name: str) -> Any:
+    """A local variable of a frame (None if it has none such, or is no frame), read without
+    leaving a copy of the frame's locals behind."""
 
 def _code_reads() -> str:
     """How the hook reads a frame's code: "struct" or "portable"."""

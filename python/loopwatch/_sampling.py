@@ -161,11 +161,13 @@ def _await_chain(task: asyncio.Task[Any]) -> list[Frame]:
 
 def _handle_of(handle_frame: types.FrameType) -> Any:
     """The handle a `Handle._run` frame runs: its `self`, which it sets to None as it returns;
-    then the loop's `_run_once`, which called it, still holds it as `handle`."""
-    handle = handle_frame.f_locals.get("self")
+    then the loop's `_run_once`, which called it, still holds it as `handle`. Read without
+    leaving a copy of the frames' locals behind (up to 3.12 `f_locals` keeps one): it would keep
+    that handle, and what its callback holds, alive after `_run_once` has moved on."""
+    handle = _native._local_variable(handle_frame, "self")
     caller = handle_frame.f_back
     if handle is None and caller is not None and caller.f_code.co_name == "_run_once":
-        handle = caller.f_locals.get("handle")
+        handle = _native._local_variable(caller, "handle")
     return handle
 
 

@@ -35,7 +35,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     threadstate::init();
     #[cfg(not(Py_3_11))]
     codes::verify_legacy_lasti(py)?;
-    #[cfg(not(Py_3_11))]
+    #[cfg(not(Py_3_13))]
     locals::confirm_offset(py)?;
     #[cfg(Py_3_12)]
     monitoring::init();
@@ -49,6 +49,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recording::RecordingWriter>()?;
     m.add_class::<recording::RecordingReader>()?;
     m.add_function(wrap_pyfunction!(gcwatch::_gc_callback, m)?)?;
+    m.add_function(wrap_pyfunction!(locals::_local_variable, m)?)?;
     m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;
     m.add_function(wrap_pyfunction!(monitor::_watched, m)?)?;
     m.add_function(wrap_pyfunction!(stackread::_read_stack, m)?)?;

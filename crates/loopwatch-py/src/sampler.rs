@@ -810,7 +810,7 @@ mod legacy {
         let frame = unsafe { super::running_handle_run() };
         if !frame.is_null() {
             let frame = unsafe { Bound::from_owned_ptr(py, frame.cast()) };
-            let handle = frame.getattr("f_locals")?.get_item("self").ok();
+            let handle = crate::locals::local_variable(&frame, "self");
             state.open_handle = handle.map(Bound::unbind);
         }
         state.end_unseen = true;
