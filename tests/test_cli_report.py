@@ -4,6 +4,7 @@ subprocess on real recording files (text, --json, --html, errors, pipes and a te
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from loopwatch import BlockingCallInfo, Recording, StackFrame
+from loopwatch import BlockingCallInfo, Recording, StackFrame, read_recording
 from loopwatch._html import MAX_BARS, render_html
 from loopwatch._recording import open_recorder
 from loopwatch._reporting import PROGRESS_FROM_BYTES, percentile, render_json, summarize
@@ -211,6 +212,7 @@ DOCUMENT_KEYS = {
     "sessions",
     "processes",
     "episodes",
+    "steps",
     "blocked_ms",
     "first_at",
     "last_at",
@@ -269,6 +271,7 @@ def test_json_is_one_document_with_the_documented_keys_and_exact_numbers(tmp_pat
     assert set(document) == DOCUMENT_KEYS
     assert (document["format"], document["version"], document["problem"]) == ("loopwatch-report", 1, None)
     assert (document["episodes"], document["blocked_ms"], document["culprits_total"]) == (7, 260.0, 3)
+    assert document["steps"] == 7
     assert document["first_at"] == T0 and document["last_at"] == pytest.approx(T0 + 6.005)
     assert document["processes"] == 1
     assert [s["process_id"] for s in document["sessions"]] == [PID]
@@ -289,6 +292,33 @@ def test_json_is_one_document_with_the_documented_keys_and_exact_numbers(tmp_pat
     assert (example["task_name"], example["duration_ms"], example["timestamp"]) == ("worst-a", 40.0, T0 + 2)
     assert all(set(frame) == FRAME_KEYS for frame in example["stack"])
     assert [frame["name"] for frame in example["stack"]] == ["app.layer0.handle", "app.a"]  # outermost first
+
+
+def test_a_step_with_two_culprits_counts_its_blocked_time_once_and_each_culprit_its_share(
+    tmp_path: Path,
+) -> None:
+    # One 125 ms step whose calls app.a (60 ms) and app.b (60 ms) were each over the threshold:
+    # two reports of one episode, each with the step's duration and its own share; then app.a
+    # alone in a 30 ms step. Written to a real recording and read back by the command.
+    two = {"episode_id": 7, "culprits_in_episode": 2}
+    episodes = [
+        episode("app.a", 125.0, T0, share_ms=60.0, **two),
+        episode("app.b", 125.0, T0, share_ms=60.0, **two),
+        episode("app.a", 30.0, T0 + 1.0, episode_id=8),
+    ]
+    path = write_recording(tmp_path / "two.lwrec", episodes)
+    document = json.loads(report(str(path), "--json").stdout)
+    assert (document["episodes"], document["steps"], document["blocked_ms"]) == (3, 2, 155.0)
+    totals = {c["culprit"]: (c["count"], c["total_ms"], c["max_ms"]) for c in document["culprits"]}
+    assert totals == {"app.a": (2, 90.0, 60.0), "app.b": (1, 60.0, 60.0)}
+    assert math.fsum(c["share"] for c in document["culprits"]) <= 1.0
+    read = read_recording(path).episodes
+    assert [(e.episode_id, e.culprits_in_episode, e.share_ms) for e in read] == [
+        (7, 2, 60.0),
+        (7, 2, 60.0),
+        (8, 1, 30.0),
+    ]
+    assert "one of 2 culprits of one 125.0 ms step" in read[0].headline()
 
 
 def test_every_json_key_is_documented_in_the_module_docstring() -> None:

@@ -59,6 +59,68 @@ def test_nested_sync_calls_make_one_report_with_the_deepest_culprit(run):
     assert info.lineno == info.stack[2].lineno
 
 
+def first_slow_function() -> None:
+    time.sleep(BLOCK_S)  # first culprit
+
+
+def second_slow_function() -> None:
+    time.sleep(BLOCK_S)  # second culprit
+
+
+def test_each_of_two_slow_calls_in_one_step_is_its_own_report_in_the_order_they_ran(run, backend):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            first_slow_function()
+            second_slow_function()  # no await between them: one step blocks twice
+            await asyncio.sleep(0)
+
+    run(main)
+    if backend == "sampling":
+        # The always-on mode names the last stack it read in the step (it reads at half the
+        # threshold and at each report of a running stall): one of the calls, for the whole step.
+        [info] = reports
+        assert [short(n) for n in names(info)][-2:] in (
+            ["first_slow_function", "sleep"],
+            ["second_slow_function", "sleep"],
+        )
+        assert info.culprits_in_episode == 1
+        return
+    assert [[short(n) for n in names(info)] for info in reports] == [
+        ["main", "first_slow_function", "sleep"],
+        ["main", "second_slow_function", "sleep"],
+    ]
+    first, second = reports
+    # Each at its own line, with its own time; both say how long the step blocked the loop.
+    assert first.lineno == first_slow_function.__code__.co_firstlineno + 1
+    assert second.lineno == second_slow_function.__code__.co_firstlineno + 1
+    assert first.episode_id == second.episode_id != 0
+    assert first.culprits_in_episode == second.culprits_in_episode == 2
+    assert first.duration_ms == second.duration_ms >= 2 * BLOCK_S * 1000
+    for info in reports:
+        assert BLOCK_S * 1000 <= info.share_ms <= info.culprit_duration_ms + 5
+        assert "one of 2 culprits of one" in info.headline()
+    assert first.share_ms + second.share_ms <= first.duration_ms
+
+
+def test_slow_calls_in_different_steps_are_different_episodes(run, backend):
+    ctx, reports = monitor()
+
+    async def main():
+        with ctx:
+            first_slow_function()
+            await asyncio.sleep(0)
+            second_slow_function()
+            await asyncio.sleep(0)
+
+    run(main)
+    assert len(reports) == 2
+    assert reports[0].episode_id != reports[1].episode_id
+    assert [info.culprits_in_episode for info in reports] == [1, 1]
+    assert [info.share_ms for info in reports] == [info.duration_ms for info in reports]
+
+
 def test_the_duration_is_the_real_stall_not_a_multiple_of_the_threshold(run):
     ctx, reports = monitor()
 

@@ -68,6 +68,36 @@ def test_prometheus_metrics_are_scraped_over_http():
     assert float(total.rsplit(" ", 1)[1]) >= 2 * BLOCK_S
 
 
+def other_report():
+    time.sleep(BLOCK_S)
+
+
+def test_a_step_with_two_culprits_adds_the_loops_blocked_time_once():
+    registry = prometheus_client.CollectorRegistry()
+    reports = []
+
+    def export(info):
+        reports.append(info)
+        exporter(info)
+
+    exporter = PrometheusExporter(registry=registry)
+
+    async def main():
+        with EventLoopMonitor(threshold_ms=THRESHOLD_MS, on_blocking_call=export):
+            load_report()
+            other_report()  # the same step: two culprits of one episode
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert [info.culprits_in_episode for info in reports] == [2, 2]
+    step_s = reports[0].duration_ms / 1000
+    labels = {"culprit": "time.sleep", "kind": "call"}
+    observed = registry.get_sample_value("event_loop_blocking_seconds_sum", labels)
+    assert registry.get_sample_value("event_loop_blocking_seconds_count", labels) == 2
+    # Each culprit's share: together the step, not twice the step.
+    assert 2 * BLOCK_S <= observed <= step_s
+
+
 def test_opentelemetry_histogram_and_span_event():
     reader = InMemoryMetricReader()
     exporter = OpenTelemetryExporter(meter=MeterProvider(metric_readers=[reader]).get_meter("test"))

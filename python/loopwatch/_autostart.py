@@ -223,8 +223,8 @@ class _Reporter:
                 self.untallied += 1
             else:
                 tally.episodes += 1
-                if info.duration_ms > tally.worst_ms:
-                    tally.worst_ms, tally.where = info.duration_ms, info.where
+                if info.blamed_ms > tally.worst_ms:
+                    tally.worst_ms, tally.where = info.blamed_ms, info.where
                     tally.via = info.via
             held_back = self._rate_limit.admit(culprit)
         if held_back is None:

@@ -318,11 +318,12 @@ def _timeline(summary: Summary, colors: dict[str, str]) -> str:
         for column_at in range(max(first, 0), min(last, plot_width - 1) + 1):
             column = columns.setdefault((lane, column_at), _Column())
             column.count += 1
-            column.blocked_ms += info.duration_ms
+            # Shares: a step with several culprits is counted once across their reports.
+            column.blocked_ms += info.blamed_ms
             column.by_culprit[info.method_name] = (
-                column.by_culprit.get(info.method_name, 0.0) + info.duration_ms
+                column.by_culprit.get(info.method_name, 0.0) + info.blamed_ms
             )
-            if column.worst is None or info.duration_ms > column.worst.duration_ms:
+            if column.worst is None or info.blamed_ms > column.worst.blamed_ms:
                 column.worst = info
     for (lane, column_at), column in sorted(columns.items()):
         most = max(column.by_culprit.items(), key=lambda item: item[1])[0]

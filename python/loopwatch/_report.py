@@ -104,11 +104,30 @@ class BlockingCallInfo:
     reports_while_running: int = 0
     """How many times loopwatch's watchdog reported this stall to stderr while it still ran (see
     ``report_stalls``); this report, made when it ended, is the one that counts."""
+    episode_id: int = 0
+    """The reports of one callback or task step share it (with ``process_id``): a step in which
+    several sibling calls each ran over the threshold makes one report per culprit, in the order
+    they ran, and each says the whole step's ``duration_ms``. 0 in recordings made before."""
+    culprits_in_episode: int = 1
+    """How many reports (culprits) that step made."""
+    share_ms: Optional[float] = None
+    """Of ``duration_ms``, the part this report's culprit accounts for: all of it when it is the
+    step's only culprit, else its own branch of the step. The shares of one step never overlap:
+    add these, not ``duration_ms``, to total the blocked time per culprit."""
     sampled: bool = False
     """Whether the always-on mode (``mode="sampling"``) found it: the duration is exact, the
     stack is the one loopwatch's watchdog read while the step ran, and every frame is given the
     whole duration. Not kept in recordings."""
     _scope: Optional[int] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.share_ms is None:
+            object.__setattr__(self, "share_ms", self.duration_ms)
+
+    @property
+    def blamed_ms(self) -> float:
+        """`share_ms` as a number: the blocked time this report's culprit is charged with."""
+        return self.duration_ms if self.share_ms is None else self.share_ms
 
     @classmethod
     def _from_native(cls, raw: dict[str, Any], found_at: Optional[float] = None) -> BlockingCallInfo:
@@ -134,6 +153,9 @@ class BlockingCallInfo:
             cpu_wait_ms=raw["cpu_wait_ns"] / 1e6,
             gc_ms=raw.get("gc_ns", 0) / 1e6,
             reports_while_running=raw.get("reports_while_running", 0),
+            episode_id=raw.get("episode_id", 0),
+            culprits_in_episode=raw.get("culprits", 1),
+            share_ms=raw.get("share_ns", raw["duration_ns"]) / 1e6,
             sampled=raw.get("sampled", False),
             _scope=raw.get("scope"),
         )
@@ -158,6 +180,9 @@ class BlockingCallInfo:
             "task_name": self.task_name,
             "context": {str(k): str(v) for k, v in self.context.items()} if self.context else None,
             "reports_while_running": self.reports_while_running,
+            "episode_id": self.episode_id,
+            "culprits_in_episode": self.culprits_in_episode,
+            "share_ms": self.share_ms if self.culprits_in_episode > 1 else None,
             "stack": [
                 (
                     f.name,
@@ -237,10 +262,13 @@ class BlockingCallInfo:
             "step": "(a coroutine step with no single slow call) blocked the event loop",
         }.get(self.kind, "blocked the event loop")
         via = f" (via {self.via})" if self.via else ""
-        return (
-            f"{self.method_name}{via} {what} for {self.duration_ms:.1f} ms{task}{scope} "
-            f"at {self.where}{held_back}"
-        )
+        how_long = f"{self.duration_ms:.1f} ms"
+        if self.culprits_in_episode > 1:
+            how_long = (
+                f"{self.blamed_ms:.1f} ms (one of {self.culprits_in_episode} culprits of one "
+                f"{self.duration_ms:.1f} ms step)"
+            )
+        return f"{self.method_name}{via} {what} for {how_long}{task}{scope} at {self.where}{held_back}"
 
     def format(self, max_frames: Optional[int] = None) -> str:
         """A readable report: headline, location, then the stack with the user's frames first."""
@@ -253,7 +281,7 @@ class BlockingCallInfo:
             lines.append("  (always-on mode: the stack as read while it ran)")
         elif self.kind == "gc":
             pass  # the headline says how long the collection took
-        elif self.culprit_duration_ms < 0.9 * self.duration_ms:
+        elif self.culprit_duration_ms < 0.9 * self.blamed_ms:
             lines.append(f"  {self.method_name} itself ran {self.culprit_duration_ms:.1f} ms of it")
         if self.cpu_wait_ms >= 0.1 * self.duration_ms:
             lines.append(

@@ -16,8 +16,9 @@ Culprits are ordered by total blocked time, most first.
       "problem": null,                  # or one line: the file is cut short or damaged
       "sessions": [{"process_id", "argv", "started_at", "python_version", "loopwatch_version"}],
       "processes": 1,                   # distinct process ids among sessions and episodes
-      "episodes": 28,
-      "blocked_ms": 512.3,              # sum of all episodes' duration_ms
+      "episodes": 28,                   # reports: a step with several culprits makes one each
+      "steps": 27,                      # the callbacks and steps they came from
+      "blocked_ms": 512.3,              # how long those steps blocked the loop, each counted once
       "first_at": 1700000000.1,         # start of the first episode (null without episodes)
       "last_at": 1700000012.4,          # end of the last episode
       "percentiles": "nearest-rank",
@@ -32,6 +33,8 @@ Culprits are ordered by total blocked time, most first.
         "rank": 1, "culprit": "time.sleep", "is_c_call": true,
         "kinds": {"call": 14},          # episodes by kind: call, callback, step, gc
         "count": 14, "total_ms": 420.1, "share": 0.82,   # share of blocked_ms, 0..1
+                                        # (durations are each report's share_ms: the part of
+                                        # its step that is this culprit's)
         "p50_ms": 25.1, "p99_ms": 40.2, "max_ms": 40.2,
         "cpu_wait_ms": 0.0,             # of total_ms, time the loop's thread waited for a CPU
         "gc_ms": 0.0,                   # of total_ms, time it spent in garbage collections
@@ -118,6 +121,7 @@ class Summary:
     recording: Recording
     process_ids: tuple[int, ...]
     blocked_ms: float
+    steps: int
     first_at: Optional[float]
     last_at: Optional[float]
     culprits: tuple[CulpritStats, ...]
@@ -129,15 +133,26 @@ def percentile(ordered: Sequence[float], p: int) -> float:
     return ordered[rank - 1]
 
 
+def _in_share(part_ms: float, info: BlockingCallInfo) -> float:
+    """Of a step's `part_ms` (its CPU wait or collections), what surely fell in this report's
+    share of it: all of it for a lone culprit; else what is left after the rest of the step."""
+    return max(0.0, part_ms - (info.duration_ms - info.blamed_ms))
+
+
 def summarize(recording: Recording) -> Summary:
     episodes = recording.episodes
     by_culprit: dict[str, list[BlockingCallInfo]] = {}
     for info in episodes:
         by_culprit.setdefault(info.method_name, []).append(info)
-    blocked_ms = math.fsum(info.duration_ms for info in episodes)
+    # A step with several culprits made a report for each; its time is counted once.
+    steps: dict[tuple[int, int], float] = {}
+    for i, info in enumerate(episodes):
+        key = (info.process_id, info.episode_id) if info.episode_id else (-1, i)
+        steps[key] = info.duration_ms
+    blocked_ms = math.fsum(steps.values())
     culprits = []
     for name, infos in by_culprit.items():
-        durations = sorted(info.duration_ms for info in infos)
+        durations = sorted(info.blamed_ms for info in infos)
         total = math.fsum(durations)
         kinds: dict[str, int] = {}
         for info in infos:
@@ -151,10 +166,10 @@ def summarize(recording: Recording) -> Summary:
                 p99_ms=percentile(durations, 99),
                 max_ms=durations[-1],
                 share=total / blocked_ms if blocked_ms > 0 else 0.0,
-                cpu_wait_ms=math.fsum(info.cpu_wait_ms for info in infos),
-                gc_ms=math.fsum(info.gc_ms for info in infos),
+                cpu_wait_ms=math.fsum(_in_share(info.cpu_wait_ms, info) for info in infos),
+                gc_ms=math.fsum(_in_share(info.gc_ms, info) for info in infos),
                 kinds=dict(sorted(kinds.items())),
-                worst=max(infos, key=lambda info: info.duration_ms),
+                worst=max(infos, key=lambda info: info.blamed_ms),
             )
         )
     culprits.sort(key=lambda c: (-c.total_ms, -c.count, c.culprit))
@@ -164,6 +179,7 @@ def summarize(recording: Recording) -> Summary:
         recording=recording,
         process_ids=tuple(sorted(process_ids)),
         blocked_ms=blocked_ms,
+        steps=len(steps),
         first_at=min((info.timestamp for info in timed), default=None),
         last_at=max((info.timestamp + info.duration_ms / 1000 for info in timed), default=None),
         culprits=tuple(culprits),
@@ -379,6 +395,7 @@ def render_json(summary: Summary, top: int = DEFAULT_TOP) -> dict[str, Any]:
         ],
         "processes": len(summary.process_ids),
         "episodes": len(recording.episodes),
+        "steps": summary.steps,
         "blocked_ms": _ms(summary.blocked_ms),
         "first_at": summary.first_at,
         "last_at": summary.last_at,

@@ -84,7 +84,9 @@ class PrometheusExporter:
 
     def __call__(self, info: BlockingCallInfo) -> None:
         culprit, kind = self._labels(info.method_name), info.kind
-        self.seconds.labels(culprit, kind).observe(info.duration_ms / 1000)
+        # A step with several culprits: each observes its own share, so the loop's blocked time
+        # is counted once across them (`BlockingCallInfo.share_ms`).
+        self.seconds.labels(culprit, kind).observe(info.blamed_ms / 1000)
         # Episodes the rate limit held back still count (their durations are not known here).
         self.episodes.labels(culprit, kind).inc(1 + info.suppressed)
 
@@ -108,7 +110,7 @@ class OpenTelemetryExporter:
 
     def __call__(self, info: BlockingCallInfo) -> None:
         attributes = {"culprit": self._labels(info.method_name), "kind": info.kind}
-        self.duration.record(info.duration_ms, attributes=attributes)
+        self.duration.record(info.blamed_ms, attributes=attributes)
         span = self._trace.get_current_span()
         if span.is_recording():
             span.add_event(
@@ -117,7 +119,10 @@ class OpenTelemetryExporter:
                     "culprit": info.method_name,
                     "kind": info.kind,
                     "duration_ms": info.duration_ms,
+                    "share_ms": info.blamed_ms,
                     "location": info.location,
+                    "episode_id": info.episode_id,
+                    "culprits_in_episode": info.culprits_in_episode,
                 },
             )
 
@@ -150,10 +155,10 @@ class StatsdExporter:
         # DogStatsD's tagged distribution where the client has one, else a plain timing.
         self._send: Callable[[BlockingCallInfo], None]
         if callable(distribution):
-            self._send = lambda info: distribution(self.metric, info.duration_ms, tags=self._tags_of(info))
+            self._send = lambda info: distribution(self.metric, info.blamed_ms, tags=self._tags_of(info))
         else:
             plain = cast(Callable[[str, float], Any], timing)  # checked above: one of the two is there
-            self._send = lambda info: plain(self.metric, info.duration_ms)
+            self._send = lambda info: plain(self.metric, info.blamed_ms)
 
     def _tags_of(self, info: BlockingCallInfo) -> list[str]:
         return [*self._tags, f"method:{self._labels(info.method_name)}", f"kind:{info.kind}"]

@@ -876,12 +876,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         "=", f"loopwatch: {tests} test{'s' if tests != 1 else ''} blocked the event loop"
     )
     for entry in blocked:
-        worst = max(entry.episodes, key=lambda e: e.info.duration_ms).info
+        worst = max(entry.episodes, key=lambda e: e.info.blamed_ms).info
         verdict = "WARNED" if entry.mode == "warn" else "ERROR" if entry.stage == "teardown" else "FAILED"
         where = " (fixture teardown)" if entry.stage == "teardown" else ""
         location = _relative(worst, config.invocation_params.dir).where
         via = f" (via {worst.via})" if worst.via else ""
         terminalreporter.write_line(
             f"{verdict} {entry.nodeid}{where}: {_times(len(entry.episodes))}, longest "
-            f"{worst.method_name}{via} {worst.duration_ms:.1f} ms at {location}"
+            f"{worst.method_name}{via} {worst.blamed_ms:.1f} ms at {location}"
         )

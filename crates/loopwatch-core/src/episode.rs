@@ -1,6 +1,8 @@
 //! The report model: what one blocking episode says about itself. Serializable so that the
 //! same record can be logged, handed to Python, or written to a recording.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 /// Where a blocking episode happened.
@@ -101,6 +103,30 @@ pub struct Episode {
     /// How many times a watchdog reported this stall while it was still running.
     #[serde(default)]
     pub reports_while_running: u32,
+    /// The reports of one callback or step share this number, unique in the process: a unit
+    /// in which several sibling calls each ran over the threshold makes one report per culprit.
+    #[serde(default)]
+    pub episode_id: u64,
+    /// How many reports (culprits) the unit made: 1 but for such sibling calls.
+    #[serde(default = "one")]
+    pub culprits: u32,
+    /// Of `duration_ns`, the part this report's culprit accounts for: all of it when it is the
+    /// unit's only culprit, else its own branch of the unit. The shares of one unit never
+    /// overlap, so they add up to at most its duration.
+    #[serde(default)]
+    pub share_ns: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+static NEXT_EPISODE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A number no other unit of this process has had (a forked child goes on from its parent's,
+/// and its reports carry its own pid).
+pub fn next_episode_id() -> u64 {
+    NEXT_EPISODE_ID.fetch_add(1, Ordering::Relaxed)
 }
 
 /// What the tracker learns about the task that runs a unit, asked once at its first slow frame.

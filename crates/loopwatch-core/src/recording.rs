@@ -97,6 +97,30 @@ pub struct RecordedEpisode {
     /// loopwatch before it reported stalls while they ran.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reports_while_running: u32,
+    /// The reports of one callback or step share it (with the process id): absent (0) in
+    /// recordings of loopwatch before a step could have several culprits, each report its own.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub episode_id: u64,
+    /// How many reports the step made; absent (1) as above.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub culprits_in_episode: u32,
+    /// Of `duration_ms`, the part this report's culprit accounts for; absent (all of it) as above.
+    #[serde(default)]
+    pub share_ms: Option<f64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_one(value: &u32) -> bool {
+    *value == 1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
@@ -119,6 +143,7 @@ impl RecordedEpisode {
             self.threshold_ms,
             self.cpu_wait_ms,
             self.gc_ms,
+            self.share_ms.unwrap_or(0.0),
         ];
         if !self.timestamp.is_finite() || times.iter().any(|t| !t.is_finite() || *t < 0.0) {
             return Some("a time that is negative or not a number");
@@ -459,6 +484,9 @@ mod tests {
             task_name: Some("Task-1".to_owned()),
             context: BTreeMap::from([("request_id".to_owned(), "r1".to_owned())]),
             reports_while_running: 0,
+            episode_id: 0,
+            culprits_in_episode: 1,
+            share_ms: None,
             stack: vec![RecordedFrame {
                 name: name.to_owned(),
                 filename: None,

@@ -3,7 +3,7 @@
 //! shows is all there is: the frames it held, and for a call in progress the C function named
 //! from its call site.
 
-use crate::episode::{Episode, EpisodeKind, StackFrame};
+use crate::episode::{next_episode_id, Episode, EpisodeKind, StackFrame};
 use crate::filter::FilterSet;
 use crate::gc::only_collected;
 use crate::stall::SampledFrame;
@@ -131,6 +131,10 @@ pub fn sampled_episode(
         task_name: unit.task_name.clone(),
         scope: unit.scope,
         reports_while_running: unit.reports_while_running,
+        // One stack read names one culprit per unit.
+        episode_id: next_episode_id(),
+        culprits: 1,
+        share_ns: unit.duration_ns,
     })
 }
 

@@ -7,10 +7,13 @@
 //! loop callback at a time; the first frame below it starts a *unit*: one callback or one task step,
 //! which is one stall of the loop. Inside a unit the hot path only pushes and pops fixed-size
 //! entries. When an entry returns over the threshold the tracker asks the [`Resolver`] to name it
-//! and links it under its parent; when the unit ends, the chain of longest over-threshold calls
-//! becomes one [`Episode`] with the deepest blameable frame as its culprit.
+//! and links it under its parent, beside its siblings that did too; when the unit ends, each branch
+//! of that tree that holds a blameable frame becomes one [`Episode`], with the deepest blameable
+//! frame of the branch as its culprit: nested calls make one report, sibling calls one each.
 
-use crate::episode::{gc_culprit_name, Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo};
+use crate::episode::{
+    gc_culprit_name, next_episode_id, Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo,
+};
 use crate::filter::FilterSet;
 use crate::gc::{only_collected, GcTime};
 
@@ -75,9 +78,8 @@ struct Entry {
     accounted: Ticks,
     /// Coroutines: the binding's position hint for the line this step resumed at.
     resume: i32,
-    /// The line where this frame called its longest over-threshold child (slow path only).
-    call_line: u32,
-    /// Arena index of the longest over-threshold child that has returned.
+    /// Arena index of the latest over-threshold child that has returned (the others are
+    /// linked from it, latest first).
     blame: u32,
     role: Role,
     is_c: bool,
@@ -100,7 +102,6 @@ impl Entry {
             start: now,
             accounted: 0,
             resume,
-            call_line: NO_LINE,
             blame: NO_NODE,
             role,
             is_c,
@@ -117,8 +118,12 @@ struct Node {
     duration: Ticks,
     /// Of `duration`, what garbage collections took.
     gc: GcTime,
+    /// The latest over-threshold child; its `sibling`s are the earlier ones.
     child: u32,
-    call_line: u32,
+    /// The previous over-threshold child of the same parent.
+    sibling: u32,
+    /// The line the parent was on when it called this frame.
+    called_from: u32,
     is_c: bool,
     is_coroutine: bool,
     included: bool,
@@ -394,7 +399,6 @@ impl Tracker {
             entry.start = now;
             entry.accounted = 0;
             entry.blame = NO_NODE;
-            entry.call_line = NO_LINE;
         }
         if let Some((root, hosted)) = running {
             // The unit goes on, judged only from `now`.
@@ -547,15 +551,17 @@ impl Tracker {
         let included = self
             .filters
             .allows(&info.name, &info.module, info.filename.as_deref());
-        let child_has_culprit =
-            entry.blame != NO_NODE && self.arena[entry.blame as usize].has_culprit;
+        let child_has_culprit = self
+            .children(entry.blame)
+            .any(|child| self.arena[child as usize].has_culprit);
         let gc = r.gc_within(entry.start, entry.start.saturating_add(duration));
         self.arena.push(Node {
             info,
             duration,
             gc,
             child: entry.blame,
-            call_line: entry.call_line,
+            sibling: NO_NODE,
+            called_from: NO_LINE,
             is_c: entry.is_c,
             is_coroutine: entry.is_coroutine,
             included,
@@ -564,29 +570,91 @@ impl Tracker {
         (self.arena.len() - 1) as u32
     }
 
-    /// Links an over-threshold child under its parent if it is the best candidate so far:
-    /// one that holds a culprit beats one that does not, then the longer wins, not counting
-    /// the collections that ran inside it.
+    /// Links an over-threshold child under its parent, after its earlier siblings, with the line
+    /// the parent called it from.
     fn attach<R: Resolver>(&mut self, parent_index: usize, node: u32, r: &mut R) {
         if node == NO_NODE {
             return;
         }
         let parent = self.stack[parent_index];
-        let candidate = &self.arena[node as usize];
-        let better = parent.blame == NO_NODE || {
-            let current = &self.arena[parent.blame as usize];
-            (candidate.has_culprit, candidate.own()) > (current.has_culprit, current.own())
+        let called_from = if parent.is_c {
+            NO_LINE
+        } else {
+            r.current_line(parent.key).unwrap_or(NO_LINE)
         };
-        if better {
-            let call_line = if parent.is_c {
-                NO_LINE
-            } else {
-                r.current_line(parent.key).unwrap_or(NO_LINE)
-            };
-            let parent = &mut self.stack[parent_index];
-            parent.blame = node;
-            parent.call_line = call_line;
+        let child = &mut self.arena[node as usize];
+        child.called_from = called_from;
+        child.sibling = parent.blame;
+        self.stack[parent_index].blame = node;
+    }
+
+    /// The over-threshold children linked from `latest`, latest first.
+    fn children(&self, latest: u32) -> impl Iterator<Item = u32> + '_ {
+        std::iter::successors((latest != NO_NODE).then_some(latest), move |&node| {
+            let sibling = self.arena[node as usize].sibling;
+            (sibling != NO_NODE).then_some(sibling)
+        })
+    }
+
+    /// A node's over-threshold children in the order they ran.
+    fn children_in_order(&self, node: u32) -> Vec<u32> {
+        let mut children: Vec<u32> = self.children(self.arena[node as usize].child).collect();
+        children.reverse();
+        children
+    }
+
+    /// The child a single chain follows: one that holds a culprit beats one that does not, then
+    /// the longer, not counting the collections that ran inside it; the earlier on a tie.
+    fn best_child(&self, node: u32) -> Option<u32> {
+        let key = |child: u32| {
+            let child = &self.arena[child as usize];
+            (child.has_culprit, child.own())
+        };
+        self.children_in_order(node)
+            .into_iter()
+            .fold(None, |best, child| match best {
+                Some(best) if key(child) <= key(best) => Some(best),
+                _ => Some(child),
+            })
+    }
+
+    /// The chain of best children from `node` down.
+    fn best_chain(&self, node: u32) -> Vec<u32> {
+        std::iter::successors(Some(node), |&node| self.best_child(node)).collect()
+    }
+
+    /// Each branch from `node` down to a blameable end, in the order they ran: the children
+    /// that are blameable and hold a culprit each start one; with none, the chain goes on
+    /// through the best child while it is blameable (an excluded library call below the culprit).
+    fn culprit_paths(
+        &self,
+        node: u32,
+        blameable: &dyn Fn(&Node) -> bool,
+        path: &mut Vec<u32>,
+        paths: &mut Vec<Vec<u32>>,
+    ) {
+        path.push(node);
+        let branches: Vec<u32> = self
+            .children_in_order(node)
+            .into_iter()
+            .filter(|&child| {
+                let child = &self.arena[child as usize];
+                child.has_culprit && blameable(child)
+            })
+            .collect();
+        if branches.is_empty() {
+            match self.best_child(node) {
+                Some(next) if blameable(&self.arena[next as usize]) => {
+                    self.culprit_paths(next, blameable, path, paths);
+                }
+                _ => paths.push(path.clone()),
+            }
+        } else {
+            for child in branches {
+                self.culprit_paths(child, blameable, path, paths);
+            }
         }
+        path.pop();
     }
 
     /// Keeps a recent reading of the thread's CPU wait for the unit that starts `now`. Reading
@@ -638,74 +706,29 @@ impl Tracker {
         if root_node != NO_NODE && (!self.unit_hosted || r.loop_is_running()) {
             let duration = now.saturating_sub(root.start);
             let cpu_wait_ns = self.cpu_wait_between(root.start, now, r);
-            if let Some(episode) = self.build_episode(root_node, duration, cpu_wait_ns) {
-                self.finished.push(episode);
-            }
+            let episodes = self.build_episodes(root_node, duration, cpu_wait_ns);
+            self.finished.extend(episodes);
         }
         self.end_unit();
     }
 
-    fn build_episode(&self, root_node: u32, duration: Ticks, cpu_wait_ns: u64) -> Option<Episode> {
-        let mut chain: Vec<&Node> = Vec::new();
-        let mut next = root_node;
-        while next != NO_NODE {
-            let node = &self.arena[next as usize];
-            chain.push(node);
-            next = node.child;
-        }
+    /// The unit's reports: one per culprit, in the order they ran (see `culprit_paths`); one
+    /// naming the collection if the unit is over the threshold only because of collections.
+    fn build_episodes(&self, root_node: u32, duration: Ticks, cpu_wait_ns: u64) -> Vec<Episode> {
         let threshold_ns = self.nanos(self.threshold);
         // A frame is blamed only if it is over the threshold even with all of the unit's wait
         // for a CPU inside it, and without the collections that ran inside it: a tiny call
         // preempted on a busy machine, or interrupted by a collection, is not a culprit.
-        let own_time_ns = |i: usize| {
-            self.nanos(chain[i].duration)
+        let blameable = |node: &Node| {
+            self.nanos(node.duration)
                 .saturating_sub(cpu_wait_ns)
-                .saturating_sub(self.nanos(chain[i].gc.ticks))
+                .saturating_sub(self.nanos(node.gc.ticks))
+                >= threshold_ns
         };
-        let blamable = (0..chain.len())
-            .take_while(|&i| own_time_ns(i) >= threshold_ns)
-            .count();
-        // The root's is the unit's.
-        let unit_gc = chain[0].gc;
+        // The root's are the unit's.
+        let unit_gc = self.arena[root_node as usize].gc;
         let gc_ns = self.nanos(unit_gc.ticks);
-        let (kind, stack, culprit) =
-            if only_collected(self.nanos(duration), cpu_wait_ns, gc_ns, threshold_ns) {
-                // Over the threshold only because of a collection: the collection is the
-                // culprit, and the frames it interrupted say where, if the filters watch any.
-                if !chain.iter().any(|node| node.included) {
-                    return None;
-                }
-                let mut stack: Vec<StackFrame> = chain
-                    .iter()
-                    .enumerate()
-                    .map(|(i, node)| self.stack_frame(node, i + 1 == chain.len()))
-                    .collect();
-                stack.push(gc_frame(unit_gc.generation, gc_ns));
-                let culprit = stack.len() - 1;
-                (EpisodeKind::Gc, stack, culprit)
-            } else {
-                if blamable > 0 {
-                    chain.truncate(blamable);
-                }
-                let culprit = chain
-                    .iter()
-                    .rposition(|n| n.included && !n.is_coroutine)
-                    .or_else(|| chain.iter().rposition(|n| n.included))?;
-                let kind = if chain[culprit].is_coroutine {
-                    EpisodeKind::Step
-                } else if chain[..culprit].iter().any(|n| n.is_coroutine) {
-                    EpisodeKind::Call
-                } else {
-                    EpisodeKind::Callback
-                };
-                let stack = chain[..=culprit]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, node)| self.stack_frame(node, i == culprit))
-                    .collect();
-                (kind, stack, culprit)
-            };
-        Some(Episode {
+        let episode = |kind, stack, culprit| Episode {
             kind,
             duration_ns: self.nanos(duration),
             threshold_ns,
@@ -717,18 +740,114 @@ impl Tracker {
             task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
             scope: self.unit_task.as_ref().and_then(|task| task.scope),
             reports_while_running: 0,
-        })
+            episode_id: 0,
+            culprits: 1,
+            share_ns: self.nanos(duration),
+        };
+        let mut episodes = Vec::new();
+        if only_collected(self.nanos(duration), cpu_wait_ns, gc_ns, threshold_ns) {
+            // Over the threshold only because of a collection: the collection is the culprit,
+            // and the frames it interrupted say where, if the filters watch any.
+            let chain = self.best_chain(root_node);
+            if chain.iter().any(|&node| self.arena[node as usize].included) {
+                let mut stack: Vec<StackFrame> = (0..chain.len())
+                    .map(|i| self.stack_frame(&chain, i, i + 1 == chain.len()))
+                    .collect();
+                stack.push(gc_frame(unit_gc.generation, gc_ns));
+                let culprit = stack.len() - 1;
+                episodes.push(episode(EpisodeKind::Gc, stack, culprit));
+            }
+        } else {
+            let paths = if blameable(&self.arena[root_node as usize]) {
+                let mut paths = Vec::new();
+                self.culprit_paths(root_node, &blameable, &mut Vec::new(), &mut paths);
+                paths
+            } else {
+                // Starved (or nothing blameable): the best chain, judged as such by the reader.
+                vec![self.best_chain(root_node)]
+            };
+            // Each path's culprit: the deepest included frame that is not a coroutine, else the
+            // deepest included one. Paths that end in excluded frames below the same culprit
+            // make one report.
+            let mut found: Vec<(usize, usize)> = Vec::new(); // (path, culprit index in it)
+            for (p, path) in paths.iter().enumerate() {
+                let node = |i: usize| &self.arena[path[i] as usize];
+                let culprit = (0..path.len())
+                    .rev()
+                    .find(|&i| node(i).included && !node(i).is_coroutine)
+                    .or_else(|| (0..path.len()).rev().find(|&i| node(i).included));
+                if let Some(culprit) = culprit {
+                    if !found.iter().any(|&(q, c)| paths[q][c] == path[culprit]) {
+                        found.push((p, culprit));
+                    }
+                }
+            }
+            for &(p, culprit) in &found {
+                let path = &paths[p];
+                let chain: Vec<&Node> = path[..=culprit]
+                    .iter()
+                    .map(|&node| &self.arena[node as usize])
+                    .collect();
+                let kind = if chain[culprit].is_coroutine {
+                    EpisodeKind::Step
+                } else if chain[..culprit].iter().any(|n| n.is_coroutine) {
+                    EpisodeKind::Call
+                } else {
+                    EpisodeKind::Callback
+                };
+                let stack = (0..=culprit)
+                    .map(|i| self.stack_frame(path, i, i == culprit))
+                    .collect();
+                let mut report = episode(kind, stack, culprit);
+                if found.len() > 1 {
+                    report.share_ns = self.nanos(self.share(&paths, &found, p));
+                }
+                episodes.push(report);
+            }
+        }
+        let episode_id = next_episode_id();
+        let culprits = u32::try_from(episodes.len()).unwrap_or(u32::MAX);
+        for report in &mut episodes {
+            report.episode_id = episode_id;
+            report.culprits = culprits;
+        }
+        episodes
     }
 
-    fn stack_frame(&self, node: &Node, is_last: bool) -> StackFrame {
+    /// The time of the branch that is report `p`'s alone: its shallowest frame on no other
+    /// report's path (the frames above it are shared with the unit's other culprits).
+    fn share(&self, paths: &[Vec<u32>], found: &[(usize, usize)], p: usize) -> Ticks {
+        let on_other_path = |node: u32| {
+            found
+                .iter()
+                .any(|&(q, _)| q != p && paths[q].contains(&node))
+        };
+        let node = paths[p]
+            .iter()
+            .copied()
+            .find(|&node| !on_other_path(node))
+            .unwrap_or(paths[p][paths[p].len() - 1]);
+        self.arena[node as usize].duration
+    }
+
+    /// Frame `i` of `path` as the report shows it; `is_last`: it ends the report's stack.
+    fn stack_frame(&self, path: &[u32], i: usize, is_last: bool) -> StackFrame {
+        let node = &self.arena[path[i] as usize];
         let line = |l: u32| (l != NO_LINE).then_some(l);
+        // Where this frame called the next one down: on the path, or (for a culprit chosen above
+        // frames the filters exclude, or that were not blameable) its best child.
+        let next = path
+            .get(i + 1)
+            .copied()
+            .or_else(|| self.best_child(path[i]));
+        let call_line = next.map_or(NO_LINE, |next| self.arena[next as usize].called_from);
         let lineno = if !is_last {
-            line(node.call_line).or(node.info.def_line)
+            line(call_line).or(node.info.def_line)
         } else if node.is_coroutine {
             node.info.resume_line.or(node.info.def_line)
-        } else if node.child != NO_NODE {
+        } else if next.is_some() {
             // The culprit was chosen above deeper (excluded) frames: point at its call into them.
-            line(node.call_line).or(node.info.def_line)
+            line(call_line).or(node.info.def_line)
         } else {
             node.info.def_line
         };
@@ -810,6 +929,9 @@ impl Tracker {
             task_name: None,
             scope: None,
             reports_while_running: 0,
+            episode_id: next_episode_id(),
+            culprits: 1,
+            share_ns: self.nanos(duration),
         });
     }
 

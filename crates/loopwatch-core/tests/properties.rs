@@ -48,6 +48,27 @@ fn run_on(mut s: Sim, events: &[Event], loop_running: bool) -> Sim {
     s
 }
 
+/// The episodes with their ids replaced by the order in which each id first appears.
+fn renumbered(episodes: &[loopwatch_core::Episode]) -> Vec<loopwatch_core::Episode> {
+    let mut ids: Vec<u64> = Vec::new();
+    episodes
+        .iter()
+        .map(|episode| {
+            let id = ids
+                .iter()
+                .position(|&id| id == episode.episode_id)
+                .unwrap_or_else(|| {
+                    ids.push(episode.episode_id);
+                    ids.len() - 1
+                });
+            loopwatch_core::Episode {
+                episode_id: id as u64,
+                ..episode.clone()
+            }
+        })
+        .collect()
+}
+
 proptest! {
     #[test]
     fn episodes_are_bounded_by_elapsed_time(events in prop::collection::vec(event(40), 0..200), running: bool) {
@@ -68,7 +89,8 @@ proptest! {
         general.general_only = true;
         let general = run_on(general, &events, running);
         let hot = run(&events, running);
-        prop_assert_eq!(&hot.episodes, &general.episodes);
+        // Each run numbers its units afresh: compared by which reports share a unit.
+        prop_assert_eq!(renumbered(&hot.episodes), renumbered(&general.episodes));
         prop_assert_eq!(hot.tracker.depth(), general.tracker.depth());
     }
 

@@ -50,6 +50,7 @@ fn record() -> impl Strategy<Value = Record> {
     )
         .prop_map(|(method_name, duration_ms, stack, context, kind)| {
             let reports_while_running = (duration_ms as u32) % 3;
+            let culprits_in_episode = 1 + (duration_ms as u32) % 2;
             Record::Episode(Box::new(RecordedEpisode {
                 timestamp: 1.7e9,
                 process_id: 1,
@@ -69,6 +70,9 @@ fn record() -> impl Strategy<Value = Record> {
                 context: context.into_iter().collect::<BTreeMap<_, _>>(),
                 stack,
                 reports_while_running,
+                episode_id: u64::from(reports_while_running),
+                culprits_in_episode,
+                share_ms: (culprits_in_episode > 1).then_some(duration_ms / 3.0),
             }))
         });
     let session = (

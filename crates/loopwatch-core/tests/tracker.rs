@@ -121,16 +121,134 @@ fn an_inner_awaited_coroutine_is_the_step_culprit_and_the_await_chain_is_kept() 
 }
 
 #[test]
-fn several_slow_calls_in_one_step_make_one_report_blaming_the_longest() {
+fn each_of_several_slow_calls_in_one_step_is_its_own_report_in_the_order_they_ran() {
     let mut s = Sim::new();
     s.enter_dispatch().call(MAIN, Tag::COROUTINE);
     for ticks in [25, 40, 30] {
         s.c_call(SLEEP, Tag::PLAIN).advance(ticks).c_ret(SLEEP);
     }
     s.ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes.len(), 3);
+    let own: Vec<u64> = s
+        .episodes
+        .iter()
+        .map(|e| e.culprit_frame().duration_ns)
+        .collect();
+    assert_eq!(own, [25, 40, 30]);
+    for e in &s.episodes {
+        // The loop was blocked once: every report says for how long, and what part is its own.
+        assert_eq!(e.duration_ns, 95);
+        assert_eq!(e.culprits, 3);
+        assert_eq!(e.episode_id, s.episodes[0].episode_id);
+        assert_eq!(e.kind, EpisodeKind::Call);
+    }
+    let shares: Vec<u64> = s.episodes.iter().map(|e| e.share_ns).collect();
+    assert_eq!(shares, [25, 40, 30]);
+}
+
+#[test]
+fn two_functions_that_each_block_in_one_step_are_each_named_at_their_own_call() {
+    // a() then b(), each calling time.sleep over the threshold, with no await between them.
+    let mut s = Sim::new();
+    s.enter_dispatch().call(MAIN, Tag::COROUTINE).line(MAIN, 5);
+    s.call(A, Tag::PLAIN)
+        .line(A, 91)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(60)
+        .c_ret(SLEEP)
+        .ret(A);
+    s.line(MAIN, 6);
+    s.call(B, Tag::PLAIN)
+        .line(B, 101)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(60)
+        .c_ret(SLEEP)
+        .ret(B);
+    s.advance(1).ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes.len(), 2);
+    assert_eq!(s.names(0), ["app.main", "app.a", "time.sleep"]);
+    assert_eq!(s.names(1), ["app.main", "app.b", "time.sleep"]);
+    let lines =
+        |e: usize| -> Vec<Option<u32>> { s.episodes[e].stack.iter().map(|f| f.lineno).collect() };
+    assert_eq!(lines(0), [Some(5), Some(91), None]);
+    assert_eq!(lines(1), [Some(6), Some(101), None]);
+    assert_eq!(s.episodes[0].location(), (Some("/app/9.py"), Some(91)));
+    assert_eq!(s.episodes[1].location(), (Some("/app/10.py"), Some(101)));
+    assert_eq!([s.episodes[0].share_ns, s.episodes[1].share_ns], [60, 60]);
+    assert_eq!(
+        [s.episodes[0].duration_ns, s.episodes[1].duration_ns],
+        [121, 121]
+    );
+}
+
+#[test]
+fn a_call_over_the_threshold_beside_a_shorter_one_is_the_only_report() {
+    let mut s = Sim::new();
+    s.enter_dispatch().call(MAIN, Tag::COROUTINE);
+    s.call(A, Tag::PLAIN).advance(15).ret(A);
+    s.call(B, Tag::PLAIN).advance(30).ret(B);
+    s.ret(MAIN).leave_dispatch();
     assert_eq!(s.episodes.len(), 1);
-    assert_eq!(s.episodes[0].duration_ns, 95);
-    assert_eq!(s.episodes[0].culprit_frame().duration_ns, 40);
+    assert_eq!(s.names(0), ["app.main", "app.b"]);
+    assert_eq!((s.episodes[0].culprits, s.episodes[0].share_ns), (1, 45));
+}
+
+#[test]
+fn sibling_calls_are_not_culprits_when_only_the_wait_for_a_cpu_made_them_long() {
+    let mut s = Sim::new();
+    s.py.cpu_wait = Some(0);
+    s.enter_dispatch().call(MAIN, Tag::COROUTINE);
+    for _ in 0..2 {
+        // 25 ticks each, 10 of them waiting for a CPU: 15 of their own, under the threshold.
+        s.call(A, Tag::PLAIN).advance(15).wait_for_cpu(10).ret(A);
+    }
+    s.ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].kind, EpisodeKind::Step);
+    assert_eq!(s.names(0), ["app.main"]);
+}
+
+#[test]
+fn calls_nested_under_one_of_two_slow_siblings_stay_in_its_one_report() {
+    let mut s = Sim::new();
+    s.enter_dispatch().call(MAIN, Tag::COROUTINE);
+    s.call(A, Tag::PLAIN)
+        .call(B, Tag::PLAIN)
+        .c_call(SLEEP, Tag::PLAIN)
+        .advance(40);
+    s.c_ret(SLEEP).ret(B).ret(A);
+    s.call(LIB, Tag::PLAIN).advance(30).ret(LIB);
+    s.ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes.len(), 2);
+    assert_eq!(s.names(0), ["app.main", "app.a", "app.b", "time.sleep"]);
+    assert_eq!(s.names(1), ["app.main", "lib.helper"]);
+}
+
+#[test]
+fn excluded_siblings_under_one_included_call_make_one_report_of_it() {
+    let filters = FilterSet::new::<[&str; 0], _, &str, _>([], ["time"]).unwrap();
+    let mut s = Sim::with_filters(filters);
+    s.enter_dispatch()
+        .call(MAIN, Tag::COROUTINE)
+        .call(A, Tag::PLAIN)
+        .line(A, 93);
+    for _ in 0..2 {
+        s.c_call(SLEEP, Tag::PLAIN).advance(30).c_ret(SLEEP);
+    }
+    s.ret(A).call(B, Tag::PLAIN).advance(25).ret(B);
+    s.ret(MAIN).leave_dispatch();
+    let culprits: Vec<&str> = s
+        .episodes
+        .iter()
+        .map(|e| e.culprit_frame().name.as_str())
+        .collect();
+    assert_eq!(culprits, ["app.a", "app.b"]);
+    assert_eq!(
+        s.episodes[0].culprit_frame().lineno,
+        Some(93),
+        "a points at its call into sleep"
+    );
+    assert_eq!([s.episodes[0].share_ns, s.episodes[1].share_ns], [60, 25]);
 }
 
 #[test]

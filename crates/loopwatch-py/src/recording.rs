@@ -261,6 +261,15 @@ fn episode_from_python(dict: &Bound<'_, PyDict>) -> PyResult<RecordedEpisode> {
         reports_while_running: dict
             .get_item("reports_while_running")?
             .map_or(Ok(0), |value| value.extract())?,
+        episode_id: dict
+            .get_item("episode_id")?
+            .map_or(Ok(0), |value| value.extract())?,
+        culprits_in_episode: dict
+            .get_item("culprits_in_episode")?
+            .map_or(Ok(1), |value| value.extract())?,
+        share_ms: dict
+            .get_item("share_ms")?
+            .map_or(Ok(None), |value| value.extract())?,
         stack: stack
             .into_iter()
             .map(
@@ -313,6 +322,9 @@ fn episode_to_python<'py>(
     dict.set_item("end_lineno", episode.end_lineno)?;
     dict.set_item("task_name", episode.task_name.as_deref())?;
     dict.set_item("reports_while_running", episode.reports_while_running)?;
+    dict.set_item("episode_id", episode.episode_id)?;
+    dict.set_item("culprits_in_episode", episode.culprits_in_episode)?;
+    dict.set_item("share_ms", episode.share_ms.unwrap_or(episode.duration_ms))?;
     dict.set_item(
         "context",
         if episode.context.is_empty() {

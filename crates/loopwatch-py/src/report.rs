@@ -17,6 +17,9 @@ pub fn episode_to_python<'py>(py: Python<'py>, episode: &Episode) -> PyResult<Bo
     report.set_item("task_name", episode.task_name.as_deref())?;
     report.set_item("scope", episode.scope)?;
     report.set_item("reports_while_running", episode.reports_while_running)?;
+    report.set_item("episode_id", episode.episode_id)?;
+    report.set_item("culprits", episode.culprits)?;
+    report.set_item("share_ns", episode.share_ns)?;
     let frames = episode
         .stack
         .iter()
