@@ -14,6 +14,8 @@
 use crate::episode::{
     gc_culprit_name, next_episode_id, Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo,
 };
+use std::collections::{HashMap, HashSet};
+
 use crate::filter::FilterSet;
 use crate::gc::{only_collected, GcTime};
 
@@ -770,6 +772,7 @@ impl Tracker {
             // deepest included one. Paths that end in excluded frames below the same culprit
             // make one report.
             let mut found: Vec<(usize, usize)> = Vec::new(); // (path, culprit index in it)
+            let mut culprits_seen: HashSet<u32> = HashSet::new();
             for (p, path) in paths.iter().enumerate() {
                 let node = |i: usize| &self.arena[path[i] as usize];
                 let culprit = (0..path.len())
@@ -777,9 +780,17 @@ impl Tracker {
                     .find(|&i| node(i).included && !node(i).is_coroutine)
                     .or_else(|| (0..path.len()).rev().find(|&i| node(i).included));
                 if let Some(culprit) = culprit {
-                    if !found.iter().any(|&(q, c)| paths[q][c] == path[culprit]) {
+                    if culprits_seen.insert(path[culprit]) {
                         found.push((p, culprit));
                     }
+                }
+            }
+            // How many reports' paths each frame is on: a report's share is its shallowest
+            // frame on no other's (the frames above it are shared with the unit's other culprits).
+            let mut on_paths: HashMap<u32, usize> = HashMap::new();
+            for &(p, _) in &found {
+                for &node in &paths[p] {
+                    *on_paths.entry(node).or_default() += 1;
                 }
             }
             for &(p, culprit) in &found {
@@ -800,7 +811,12 @@ impl Tracker {
                     .collect();
                 let mut report = episode(kind, stack, culprit);
                 if found.len() > 1 {
-                    report.share_ns = self.nanos(self.share(&paths, &found, p));
+                    let own = path
+                        .iter()
+                        .copied()
+                        .find(|node| on_paths[node] == 1)
+                        .unwrap_or(path[path.len() - 1]);
+                    report.share_ns = self.nanos(self.arena[own as usize].duration);
                 }
                 episodes.push(report);
             }
@@ -812,22 +828,6 @@ impl Tracker {
             report.culprits = culprits;
         }
         episodes
-    }
-
-    /// The time of the branch that is report `p`'s alone: its shallowest frame on no other
-    /// report's path (the frames above it are shared with the unit's other culprits).
-    fn share(&self, paths: &[Vec<u32>], found: &[(usize, usize)], p: usize) -> Ticks {
-        let on_other_path = |node: u32| {
-            found
-                .iter()
-                .any(|&(q, _)| q != p && paths[q].contains(&node))
-        };
-        let node = paths[p]
-            .iter()
-            .copied()
-            .find(|&node| !on_other_path(node))
-            .unwrap_or(paths[p][paths[p].len() - 1]);
-        self.arena[node as usize].duration
     }
 
     /// Frame `i` of `path` as the report shows it; `is_last`: it ends the report's stack.

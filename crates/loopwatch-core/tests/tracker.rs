@@ -147,6 +147,20 @@ fn each_of_several_slow_calls_in_one_step_is_its_own_report_in_the_order_they_ra
 }
 
 #[test]
+fn thousands_of_slow_calls_in_one_step_are_each_reported_once_with_their_share() {
+    let mut s = Sim::new();
+    s.enter_dispatch().call(MAIN, Tag::COROUTINE);
+    for i in 0..5000 {
+        s.c_call(SLEEP, Tag::PLAIN).advance(21 + i % 3).c_ret(SLEEP);
+    }
+    s.ret(MAIN).leave_dispatch();
+    assert_eq!(s.episodes.len(), 5000);
+    let shares: Vec<u64> = s.episodes.iter().map(|e| e.share_ns).collect();
+    assert_eq!(shares, (0..5000).map(|i| 21 + i % 3).collect::<Vec<u64>>());
+    assert!(s.episodes.iter().all(|e| e.culprits == 5000));
+}
+
+#[test]
 fn two_functions_that_each_block_in_one_step_are_each_named_at_their_own_call() {
     // a() then b(), each calling time.sleep over the threshold, with no await between them.
     let mut s = Sim::new();
