@@ -5,6 +5,7 @@ threads, real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from conftest import EXACT_BACKENDS, clean_env, items_summed_in, line_of, write
-from loopwatch import EventLoopMonitor, _native
+from conftest import EXACT_BACKENDS, clean_env, items_summed_in, line_of, monitor, write
+from loopwatch import EventLoopMonitor, StallInfo, _native
 
 pytestmark = pytest.mark.skipif(
     _native._stack_reads()[1] is not None, reason=f"stacks cannot be read here: {_native._stack_reads()[1]}"
@@ -533,6 +534,23 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+@pytest.mark.usefixtures("backend")
+def test_a_block_right_after_the_monitor_starts_in_a_step_is_reported_while_it_runs() -> None:
+    # The monitor starts inside the step that then blocks (as `with event_loop_monitor_ctx():`
+    # around the slow code does): the rest of that step is watched like any other.
+    stalls: list[StallInfo] = []
+    ctx, reports = monitor(threshold_ms=30, on_stall=stalls.append)
+
+    async def main() -> None:
+        with ctx:
+            time.sleep(0.2)
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert len(reports) == 1 and reports[0].reports_while_running >= 1, reports
+    assert stalls and 30 <= stalls[0].so_far_ms < 200, stalls
 
 
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)

@@ -239,6 +239,11 @@ impl ThreadMonitor {
         frames.reverse();
         let now = state.clock.now();
         tracker.seed(&frames, now, &mut PyResolver::new(py, Callee::NONE, keys));
+        // A monitor started inside a step: the watchdog times the rest of it from now, as the
+        // always-on mode does (the hot path that may come next never tells it).
+        if let Some(watch) = state.watch.as_mut() {
+            watch.publish(tracker.unit_started_at());
+        }
     }
 
     /// Whether our hook is still the thread's profile function (or its `sys.monitoring`
