@@ -97,11 +97,13 @@ def check_recording(record: Path, script: Path, parent: int, child: int) -> None
     [in_child] = [e for e in episodes if e.process_id == child]
     assert (in_child.method_name, in_child.lineno) == ("time.sleep", line_of(script, "child blocks"))
     assert 55 <= in_child.duration_ms < 100
-    # The parent's step (its 100 ms and starting the child), once, in the parent. (The always-on
-    # mode blames the last stack it read in the step: under forkserver, the wait for the server.)
-    [in_parent] = [e for e in episodes if e.process_id == parent]
-    assert in_parent.duration_ms >= 100
-    assert any(frame.name == "__main__.work" for frame in in_parent.stack)
+    # The parent's step (its 100 ms and starting the child), once, in the parent: one report, or
+    # one per culprit (the sleep, and under forkserver the wait for the server too), of one step.
+    # (The always-on mode names the last stack it read in the step.)
+    in_parent = [e for e in episodes if e.process_id == parent]
+    assert len({e.episode_id for e in in_parent}) == 1, [e.headline() for e in in_parent]
+    assert all(e.duration_ms >= 100 for e in in_parent)
+    assert all(any(frame.name == "__main__.work" for frame in e.stack) for e in in_parent)
 
 
 FORK_METHODS = ["os.fork", "fork"]
@@ -120,7 +122,7 @@ def test_a_forked_child_reports_only_its_own_block_to_the_programs_monitor(
     assert [r for r in reports if r[0] == str(child)] == [
         (str(child), str(child), "time.sleep", str(line_of(script, "child blocks")))
     ], stdout
-    assert [r[:2] for r in reports if r[0] != str(child)] == [(str(parent), str(parent))], stdout
+    assert {r[:2] for r in reports if r[0] != str(child)} == {(str(parent), str(parent))}, stdout
     check_recording(tmp_path / "run.lwrec", script, parent, child)
 
 
@@ -133,7 +135,6 @@ def test_every_child_reports_only_its_own_block_under_loopwatch_1(
         pytest.skip(f"no {how} start method here")
     script, _, stderr, parent, child = run_program(tmp_path, how, "env", mode, autostart_env)
     heads = [line for line in stderr.splitlines() if "blocked the event loop" in line]
-    assert len(heads) == 2, stderr
     [in_child] = [line for line in heads if line.startswith(f"loopwatch[{child}]: ")]
     # (A spawned or forkserver child imports the script as __mp_main__.)
     assert re.search(rf":{line_of(script, 'child blocks')} in __(mp_)?main__\.child_work$", in_child)

@@ -81,6 +81,9 @@ def register_hub(ident: int, hub: Any) -> None:
     _hubs.setdefault(ident, weakref.WeakSet()).add(hub)
 
 
+_IDLE_WAIT_S = 3600.0
+
+
 class _Courier:
     """A thread of loopwatch's own that hands reports of running stalls to ``on_stall`` callbacks:
     it waits for them with the GIL released and calls the callbacks as soon as it has the GIL
@@ -119,7 +122,9 @@ class _Courier:
     def _run(self) -> None:
         while not self._stopping:
             try:
-                taken = _native._take_stalls(0.5)
+                # Until a report comes or `stop()` releases it: an idle courier never wakes, so
+                # it never takes the GIL from the program's threads for nothing.
+                taken = _native._take_stalls(_IDLE_WAIT_S)
             except Exception:  # pragma: no cover - a loopwatch bug; never the program's problem
                 logger.exception("loopwatch: reports of running stalls can no longer be handed on")
                 return
