@@ -528,7 +528,8 @@ def test_a_pending_exception_passes_through_untouched(run):
                 assert sys.exc_info()[1] is error
 
     run(main)
-    assert len(reports) == 1  # both blocks are in one step
+    # Both blocks are in one step: one episode, a report for each of its two culprits.
+    assert len(reports) == 2 and len({info.episode_id for info in reports}) == 1
 
 
 def test_deep_recursion_is_tracked_without_trouble(run):

@@ -56,7 +56,9 @@ class StackFrame:
 
 @dataclass(frozen=True)
 class BlockingCallInfo:
-    """One blocking episode: one continuous stall of the event loop, reported once."""
+    """One blocking episode: one continuous stall of the event loop, reported once; a step in
+    which several calls side by side each ran over the threshold is reported once per culprit
+    (the reports share `episode_id`)."""
 
     method_name: str
     """The culprit, module-qualified: ``time.sleep``, ``myapp.service.process_data``."""
@@ -345,7 +347,7 @@ def _frames(
 
 
 BlockingCallCallback = Callable[[BlockingCallInfo], None]
-"""What ``on_blocking_call`` receives: one call per blocking episode."""
+"""What ``on_blocking_call`` receives: one call per blocking episode (per culprit: `episode_id`)."""
 
 
 def _library_roots() -> tuple[str, ...]:
