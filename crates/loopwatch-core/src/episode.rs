@@ -117,7 +117,8 @@ pub struct Episode {
     pub share_ns: u64,
 }
 
-fn one() -> u32 {
+/// The number of culprits a report from before several were told apart stands for.
+pub(crate) fn one() -> u32 {
     1
 }
 

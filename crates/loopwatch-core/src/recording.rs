@@ -99,18 +99,14 @@ pub struct RecordedEpisode {
     pub reports_while_running: u32,
     /// The reports of one callback or step share it (with the process id): absent (0) in
     /// recordings of loopwatch before a step could have several culprits, each report its own.
-    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub episode_id: u64,
     /// How many reports the step made; absent (1) as above.
-    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[serde(default = "crate::episode::one", skip_serializing_if = "is_one")]
     pub culprits_in_episode: u32,
     /// Of `duration_ms`, the part this report's culprit accounts for; absent (all of it) as above.
     #[serde(default)]
     pub share_ms: Option<f64>,
-}
-
-fn one() -> u32 {
-    1
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
@@ -119,13 +115,8 @@ fn is_one(value: &u32) -> bool {
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
-fn is_zero_u64(value: &u64) -> bool {
-    *value == 0
-}
-
-#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
-fn is_zero(value: &u32) -> bool {
-    *value == 0
+fn is_zero<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
