@@ -2,6 +2,8 @@
 //! same record can be logged, handed to Python, or written to a recording.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -122,12 +124,21 @@ pub(crate) fn one() -> u32 {
     1
 }
 
-static NEXT_EPISODE_ID: AtomicU64 = AtomicU64::new(1);
+static FIRST_EPISODE_ID: OnceLock<u64> = OnceLock::new();
+static EPISODES_NUMBERED: AtomicU64 = AtomicU64::new(0);
 
 /// A number no other unit of this process has had (a forked child goes on from its parent's,
-/// and its reports carry its own pid).
+/// and its reports carry its own pid). The numbers start from the millisecond of the first one,
+/// shifted up 16 bits: a recording added to by many runs of a program whose pid repeats (pid 1 in
+/// a container) never has two steps of one pid under one number.
 pub fn next_episode_id() -> u64 {
-    NEXT_EPISODE_ID.fetch_add(1, Ordering::Relaxed)
+    let first = *FIRST_EPISODE_ID.get_or_init(|| {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |since| since.as_millis() as u64);
+        (ms << 16).max(1)
+    });
+    first.wrapping_add(EPISODES_NUMBERED.fetch_add(1, Ordering::Relaxed))
 }
 
 /// What the tracker learns about the task that runs a unit, asked once at its first slow frame.
@@ -165,5 +176,24 @@ impl Episode {
             .map_or((None, None), |frame| {
                 (frame.filename.as_deref(), frame.lineno)
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn episode_numbers_differ_and_start_from_when_the_process_first_numbered_one() {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let (a, b) = (next_episode_id(), next_episode_id());
+        assert!(b > a);
+        // Another run of the program, with the same pid, an hour earlier or later, numbers
+        // its steps elsewhere.
+        let hour = 3_600_000u64 << 16;
+        assert!(a > ((now_ms << 16) - hour) && a < ((now_ms << 16) + hour));
     }
 }
