@@ -178,4 +178,6 @@ def test_a_child_that_leaves_through_its_parents_step_reports_nothing(tmp_path: 
     assert done.returncode == 0, done.stderr
     parent = int(re.search(r"^parent (\d+)$", done.stdout, re.M).group(1))
     reports = re.findall(r"^report (\d+) (\S+) (\d+)$", done.stdout, re.M)
-    assert [pid for pid, _, _ in reports] == [str(parent)], done.stdout
+    # The parent's step, its culprits (the sleep; the wait for the child too, if it was long):
+    # nothing from the child.
+    assert reports and {pid for pid, _, _ in reports} == {str(parent)}, done.stdout

@@ -77,7 +77,10 @@ def test_no_limit_reports_everything(run):
                 await asyncio.sleep(0)
 
     run(main)
-    assert len(reports) == 15
+    # Every step's block, none held back. (At 2 ms a busy machine can make a second call of a
+    # step a culprit of its own too: a report more, of the same episode.)
+    assert len({info.episode_id for info in reports}) == 15
+    assert sum(info.method_name == "time.sleep" for info in reports) >= 15
 
 
 def test_a_bad_limit_is_refused():
