@@ -162,6 +162,8 @@ static WATCHDOG_PID: AtomicU32 = AtomicU32::new(0);
 /// Asks the watchdog to end (before a fork); it clears `RUNNING` as it goes.
 static STOP: AtomicBool = AtomicBool::new(false);
 static RUNNING: AtomicBool = AtomicBool::new(false);
+/// The watchdog thread's kernel id while it runs (Linux), to see it gone after a join.
+static WATCHDOG_TID: AtomicU32 = AtomicU32::new(0);
 /// Set after a fork, in parent and child: the next unit to start starts the watchdog again.
 static RESTART: AtomicBool = AtomicBool::new(false);
 /// The running watchdog, joined when it ends before a fork (a thread that has returned may
@@ -412,6 +414,19 @@ fn stop_watchdog() {
             let _ = handle.join();
         }
         WATCHDOG_PID.store(0, Ordering::Release);
+        gone_from_the_kernel(WATCHDOG_TID.swap(0, Ordering::SeqCst), deadline);
+    }
+}
+
+/// Waits (until `deadline` at most) for a joined thread to leave the kernel's list of this
+/// process's threads: a join returns as the thread exits, a little before the kernel stops
+/// counting it, and CPython counts threads that way when it warns of a multi-threaded fork.
+fn gone_from_the_kernel(tid: u32, deadline: std::time::Instant) {
+    if tid != 0 {
+        let task = format!("/proc/self/task/{tid}");
+        while std::path::Path::new(&task).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 }
 
@@ -435,6 +450,11 @@ struct Seen {
 }
 
 fn run() {
+    // "/proc/thread-self" links to "<pid>/task/<tid>" (Linux).
+    let tid = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|link| link.file_name()?.to_str()?.parse::<u32>().ok());
+    WATCHDOG_TID.store(tid.unwrap_or(0), Ordering::SeqCst);
     let clock = Clock::new();
     let mut seen: Vec<Seen> = (0..SLOTS).map(|_| Seen::default()).collect();
     let mut last_seqs = [0u64; SLOTS];
