@@ -24,6 +24,7 @@ __all__ = [
     "_release_stalls",
     "_stack_reads",
     "_take_stalls",
+    "_wait_thread_gone",
     "_watched",
 ]
 
@@ -128,6 +129,10 @@ def _gc_callback(phase: Any, info: Any) -> None:
 def _local_variable(frame: Any, name: str) -> Any:
     """A local variable of a frame (None if it has none such, or is no frame), read without
     leaving a copy of the frame's locals behind."""
+
+def _wait_thread_gone(native_id: Optional[int], timeout_s: float) -> None:
+    """Waits (at most `timeout_s`, up to 1 s) until a joined thread is no longer one of the
+    process's threads in the kernel's count (Linux)."""
 
 def _code_reads() -> str:
     """How the hook reads a frame's code: "struct" or "portable"."""

@@ -9,7 +9,6 @@ import atexit
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,12 +118,10 @@ class _Courier:
         _native._release_stalls(True)
         thread.join(timeout=1.0)
         self._thread = None
-        # A join returns as the thread exits, a little before the kernel stops counting it; CPython
-        # counts threads that way when it warns of a multi-threaded fork: wait until it is gone.
-        task = f"/proc/self/task/{thread.native_id}"
-        deadline = time.monotonic() + 0.2
-        while not thread.is_alive() and os.path.exists(task) and time.monotonic() < deadline:
-            time.sleep(0.0001)
+        if not thread.is_alive():
+            # A join returns a little before the kernel stops counting the thread, and CPython
+            # counts threads that way when it warns of a multi-threaded fork (as for the watchdog).
+            _native._wait_thread_gone(thread.native_id, 0.2)
 
     def _run(self) -> None:
         while not self._stopping:

@@ -57,6 +57,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(courier::_take_stalls, m)?)?;
     m.add_function(wrap_pyfunction!(courier::_release_stalls, m)?)?;
     m.add_function(wrap_pyfunction!(courier::_dropped_stalls, m)?)?;
+    m.add_function(wrap_pyfunction!(watchdog::_wait_thread_gone, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_install_empty_hook, m)?)?;
     m.add_function(wrap_pyfunction!(floor::_bench_uninstall_hook, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -10,6 +10,7 @@
 //! memory a thread has given back; the watchdog only ever tries a lock, never waits for one, so
 //! neither a thread that holds one nor a fork that copied one held can stop it.
 
+use pyo3::prelude::*;
 use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -428,6 +429,15 @@ fn gone_from_the_kernel(tid: u32, deadline: std::time::Instant) {
             std::thread::sleep(Duration::from_micros(100));
         }
     }
+}
+
+/// For loopwatch's own Python threads (the stall courier): `gone_from_the_kernel` for a joined
+/// thread's native id, waiting at most `timeout_s` with the GIL released.
+#[pyfunction]
+pub fn _wait_thread_gone(py: Python<'_>, native_id: Option<u32>, timeout_s: f64) {
+    let timeout = Duration::from_secs_f64(timeout_s.clamp(0.0, 1.0));
+    let deadline = std::time::Instant::now() + timeout;
+    py.detach(|| gone_from_the_kernel(native_id.unwrap_or(0), deadline));
 }
 
 fn wake() {
