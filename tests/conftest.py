@@ -48,6 +48,8 @@ EXACT_BACKENDS = ["legacy", "monitoring"] if sys.version_info >= (3, 12) else ["
 # in the always-on mode ("sampling", 3.11+, asyncio's own loops), through `monitor()`; where that
 # mode answers otherwise, the test asserts its answer and says why.
 BACKENDS = [*EXACT_BACKENDS, "sampling"] if sys.version_info >= (3, 11) else EXACT_BACKENDS
+SAMPLING_SEES_C_LOOPS = sys.version_info >= (3, 14)
+"""From 3.14 the always-on mode sees uvloop's units too (by the contexts they run in)."""
 MODE = "exact"
 """The mode `monitor()` makes monitors in: set by the `backend` fixture."""
 
@@ -61,8 +63,12 @@ def exact_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "sampling":
-        if "loop_kind" in request.fixturenames and request.getfixturevalue("loop_kind") != "asyncio":
-            pytest.skip("the always-on mode sees asyncio's own loops only")
+        if (
+            "loop_kind" in request.fixturenames
+            and request.getfixturevalue("loop_kind") != "asyncio"
+            and not SAMPLING_SEES_C_LOOPS
+        ):
+            pytest.skip("before 3.14 the always-on mode sees asyncio's own loops only")
         monkeypatch.setitem(globals(), "MODE", "sampling")
     else:
         monkeypatch.setenv("LOOPWATCH_BACKEND", request.param)

@@ -287,14 +287,19 @@ def test_with_every_tool_id_taken_it_says_why_once_and_the_program_runs_on(caplo
 
 @needs_sampling
 @needs_stack_reads
-def test_a_loop_it_cannot_see_is_said(caplog) -> None:
+def test_uvloop_is_watched_from_3_14_and_said_unseen_before(caplog) -> None:
     uvloop = pytest.importorskip("uvloop")
     from loopwatch import _monitor
 
     _monitor._unseen_loop_said = False
+    monitor, reports = sampling_monitor()
 
     async def main() -> None:
-        with EventLoopMonitor(mode="sampling"):
+        # Started inside a task step: that step is timed from here, as on asyncio's own loop.
+        with monitor:
+            time.sleep(0.06)
+            await asyncio.sleep(0)
+            time.sleep(0.06)
             await asyncio.sleep(0)
 
     with caplog.at_level(logging.WARNING, logger="loopwatch"):
@@ -303,7 +308,20 @@ def test_a_loop_it_cannot_see_is_said(caplog) -> None:
             loop.run_until_complete(main())
         finally:
             loop.close()
-    assert "sees asyncio's own loops only, and this thread runs a uvloop.Loop" in caplog.text
+    if sys.version_info >= (3, 14):
+        assert "sees asyncio's own loops only" not in caplog.text
+        # One report per step (never the two merged), each naming the sleep, its line and task.
+        assert [(r.kind, r.method_name) for r in reports] == [("call", "time.sleep")] * 2
+        lines = [r.lineno for r in reports]
+        assert lines[1] == lines[0] + 2, lines
+        assert all((r.task_name or "").startswith("Task-") for r in reports)
+        assert all(59.5 <= r.duration_ms < 100 for r in reports), [r.duration_ms for r in reports]
+    else:
+        assert reports == []
+        assert (
+            "sees asyncio's own loops only before CPython 3.14, and this thread runs a uvloop.Loop"
+            in caplog.text
+        )
 
 
 @needs_sampling

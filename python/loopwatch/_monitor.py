@@ -249,10 +249,13 @@ def _say_if_loop_unseen() -> None:
     loop = asyncio._get_running_loop()
     if loop is None or isinstance(loop, asyncio.BaseEventLoop) or _unseen_loop_said:
         return
+    if _native.ThreadSampler.sees_c_loops():
+        return
     _unseen_loop_said = True
     logger.warning(
-        "loopwatch: the always-on mode (mode='sampling') sees asyncio's own loops only, and this "
+        "loopwatch: the always-on mode (mode='sampling') sees asyncio's own loops only%s, and this "
         "thread runs a %s.%s: nothing it runs is reported; use mode='exact'",
+        " before CPython 3.14" if sys.version_info < (3, 14) else "",
         type(loop).__module__,
         type(loop).__qualname__,
     )

@@ -171,18 +171,66 @@ def _handle_of(handle_frame: types.FrameType) -> Any:
     return handle
 
 
+def _task_in(context: contextvars.Context) -> Optional[asyncio.Task[Any]]:
+    """The task of the running loop whose steps run in `context` (a loop implemented in C runs
+    each step in its task's context and leaves no handle to read). A task whose last step it was
+    is done, so no longer among the loop's tasks: it is found where a task waits for it (`await`,
+    `gather`), if one does."""
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return None
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        if asyncio.Task.get_context(task) is context:
+            return task
+    for task in pending:
+        waited: Any = getattr(task, "_fut_waiter", None)  # asyncio's own slot
+        for candidate in (waited, *(getattr(waited, "_children", None) or ())):
+            if isinstance(candidate, asyncio.Task) and asyncio.Task.get_context(candidate) is context:
+                return candidate
+    return None
+
+
+def running_unit() -> Optional[tuple[contextvars.Context, types.FrameType]]:
+    """When a watch starts inside a task step of a loop implemented in C (uvloop): the step's
+    context and the frame the loop was called from, below the task's outermost coroutine (the
+    unit's boundary); None anywhere else."""
+    loop = asyncio._get_running_loop()
+    if loop is None or isinstance(loop, asyncio.BaseEventLoop):
+        return None
+    task = asyncio.current_task(loop)
+    if task is None:
+        return None
+    frame = getattr(task.get_coro(), "cr_frame", None)
+    caller = frame.f_back if isinstance(frame, types.FrameType) else None
+    if caller is None:
+        return None
+    return asyncio.Task.get_context(task), caller
+
+
+def _c_loop_callback() -> Name:
+    """A unit of a loop implemented in C that ran no Python frame: a C function it called back
+    (its handle cannot be read from outside the loop, so the function has no name here)."""
+    kind = type(asyncio._get_running_loop())
+    return (f"a C function called back by {kind.__module__}.{kind.__qualname__}", "")
+
+
 def describe_unit(
     ran: Optional[Any], sampled: Optional[list[Frame]], c_callback: bool
 ) -> tuple[list[Frame], list[Name], Optional[Name], Optional[str], Optional[int]]:
     """What the report of a unit says: its frames (innermost first), their names, the C function
     the innermost was calling, the task it was a step of, and the monitoring scope it ran in (by
     address, as the exact mode gives it: `loopwatch._scope`). `ran` is the handle that ran, or
-    the running `Handle._run`'s frame (None when the unit has not ended); `sampled` the unit's
+    the running `Handle._run`'s frame, or for a loop implemented in C the context the unit ran in
+    (None when the unit has not ended); `sampled` the unit's
     frames as the watchdog read them (None: no stack was read while the unit ran; empty: the unit
     had no Python frame of its own then, and `c_callback` says the callback is a C function).
     Without frames, a task's report shows where the task waits now."""
     handle = _handle_of(ran) if isinstance(ran, types.FrameType) else ran
-    if ran is not None:
+    if isinstance(ran, contextvars.Context):
+        task = _task_in(ran)
+        scope = ran.get(_native.SCOPE)
+    elif ran is not None:
         task = _task_of(handle)
         context = getattr(handle, "_context", None)
         scope = context.get(_native.SCOPE) if isinstance(context, contextvars.Context) else None
@@ -195,6 +243,8 @@ def describe_unit(
     if sampled:
         frames = sampled
         callee = callee_at(frames[0])
+    elif c_callback and task is None and isinstance(ran, contextvars.Context):
+        callee = _c_loop_callback()
     elif c_callback and task is None:
         function = getattr(handle, "_callback", None)
         if isinstance(function, (types.BuiltinFunctionType, types.BuiltinMethodType)):

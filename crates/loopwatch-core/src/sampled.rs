@@ -28,6 +28,47 @@ pub fn is_unit_boundary(frame: &SampledFrame) -> bool {
             || frame.filename.ends_with("\\asyncio\\events.py"))
 }
 
+/// What a switch of a thread's current `contextvars.Context` means for the units of a loop
+/// implemented in C (uvloop). It calls no Python code between callbacks, but runs each (a task
+/// step is one) inside the context it was scheduled in, entered from C, and its own work too
+/// (uvloop runs the ready callbacks from a handler of its own, in a context of that handler's):
+/// so a unit is the time between two switches the loop makes, with no Python frame of the
+/// unit's on the stack ("at the loop's level"), while the thread is in some context the loop
+/// entered. Switches made by the program's code (`Context.run`) happen inside its frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextSwitch {
+    /// No unit ran, and the loop enters a context: a unit starts; the thread's context before it
+    /// (`base`, 0 for none) is the loop's own level, where no unit runs.
+    Start { base: usize },
+    /// The running unit ends, and the thread is back at the loop's own level.
+    End,
+    /// The running unit ends and the next starts at once, in the context switched to (the loop
+    /// leaves one callback's context for its own handler's, or enters a callback's from it).
+    Restart,
+    /// A switch inside the running unit's own code, or one that enters nothing.
+    Neither,
+}
+
+/// Decides what a switch to context `new` (its address; 0 for none) means. `entered`: `new` is
+/// an entered context, and `new_prev` the one it was entered from; `running_base`: the base of
+/// the unit running, if one is; `at_loop_level`: the switch was made with no Python frame of
+/// that unit on the stack. A switch to a context that is not entered is back at the loop's own
+/// level whatever the base was thought to be (a unit the watch learned of late).
+pub fn context_switch(
+    running_base: Option<usize>,
+    at_loop_level: bool,
+    new: usize,
+    entered: bool,
+    new_prev: usize,
+) -> ContextSwitch {
+    match running_base {
+        None if new != 0 && entered => ContextSwitch::Start { base: new_prev },
+        Some(base) if at_loop_level && (new == base || !entered) => ContextSwitch::End,
+        Some(_) if at_loop_level => ContextSwitch::Restart,
+        Some(_) | None => ContextSwitch::Neither,
+    }
+}
+
 /// How the binding names a sampled frame (it knows the modules): `module.qualname` and `module`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrameName {
@@ -298,5 +339,76 @@ mod tests {
         let episode = sampled_episode(&collected, &frames, &names, None, &no_filters()).unwrap();
         assert_eq!(episode.kind, EpisodeKind::Step);
         assert_eq!(episode.culprit_frame().name, "app.handler");
+    }
+
+    #[test]
+    fn each_callback_a_c_loop_runs_from_its_own_handler_is_a_unit_of_its_own() {
+        let (idle, handler, first, second) = (0x100, 0x200, 0x300, 0x400);
+        // uvloop enters its handler's context from its idle one: a unit starts.
+        assert_eq!(
+            context_switch(None, true, handler, true, idle),
+            ContextSwitch::Start { base: idle }
+        );
+        // It enters the first callback's context from there, and leaves it: one unit each.
+        assert_eq!(
+            context_switch(Some(idle), true, first, true, handler),
+            ContextSwitch::Restart
+        );
+        assert_eq!(
+            context_switch(Some(idle), true, handler, true, idle),
+            ContextSwitch::Restart
+        );
+        assert_eq!(
+            context_switch(Some(idle), true, second, true, handler),
+            ContextSwitch::Restart
+        );
+        // Back in its idle context: no unit runs, whether that context was entered or not.
+        assert_eq!(
+            context_switch(Some(idle), true, idle, false, 0),
+            ContextSwitch::End
+        );
+        assert_eq!(
+            context_switch(Some(idle), true, idle, true, 0x50),
+            ContextSwitch::End
+        );
+        // The thread had no context at all before the loop entered one.
+        assert_eq!(
+            context_switch(None, true, first, true, 0),
+            ContextSwitch::Start { base: 0 }
+        );
+        assert_eq!(
+            context_switch(Some(0), true, 0, false, 0),
+            ContextSwitch::End
+        );
+    }
+
+    #[test]
+    fn the_programs_own_context_switches_inside_a_unit_change_nothing() {
+        let (idle, first, nested) = (0x100, 0x300, 0x500);
+        assert_eq!(
+            context_switch(Some(idle), false, nested, true, first),
+            ContextSwitch::Neither
+        );
+        assert_eq!(
+            context_switch(Some(idle), false, first, true, idle),
+            ContextSwitch::Neither
+        );
+    }
+
+    #[test]
+    fn a_switch_to_a_context_not_entered_starts_nothing_and_ends_a_unit_whose_base_was_guessed() {
+        assert_eq!(
+            context_switch(None, true, 0, false, 0),
+            ContextSwitch::Neither
+        );
+        assert_eq!(
+            context_switch(None, true, 0x100, false, 0),
+            ContextSwitch::Neither
+        );
+        // A watch that started inside a unit took the wrong base: the loop's own level ends it.
+        assert_eq!(
+            context_switch(Some(0x999), true, 0x100, false, 0),
+            ContextSwitch::End
+        );
     }
 }

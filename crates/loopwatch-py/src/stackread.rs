@@ -550,6 +550,26 @@ fn name_frames(memory: &Memory, raw: &[RawFrame], types: &Types) -> Vec<SampledF
 /// so every frame given was on the stack. `None`: the reader is off, or nothing could be read.
 /// `activity` says what the OS sees the thread do, where known (see `stands_still`).
 pub fn read_stack(tstate: usize, activity: Option<&ThreadActivity>) -> Option<Vec<SampledFrame>> {
+    read_frames(tstate, activity, None)
+}
+
+/// As `read_stack`, only the frames inside `boundary` (the address of a frame further out on the
+/// stack: the one a C-implemented loop was called from, which calls each unit from C), innermost
+/// first, `boundary` left out. `None` when `boundary` is not among the frames both reads agree
+/// on: the stack read is not one of a unit called from there.
+pub fn read_stack_within(
+    tstate: usize,
+    activity: Option<&ThreadActivity>,
+    boundary: usize,
+) -> Option<Vec<SampledFrame>> {
+    read_frames(tstate, activity, Some(boundary))
+}
+
+fn read_frames(
+    tstate: usize,
+    activity: Option<&ThreadActivity>,
+    boundary: Option<usize>,
+) -> Option<Vec<SampledFrame>> {
     if unavailable().is_some() {
         return None;
     }
@@ -569,13 +589,23 @@ pub fn read_stack(tstate: usize, activity: Option<&ThreadActivity>) -> Option<Ve
         if common == 0 && !second.is_empty() {
             return None; // not even the outermost frame agreed: read again
         }
-        let mut named = name_frames(&memory, &second[second.len() - common..], types);
-        if common == second.len() {
+        let agreed = second.len() - common;
+        let end = match boundary {
+            // Innermost first: the frames from the first agreed one to the boundary.
+            Some(boundary) => agreed + second[agreed..].iter().position(|f| f.frame == boundary)?,
+            None => second.len(),
+        };
+        let mut named = name_frames(&memory, &second[agreed..end], types);
+        if agreed == 0 {
             if let Some(innermost) = named.first_mut() {
                 innermost.still = stands_still(&memory, tstate, types, second[0], activity);
             }
         }
-        (!named.is_empty() || common == 0).then_some(named)
+        match boundary {
+            // Every frame inside the boundary named, or none there at all (C code runs).
+            Some(_) => (named.len() == end - agreed).then_some(named),
+            None => (!named.is_empty() || common == 0).then_some(named),
+        }
     })
 }
 

@@ -21,7 +21,7 @@ use loopwatch_core::recording::{append, Record, RecordedSample, RecordedStall};
 use loopwatch_core::sampled::is_unit_boundary;
 use loopwatch_core::{Clock, Look, RunningStall, SampledFrame, StallTimer, Ticks};
 
-use crate::stackread::read_stack;
+use crate::stackread::{read_stack, read_stack_within};
 
 /// The most threads watched at once; a thread beyond them is watched without stall reports.
 const SLOTS: usize = 64;
@@ -60,6 +60,10 @@ struct Watch {
     /// it reads one once a unit has run half the threshold, and at each report, stall reports
     /// or not; a stack without the unit's boundary frame is not the unit's and is dropped.
     sampling: AtomicBool,
+    /// Where the running unit's frames end, in the always-on mode: 0 for asyncio's own loops
+    /// (inside `Handle._run`); else the address of the frame a C-implemented loop (uvloop) was
+    /// called from, which calls each unit from C. A stack without it is not the unit's.
+    boundary: AtomicU64,
     /// The last stack read of a running unit, for its report when it ends. Only tried by the
     /// watchdog; locked by the thread when its unit ends.
     sample: Mutex<Option<Sample>>,
@@ -72,7 +76,8 @@ struct Watch {
 pub struct Sample {
     /// The unit it was read in (the watch's `seq`).
     pub seq: u64,
-    /// Innermost first, the loop's own frames included.
+    /// Innermost first, the loop's own frames included; for a unit of a C-implemented loop (see
+    /// `Watch::boundary`), the unit's own frames only.
     pub stack: Vec<SampledFrame>,
     /// The thread's CPU wait (ns) the watchdog took as the stall's baseline, if any.
     pub cpu_wait_base: Option<u64>,
@@ -98,6 +103,7 @@ impl Watch {
             reported_seq: AtomicU64::new(u64::MAX),
             reported: AtomicU32::new(0),
             sampling: AtomicBool::new(false),
+            boundary: AtomicU64::new(0),
             sample: Mutex::new(None),
             collecting: AtomicBool::new(false),
         }
@@ -179,6 +185,8 @@ pub struct WatchHandle {
     index: usize,
     /// The running unit's start as last published.
     published: Option<Ticks>,
+    /// The boundary as last set (see `Watch::boundary`).
+    boundary: usize,
 }
 
 /// The kernel's id of the calling thread (`/proc/self/task/<tid>`), 0 where there is none.
@@ -225,6 +233,7 @@ impl WatchHandle {
         watch.threshold.store(threshold, Ordering::Relaxed);
         watch.enabled.store(enabled, Ordering::Relaxed);
         watch.sampling.store(sampling, Ordering::Relaxed);
+        watch.boundary.store(0, Ordering::Relaxed);
         watch.collecting.store(false, Ordering::Relaxed);
         MY_SLOTS.with(|slots| slots.set(slots.get() | (1 << index)));
         if let Ok(mut sample) = watch.sample.lock() {
@@ -237,6 +246,7 @@ impl WatchHandle {
         Some(WatchHandle {
             index,
             published: None,
+            boundary: 0,
         })
     }
 
@@ -296,6 +306,16 @@ impl WatchHandle {
             watch.reported.load(Ordering::Relaxed)
         } else {
             0
+        }
+    }
+
+    /// Where the frames of the units published from now on end (see `Watch::boundary`): call
+    /// before publishing a unit's start.
+    #[inline]
+    pub fn set_boundary(&mut self, frame: usize) {
+        if self.boundary != frame {
+            self.boundary = frame;
+            self.watch().boundary.store(frame as u64, Ordering::Release);
         }
     }
 
@@ -609,14 +629,21 @@ fn read_unit_stack(
     activity: Option<&ThreadActivity>,
 ) -> Option<(Vec<SampledFrame>, bool)> {
     let tstate = watch.tstate.load(Ordering::Relaxed) as usize;
-    let stack = read_stack(tstate, activity).unwrap_or_default();
+    let sampling = watch.sampling.load(Ordering::Relaxed);
+    let boundary = watch.boundary.load(Ordering::Acquire) as usize;
+    let stack = if sampling && boundary != 0 {
+        // Not from where the unit was called: it has ended, or the stack was read amiss.
+        read_stack_within(tstate, activity, boundary)?
+    } else {
+        read_stack(tstate, activity).unwrap_or_default()
+    };
     let in_gc = watch.collecting.load(Ordering::Acquire);
     if watch.generation.load(Ordering::Acquire) != generation
         || watch.seq.load(Ordering::Acquire) != seq
     {
         return None;
     }
-    if watch.sampling.load(Ordering::Relaxed) && !stack.iter().any(is_unit_boundary) {
+    if sampling && boundary == 0 && !stack.iter().any(is_unit_boundary) {
         // The unit's end was missed (an exception the loop lets through): nothing runs in it.
         return None;
     }

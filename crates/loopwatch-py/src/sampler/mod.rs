@@ -5,7 +5,9 @@
 //! `Handle._run`'s place that calls it (see `legacy`). Not before 3.11: a C call is named from
 //! the columns of its call site, which code objects keep from 3.11. The watchdog reads the thread's stack once
 //! a unit has run half the threshold, and a unit that ends over the threshold is blamed from the
-//! last stack it read (see `loopwatch_core::sampled`).
+//! last stack it read (see `loopwatch_core::sampled`). Loops implemented in C (uvloop) run no
+//! Python code between units: from 3.14 their units are told by the contexts they run in (see
+//! `contexts`).
 
 use std::cell::{Cell, UnsafeCell};
 use std::path::PathBuf;
@@ -85,6 +87,9 @@ struct State {
     end_unseen: bool,
     #[cfg(not(Py_3_12))]
     open_handle: Option<Py<PyAny>>,
+    /// The running unit of a C-implemented loop, if that is what runs (see `contexts`).
+    #[cfg(Py_3_14)]
+    contexts: contexts::Contexts,
 }
 
 /// One thread's always-on watch. Touched only on the thread that installed it, with the GIL.
@@ -138,6 +143,8 @@ impl ThreadSampler {
                 end_unseen: false,
                 #[cfg(not(Py_3_12))]
                 open_handle: None,
+                #[cfg(Py_3_14)]
+                contexts: contexts::Contexts::default(),
             }),
         }
     }
@@ -209,6 +216,10 @@ impl ThreadSampler {
         if let Some(watch) = state.watch.as_mut() {
             watch.publish(state.unit);
         }
+        #[cfg(Py_3_14)]
+        if state.unit.is_none() {
+            contexts::adopt_running_unit(py, state)?;
+        }
         unsafe {
             ffi::Py_INCREF(me);
             SAMPLER.with(|s| s.set(me));
@@ -272,6 +283,10 @@ impl ThreadSampler {
             state.end_unseen = false;
             state.open_handle = None;
         }
+        #[cfg(Py_3_14)]
+        {
+            state.contexts.unit = None;
+        }
         let mine = SAMPLER.with(|s| {
             if s.get() == me {
                 s.set(std::ptr::null_mut());
@@ -310,6 +325,10 @@ impl ThreadSampler {
         {
             state.end_unseen = false;
             state.open_handle = None;
+        }
+        #[cfg(Py_3_14)]
+        {
+            state.contexts.unit = None;
         }
         if let Some(watch) = state.watch.as_mut() {
             watch.after_fork_in_child();
@@ -357,6 +376,19 @@ impl ThreadSampler {
     #[getter]
     fn installed(&self) -> bool {
         unsafe { &*self.state.get() }.installed
+    }
+
+    /// Whether loops implemented in C (uvloop) are watched too: from 3.14, where the context
+    /// watcher's reads check out (see `contexts`).
+    #[staticmethod]
+    fn sees_c_loops(py: Python<'_>) -> bool {
+        #[cfg(Py_3_14)]
+        return contexts::trusted(py);
+        #[cfg(not(Py_3_14))]
+        {
+            let _ = py;
+            false
+        }
     }
 
     /// As `installed`: nothing the program does takes the sampler's place.
@@ -421,6 +453,10 @@ unsafe fn end_of_thread(token: usize) {
     state.installed = false;
     state.watch = None; // the thread state is about to go: no more reads of it
     state.sink = None;
+    #[cfg(Py_3_14)]
+    {
+        state.contexts.unit = None;
+    }
     if let Err(error) = unregister(py) {
         error.write_unraisable(py, None);
     }
@@ -473,6 +509,8 @@ fn register(py: Python<'_>) -> PyResult<()> {
                 codes,
                 threads: 1,
             });
+            #[cfg(Py_3_14)]
+            contexts::register(py);
             Ok(())
         }
         Err(error) => {
@@ -502,6 +540,8 @@ fn unregister(py: Python<'_>) -> PyResult<()> {
 #[cfg(Py_3_12)]
 fn release(py: Python<'_>, tool: u8, codes: &[Py<PyAny>]) -> PyResult<()> {
     HANDLE_RUN.store(0, Ordering::Relaxed);
+    #[cfg(Py_3_14)]
+    contexts::unregister();
     if !holds_tool_id(py, tool, TOOL_NAME)? {
         return Ok(());
     }
@@ -539,6 +579,7 @@ unsafe extern "C" fn on_start(
             };
             state.unit = started;
             if let Some(watch) = state.watch.as_mut() {
+                watch.set_boundary(0);
                 watch.publish(started);
             }
         }
@@ -618,7 +659,7 @@ unsafe fn unit_over_threshold(
         .and_then(|sample| sample.cpu_wait_base)
         .zip(thread_cpu_wait_ns())
         .map_or(0, |(base, now)| now.saturating_sub(base));
-    let stack = sample.map(|sample| sample.stack).unwrap_or_default();
+    let stack = sample.map(|sample| sample.stack);
     let nanos = |ticks: Ticks| (ticks as f64 * state.clock.nanos_per_tick()) as u64;
     let gc = thread_gc_within(started, now);
     let unit = SampledUnit {
@@ -632,8 +673,12 @@ unsafe fn unit_over_threshold(
         scope: None,
     };
     ffi::Py_INCREF(obj);
+    #[cfg(Py_3_14)]
+    let within = state.contexts.unit.is_some();
+    #[cfg(not(Py_3_14))]
+    let within = false;
     let handle = Bound::from_borrowed_ptr_or_opt(py, handle);
-    let outcome = report(py, state, unit, &stack, handle);
+    let outcome = report(py, state, unit, stack.as_deref(), within, handle);
     if let Err(error) = outcome {
         error.write_unraisable(py, None);
     }
@@ -651,25 +696,37 @@ type Described = (
 );
 
 /// Names the unit's frames (in Python: modules, the C function at the call site, the task),
-/// builds the episode and hands it to the sink.
+/// builds the episode and hands it to the sink. `stack`: the last one read while the unit ran,
+/// if any; `within`: it holds the unit's frames only (a unit of a C loop, see `contexts`), else
+/// the loop's too. `handle`: what ran, if known (see `_sampling.describe_unit`).
 fn report(
     py: Python<'_>,
     state: &mut State,
     mut unit: SampledUnit,
-    stack: &[SampledFrame],
+    stack: Option<&[SampledFrame]>,
+    within: bool,
     handle: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let (Some(sink), Some(filters)) = (state.sink.as_ref(), state.filters.as_ref()) else {
         return Ok(());
     };
     let sink = sink.clone_ref(py);
-    let frames = unit_frames(stack, is_unit_boundary);
+    let frames = if within {
+        stack
+    } else {
+        stack.and_then(|stack| unit_frames(stack, is_unit_boundary))
+    };
     let sampled: Option<Vec<FrameTuple>> =
         frames.map(|frames| frames.iter().map(frame_to_tuple).collect());
-    // The loop's `Handle._run` itself standing still at the read: the callback is a C function.
-    let c_callback = stack
-        .first()
-        .is_some_and(|frame| is_unit_boundary(frame) && frame.still);
+    // The callback is a C function: asyncio's `Handle._run` itself stood still at the read, or a
+    // C loop's unit had no Python frame of its own.
+    let c_callback = if within {
+        stack.is_some_and(<[SampledFrame]>::is_empty)
+    } else {
+        stack
+            .and_then(<[SampledFrame]>::first)
+            .is_some_and(|frame| is_unit_boundary(frame) && frame.still)
+    };
     let described = py
         .import("loopwatch._sampling")?
         .call_method1("describe_unit", (handle, sampled, c_callback))?;
@@ -695,180 +752,7 @@ fn report(
 use legacy::{register, unregister};
 
 #[cfg(not(Py_3_12))]
-mod legacy {
-    //! With no `sys.monitoring`, the class attribute `asyncio.events.Handle._run` is replaced,
-    //! while any thread is watched, by a callable of loopwatch's own that times the call of the
-    //! original function around it: one C call more per callback, and no frame (the original's
-    //! frame, the unit's boundary on the stack, is as it was). It is a method descriptor, so
-    //! `handle._run()` calls it with the handle and nothing is bound. It is put back when the
-    //! last thread stops, unless the program has put something else there meanwhile.
+mod legacy;
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::OnceLock;
-
-    use pyo3::exceptions::PyRuntimeError;
-    use pyo3::ffi;
-    use pyo3::prelude::*;
-
-    use super::{
-        attached, last_thread_leaves, sampling, unit_over_threshold, Registration, ThreadSampler,
-        HANDLE_RUN, REGISTRATION,
-    };
-    use crate::threadend::{rust_callable, rust_callable_type};
-
-    /// The original `Handle._run` (a strong reference kept for the process's life once taken:
-    /// a wrapper the program kept a reference to still calls it).
-    static ORIGINAL: AtomicUsize = AtomicUsize::new(0);
-
-    extern "C" {
-        fn PyMethod_New(
-            function: *mut ffi::PyObject,
-            instance: *mut ffi::PyObject,
-        ) -> *mut ffi::PyObject;
-    }
-
-    /// `handle._run` read as an attribute (not called at once): bound as a function would be.
-    unsafe extern "C" fn bind(
-        descriptor: *mut ffi::PyObject,
-        instance: *mut ffi::PyObject,
-        _owner: *mut ffi::PyObject,
-    ) -> *mut ffi::PyObject {
-        if instance.is_null() || instance == ffi::Py_None() {
-            ffi::Py_INCREF(descriptor);
-            return descriptor;
-        }
-        PyMethod_New(descriptor, instance)
-    }
-
-    static TIMED_RUN_TYPE: OnceLock<usize> = OnceLock::new();
-
-    fn timed_run_type(py: Python<'_>) -> PyResult<*mut ffi::PyTypeObject> {
-        if let Some(&kind) = TIMED_RUN_TYPE.get() {
-            return Ok(kind as *mut ffi::PyTypeObject);
-        }
-        let kind = rust_callable_type(py, c"loopwatch._native.TimedHandleRun", Some(bind))?;
-        let _ = TIMED_RUN_TYPE.set(kind as usize);
-        Ok(kind)
-    }
-
-    /// `handle._run()`: the unit starts, the original runs, the unit ends.
-    unsafe extern "C" fn run(
-        _callable: *mut ffi::PyObject,
-        args: *const *mut ffi::PyObject,
-        nargsf: usize,
-        names: *mut ffi::PyObject,
-    ) -> *mut ffi::PyObject {
-        let original = ORIGINAL.load(Ordering::Relaxed) as *mut ffi::PyObject;
-        if let Some(obj) = sampling() {
-            let state = &mut *ThreadSampler::state_of(obj);
-            if state.installed {
-                let open = state.unit.take().filter(|_| state.end_unseen);
-                state.end_unseen = false;
-                if let Some(open) = open {
-                    // The unit the watch started in has ended (see `State::open_handle`).
-                    let now = state.clock.now();
-                    let handle = state.open_handle.take();
-                    if now.saturating_sub(open) >= state.threshold {
-                        let handle = handle.as_ref().map_or(std::ptr::null_mut(), Py::as_ptr);
-                        attached(|| unit_over_threshold(obj, state, (open, now), handle));
-                    }
-                }
-                let started = state.clock.now();
-                state.unit = Some(started);
-                if let Some(watch) = state.watch.as_mut() {
-                    watch.publish(Some(started));
-                }
-            }
-        }
-        let result = ffi::PyObject_Vectorcall(original, args, nargsf, names);
-        // Looked up again: the callback may have stopped (or started) the watch.
-        if let Some(obj) = sampling() {
-            let state = &mut *ThreadSampler::state_of(obj);
-            if let (true, Some(started)) = (state.installed, state.unit.take()) {
-                let now = state.clock.now();
-                if now.saturating_sub(started) < state.threshold {
-                    if let Some(watch) = state.watch.as_mut() {
-                        watch.publish(None);
-                    }
-                } else {
-                    let handle = if ffi::PyVectorcall_NARGS(nargsf) >= 1 {
-                        *args
-                    } else {
-                        std::ptr::null_mut()
-                    };
-                    attached(|| unit_over_threshold(obj, state, (started, now), handle));
-                }
-            }
-        }
-        result
-    }
-
-    /// The watch starts inside a unit whose end it will not see: keeps its handle for its
-    /// report, and has the loop run a callback of loopwatch's own (`int()`, nothing) at its next
-    /// turn, whose start ends it, even if the loop then has nothing else to do.
-    pub(super) fn end_this_unit_soon(py: Python<'_>, state: &mut super::State) -> PyResult<()> {
-        let frame = unsafe { super::running_handle_run() };
-        if !frame.is_null() {
-            let frame = unsafe { Bound::from_owned_ptr(py, frame.cast()) };
-            let handle = crate::locals::local_variable(&frame, "self");
-            state.open_handle = handle.map(Bound::unbind);
-        }
-        state.end_unseen = true;
-        let running = py
-            .import("asyncio.events")?
-            .call_method0("_get_running_loop")?;
-        if !running.is_none() {
-            running.call_method1("call_soon", (py.get_type::<pyo3::types::PyInt>(),))?;
-        }
-        Ok(())
-    }
-
-    fn handle_class(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-        py.import("asyncio.events")?.getattr("Handle")
-    }
-
-    /// The class's own `_run`, not an inherited one.
-    fn own_run<'py>(handle: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        handle.getattr("__dict__")?.get_item("_run")
-    }
-
-    /// One more thread is watched: the first puts the timed callable in place.
-    pub(super) fn register(py: Python<'_>) -> PyResult<()> {
-        let registration = unsafe { &mut *REGISTRATION.0.get() };
-        if let Some(found) = registration.as_mut() {
-            found.threads += 1;
-            return Ok(());
-        }
-        let handle = handle_class(py)?;
-        let original = own_run(&handle)?;
-        let Ok(code) = original.getattr("__code__") else {
-            return Err(PyRuntimeError::new_err(
-                "the always-on mode times asyncio's Handle._run, which is not a Python function here",
-            ));
-        };
-        HANDLE_RUN.store(code.as_ptr() as usize, Ordering::Relaxed);
-        // Kept for the process's life: see `ORIGINAL`.
-        ORIGINAL.store(original.clone().into_ptr() as usize, Ordering::Relaxed);
-        handle.setattr("_run", rust_callable(py, timed_run_type(py)?, run)?)?;
-        *registration = Some(Registration {
-            original: original.unbind(),
-            threads: 1,
-        });
-        Ok(())
-    }
-
-    /// One thread less; the last puts the original back, if the timed callable is still there.
-    pub(super) fn unregister(py: Python<'_>) -> PyResult<()> {
-        let Some(ended) = last_thread_leaves() else {
-            return Ok(());
-        };
-        HANDLE_RUN.store(0, Ordering::Relaxed);
-        let handle = handle_class(py)?;
-        let ours_type = timed_run_type(py)?.cast::<ffi::PyObject>();
-        let ours = own_run(&handle).is_ok_and(|now| now.get_type().as_ptr() == ours_type);
-        if ours {
-            handle.setattr("_run", ended.original.bind(py))?;
-        }
-        Ok(())
-    }
-}
+#[cfg(Py_3_14)]
+mod contexts;
