@@ -147,6 +147,10 @@ pub struct RunningStall {
     /// The thread was running a garbage collection when its stack was read: the innermost
     /// frame is the one the collection interrupted.
     pub in_gc: bool,
+    /// The stack read was the unit's own only (a unit of a loop implemented in C), and it had no
+    /// Python frame: the loop runs C code (a C function as a callback), not that nothing could
+    /// be read.
+    pub in_c_code: bool,
 }
 
 impl RunningStall {
@@ -163,6 +167,9 @@ impl RunningStall {
         match self.stack.first() {
             Some(top) => {
                 let _ = write!(text, ", at {}", frame_place(top));
+            }
+            None if self.in_c_code => {
+                text.push_str(", in C code the loop called (no Python frame of its own)");
             }
             None => text.push_str(" (its stack could not be read)"),
         }
@@ -291,6 +298,7 @@ mod tests {
                 .map(|i| frame(&format!("f{i}"), Some(i + 1)))
                 .collect(),
             in_gc: false,
+            in_c_code: false,
         };
         let text = stall.to_text();
         let lines: Vec<&str> = text.lines().collect();
@@ -311,6 +319,7 @@ mod tests {
             so_far_ms: 50.0,
             stack: vec![],
             in_gc: false,
+            in_c_code: false,
         };
         assert!(stall
             .to_text()
@@ -323,6 +332,22 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_of_a_c_loop_running_no_python_frame_is_said_to_run_c_code() {
+        let stall = RunningStall {
+            pid: 7,
+            thread_name: "t".into(),
+            so_far_ms: 50.0,
+            stack: vec![],
+            in_gc: false,
+            in_c_code: true,
+        };
+        assert_eq!(
+            stall.to_text(),
+            "loopwatch[7]: the event loop of thread 't' has been blocked for 50 ms so far, still running, in C code the loop called (no Python frame of its own)\n"
+        );
+    }
+
+    #[test]
     fn a_stall_in_a_garbage_collection_says_so_before_the_frame_it_interrupted() {
         let stall = RunningStall {
             pid: 7,
@@ -330,6 +355,7 @@ mod tests {
             so_far_ms: 500.0,
             stack: vec![frame("allocate", Some(3))],
             in_gc: true,
+            in_c_code: false,
         };
         assert!(stall.to_text().starts_with(
             "loopwatch[7]: the event loop of thread 't' has been blocked for 500 ms so far, still running, in a garbage collection, at app.py:3 in allocate\n"

@@ -701,12 +701,17 @@ fn report(
     watch.reported.store(number, Ordering::Relaxed);
     watch.reported_seq.store(seq, Ordering::Release);
     let ms = |ticks: Ticks| ticks as f64 * clock.nanos_per_tick() / 1e6;
+    // A unit of a C loop is read from where the loop was called: nothing above it is C code.
+    let in_c_code = stack.is_empty()
+        && watch.sampling.load(Ordering::Relaxed)
+        && watch.boundary.load(Ordering::Acquire) != 0;
     let stall = RunningStall {
         pid: own_pid(),
         thread_name: watch.name(),
         so_far_ms: ms(so_far),
         stack,
         in_gc,
+        in_c_code,
     };
     write_stderr(stall.to_text().as_bytes());
     let recordings = watch
