@@ -406,8 +406,14 @@ asyncio.run(main())
 
 @needs_sampling
 @needs_stack_reads
-def test_loopwatch_run_watches_a_program_in_the_always_on_mode(tmp_path: Path) -> None:
-    program = write(tmp_path / "app.py", BLOCKS_ONCE)
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_loopwatch_run_watches_a_program_in_the_always_on_mode(tmp_path: Path, loop_kind: str) -> None:
+    if loop_kind != "asyncio" and not SAMPLING_SEES_C_LOOPS:
+        pytest.skip("before 3.14 the always-on mode sees asyncio's own loops only")
+    source = BLOCKS_ONCE
+    if loop_kind == "uvloop":
+        source = source.replace("asyncio.run(main())", "import uvloop\nuvloop.run(main())")
+    program = write(tmp_path / "app.py", source)
     done = subprocess.run(
         [
             sys.executable,
