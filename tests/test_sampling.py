@@ -459,7 +459,9 @@ STRESS_SECONDS = float(os.environ.get("LOOPWATCH_STRESS_S", "5"))
 @needs_sampling
 @needs_stack_reads
 @pytest.mark.parametrize("loop_kind", LOOPS)
-def test_steps_whose_stack_changes_as_fast_as_it_can_are_blamed_only_on_their_own_frames(loop_kind: str) -> None:
+def test_steps_whose_stack_changes_as_fast_as_it_can_are_blamed_only_on_their_own_frames(
+    loop_kind: str,
+) -> None:
     # Every step runs past a 1 ms threshold, so the watchdog reads nearly every one, at half the
     # threshold and at each report, while the stack recurses, yields, unwinds and starts threads.
     # Under uvloop the steps also enter contexts of their own (`Context.run`), one of the loop's

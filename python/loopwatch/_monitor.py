@@ -249,7 +249,7 @@ def _say_if_loop_unseen() -> None:
     loop = asyncio._get_running_loop()
     if loop is None or isinstance(loop, asyncio.BaseEventLoop) or _unseen_loop_said:
         return
-    if _native.ThreadSampler.sees_c_loops():
+    if sys.version_info >= (3, 11) and _native.ThreadSampler.sees_c_loops():
         return
     _unseen_loop_said = True
     logger.warning(

@@ -171,6 +171,15 @@ def _handle_of(handle_frame: types.FrameType) -> Any:
     return handle
 
 
+def _context_of(task: asyncio.Task[Any]) -> Optional[contextvars.Context]:
+    """The context a task runs its steps in, as asyncio's own Task keeps it (never through a
+    subclass's override: no code of the program runs here). Only loops that need it (3.14+)
+    ask."""
+    if sys.version_info >= (3, 12):
+        return asyncio.Task.get_context(task)
+    return None
+
+
 def _task_in(context: contextvars.Context) -> Optional[asyncio.Task[Any]]:
     """The task of the running loop whose steps run in `context` (a loop implemented in C runs
     each step in its task's context and leaves no handle to read). A task whose last step it was
@@ -181,12 +190,12 @@ def _task_in(context: contextvars.Context) -> Optional[asyncio.Task[Any]]:
         return None
     pending = asyncio.all_tasks(loop)
     for task in pending:
-        if asyncio.Task.get_context(task) is context:
+        if _context_of(task) is context:
             return task
     for task in pending:
         waited: Any = getattr(task, "_fut_waiter", None)  # asyncio's own slot
         for candidate in (waited, *(getattr(waited, "_children", None) or ())):
-            if isinstance(candidate, asyncio.Task) and asyncio.Task.get_context(candidate) is context:
+            if isinstance(candidate, asyncio.Task) and _context_of(candidate) is context:
                 return candidate
     return None
 
@@ -203,9 +212,10 @@ def running_unit() -> Optional[tuple[contextvars.Context, types.FrameType]]:
         return None
     frame = getattr(task.get_coro(), "cr_frame", None)
     caller = frame.f_back if isinstance(frame, types.FrameType) else None
-    if caller is None:
+    context = _context_of(task)
+    if caller is None or context is None:
         return None
-    return asyncio.Task.get_context(task), caller
+    return context, caller
 
 
 def _c_loop_callback() -> Name:

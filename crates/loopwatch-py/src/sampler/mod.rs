@@ -218,7 +218,10 @@ impl ThreadSampler {
         }
         #[cfg(Py_3_14)]
         if state.unit.is_none() {
-            contexts::adopt_running_unit(py, state)?;
+            // Never the program's fault: the step is then timed from the next unit on.
+            if let Err(error) = contexts::adopt_running_unit(py, state) {
+                error.write_unraisable(py, None);
+            }
         }
         unsafe {
             ffi::Py_INCREF(me);
