@@ -1,7 +1,7 @@
 """Overhead of loopwatch next to the floor every profile-hook tool pays (an empty C hook) and its peers.
 
     python benches/overhead.py [--rounds 5] [--workloads python_calls,c_calls] [--tools none,floor,loopwatch]
-                               [--calls 2000000] [--json results.json]
+                               [--calls 2000000] [--loop asyncio|uvloop] [--json results.json]
 
 Each workload runs under each tool in one process, interleaved round by round (the order rotates),
 and the medians are compared: ratio to no tool, and overhead_vs_floor = (tool - none) / (floor - none).
@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ from loopwatch import EventLoopMonitor, _native
 
 CALLS = 2_000_000
 CHUNK = 10_000
+# The loop the workloads run on: "asyncio" (the default) or "uvloop" (--loop).
+LOOP = "asyncio"
 # No tool should report anything here: the benches measure the cost of watching, not of reporting.
 THRESHOLD_MS = 100.0
 
@@ -258,6 +261,11 @@ def time_once(workload: Callable[[], Awaitable[None]], tool: Tool) -> float:
             return time.perf_counter() - start
 
     gc.collect()
+    if LOOP == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(run())
     return asyncio.run(run())
 
 
@@ -367,19 +375,23 @@ def print_tables(results: dict[str, Any], skipped: dict[str, str], rounds: int) 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    global CALLS
+    global CALLS, LOOP
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per workload")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--tools", default="", help="comma-separated; default: every tool installed")
     parser.add_argument("--calls", type=int, default=CALLS, help="calls per run of (a), (b) and (d)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="uvloop: 3.11+")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.loop == "uvloop" and (sys.version_info < (3, 11) or importlib.util.find_spec("uvloop") is None):
+        parser.error("--loop uvloop needs CPython 3.11+ and uvloop (pip install uvloop)")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.calls < CHUNK:
         parser.error(f"--calls must be at least {CHUNK}")
     CALLS = args.calls
+    LOOP = args.loop
     workloads = [w for w in args.workloads.split(",") if w]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -403,6 +415,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "processor": _processor()},
             "rounds": args.rounds,
             "calls": CALLS,
+            "loop": LOOP,
             "tools": {tool.name: TOOL_NOTES[tool.name] for tool in tools},
             "skipped": skipped,
             "results": results,
