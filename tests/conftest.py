@@ -48,8 +48,9 @@ EXACT_BACKENDS = ["legacy", "monitoring"] if sys.version_info >= (3, 12) else ["
 # in the always-on mode ("sampling", 3.11+, asyncio's own loops), through `monitor()`; where that
 # mode answers otherwise, the test asserts its answer and says why.
 BACKENDS = [*EXACT_BACKENDS, "sampling"] if sys.version_info >= (3, 11) else EXACT_BACKENDS
-SAMPLING_SEES_C_LOOPS = sys.version_info >= (3, 14)
-"""From 3.14 the always-on mode sees uvloop's units too (by the contexts they run in)."""
+C_LOOPS_BY_CONTEXT = sys.version_info >= (3, 14)
+"""From 3.14 loopwatch tells uvloop's callbacks apart by the contexts they run in: the always-on
+mode sees uvloop, and both modes see a C function it calls back."""
 MODE = "exact"
 """The mode `monitor()` makes monitors in: set by the `backend` fixture."""
 
@@ -66,7 +67,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         if (
             "loop_kind" in request.fixturenames
             and request.getfixturevalue("loop_kind") != "asyncio"
-            and not SAMPLING_SEES_C_LOOPS
+            and not C_LOOPS_BY_CONTEXT
         ):
             pytest.skip("before 3.14 the always-on mode sees asyncio's own loops only")
         monkeypatch.setitem(globals(), "MODE", "sampling")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import pytest
 import uvicorn
-from conftest import BLOCK_S, LOOPS, SAMPLING_SEES_C_LOOPS, THRESHOLD_MS, short
+from conftest import BLOCK_S, C_LOOPS_BY_CONTEXT, LOOPS, THRESHOLD_MS, short
 from loopwatch import BlockingCallInfo, _native
 from loopwatch.asgi import LoopwatchMiddleware
 from starlette.applications import Starlette
@@ -143,7 +143,7 @@ def test_concurrent_requests_on_one_loop_are_reported_to_their_own_request(serve
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="the always-on mode needs CPython 3.11+")
 def test_always_on_every_request_is_reported_to_itself_and_selected_ones_exactly(server_loop):
-    if server_loop != "asyncio" and not SAMPLING_SEES_C_LOOPS:
+    if server_loop != "asyncio" and not C_LOOPS_BY_CONTEXT:
         pytest.skip("before 3.14 the always-on mode sees asyncio's own loops only")
     reports: list[BlockingCallInfo] = []
     with Server(make_app(reports, token=TOKEN, always_on=True), server_loop) as server:

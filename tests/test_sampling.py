@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LOOPS, SAMPLING_SEES_C_LOOPS, clean_env, items_summed_in, line_of, new_loop, write
+from conftest import C_LOOPS_BY_CONTEXT, LOOPS, clean_env, items_summed_in, line_of, new_loop, write
 from loopwatch import (
     BlockingCallInfo,
     EventLoopMonitor,
@@ -408,7 +408,7 @@ asyncio.run(main())
 @needs_stack_reads
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_loopwatch_run_watches_a_program_in_the_always_on_mode(tmp_path: Path, loop_kind: str) -> None:
-    if loop_kind != "asyncio" and not SAMPLING_SEES_C_LOOPS:
+    if loop_kind != "asyncio" and not C_LOOPS_BY_CONTEXT:
         pytest.skip("before 3.14 the always-on mode sees asyncio's own loops only")
     source = BLOCKS_ONCE
     if loop_kind == "uvloop":
@@ -467,7 +467,7 @@ def test_steps_whose_stack_changes_as_fast_as_it_can_are_blamed_only_on_their_ow
     # Under uvloop the steps also enter contexts of their own (`Context.run`), one of the loop's
     # own ways of telling its units apart, and the stack outside a unit (the test's, pytest's) is
     # never the unit's.
-    if loop_kind != "asyncio" and not SAMPLING_SEES_C_LOOPS:
+    if loop_kind != "asyncio" and not C_LOOPS_BY_CONTEXT:
         pytest.skip("before 3.14 the always-on mode sees asyncio's own loops only")
     import contextvars
 

@@ -199,6 +199,8 @@ pub struct Tracker {
     unit_root: Option<usize>,
     /// The unit runs under a `Host` frame: its loop can stop without a visible return.
     unit_hosted: bool,
+    /// Units started so far (see `units_started`).
+    units_started: u64,
     /// The running task's name, once asked (at the unit's first slow frame).
     unit_task: Option<TaskInfo>,
     arena: Vec<Node>,
@@ -220,6 +222,7 @@ impl Tracker {
             filters,
             unit_root: None,
             unit_hosted: false,
+            units_started: 0,
             unit_task: None,
             arena: Vec::new(),
             finished: Vec::new(),
@@ -244,12 +247,38 @@ impl Tracker {
         self.cpu_wait_mark_max_age = max_age.min(self.threshold / 8);
     }
 
+    /// The threshold, in ticks.
+    pub fn threshold(&self) -> Ticks {
+        self.threshold
+    }
+
     pub fn depth(&self) -> usize {
         self.stack.len()
     }
 
     pub fn in_unit(&self) -> bool {
         self.unit_root.is_some()
+    }
+
+    /// A loop implemented in C (uvloop) is about to run a callback from inside the top frame (the
+    /// binding saw it enter the callback's context): that frame hosts the loop, so what it runs
+    /// next is a unit, even before any task step has shown it (a protocol's callback may come
+    /// first).
+    pub fn hosts_a_c_loop(&mut self) {
+        if self.unit_root.is_some() {
+            return;
+        }
+        match self.stack.last_mut() {
+            Some(entry) if entry.role == Role::Outside => entry.role = Role::Host,
+            None if self.base_role == Role::Outside => self.base_role = Role::Host,
+            _ => {}
+        }
+    }
+
+    /// How many units have started so far (wrapping): the same before and after a stretch of
+    /// time means no Python frame ran in it as a callback or task step.
+    pub fn units_started(&self) -> u64 {
+        self.units_started
     }
 
     /// Says of the episodes just finished (those of the unit that has just ended) that a watchdog
@@ -431,6 +460,7 @@ impl Tracker {
         if role == Role::Work && self.unit_root.is_none() {
             self.unit_hosted = self.top_role() == Role::Host;
             self.unit_root = Some(self.stack.len());
+            self.units_started = self.units_started.wrapping_add(1);
             self.unit_task = None;
             self.refresh_cpu_wait_mark(now, r);
         } else if role == Role::Dispatcher {
@@ -888,15 +918,45 @@ impl Tracker {
         let Some((info, is_c)) = r.dispatched_callback(holder) else {
             return;
         };
+        self.report_unseen_callback(info, is_c, entry.start, duration, unseen, r);
+    }
+
+    /// A loop implemented in C (uvloop) ran a callback from `start` to `now` in which no Python
+    /// frame started (the binding tells its callbacks apart by the contexts the loop runs them
+    /// in; see `units_started`): C code the loop called, a C function scheduled as a callback.
+    /// Reported, as `info` names it, if it ran past the threshold and no unit runs now.
+    pub fn c_loop_callback_ran<R: Resolver>(
+        &mut self,
+        info: FrameInfo,
+        start: Ticks,
+        now: Ticks,
+        r: &mut R,
+    ) {
+        let duration = now.saturating_sub(start);
+        if duration >= self.threshold && self.unit_root.is_none() {
+            self.report_unseen_callback(info, true, start, duration, duration, r);
+        }
+    }
+
+    /// Reports a callback no event was seen for, `unseen` of its `duration` from `start`.
+    fn report_unseen_callback<R: Resolver>(
+        &mut self,
+        info: FrameInfo,
+        is_c: bool,
+        start: Ticks,
+        duration: Ticks,
+        unseen: Ticks,
+        r: &mut R,
+    ) {
         let included = self
             .filters
             .allows(&info.name, &info.module, info.filename.as_deref());
         if !included {
             return;
         }
-        let end = entry.start.saturating_add(duration);
-        let cpu_wait_ns = self.cpu_wait_between(entry.start, end, r);
-        let gc = r.gc_within(entry.start, end);
+        let end = start.saturating_add(duration);
+        let cpu_wait_ns = self.cpu_wait_between(start, end, r);
+        let gc = r.gc_within(start, end);
         let gc_ns = self.nanos(gc.ticks);
         let mut stack = vec![StackFrame {
             name: info.name,
@@ -925,7 +985,7 @@ impl Tracker {
             gc_generation: gc.generation,
             culprit: stack.len() - 1,
             stack,
-            // By its return, `Context.run` has left the callback's context: no task or scope.
+            // The callback's context has been left: no task or scope.
             task_name: None,
             scope: None,
             reports_while_running: 0,

@@ -308,6 +308,48 @@ fn a_dispatcher_whose_callback_was_visible_reports_nothing_more() {
 }
 
 #[test]
+fn a_c_function_a_c_loop_calls_back_with_no_python_frame_is_a_callback_of_its_own() {
+    let mut s = Sim::new();
+    s.py.loop_running = true;
+    s.call(MODULE, Tag::PLAIN).call(RUNNER, Tag::PLAIN);
+    // uvloop enters the callback's context, runs `time.sleep` from C, and leaves it.
+    let (start, units) = s.c_loop_enters();
+    s.advance(60).c_loop_callback(start, units);
+    assert_eq!(s.episodes.len(), 1);
+    assert_eq!(s.episodes[0].kind, EpisodeKind::Callback);
+    assert_eq!(s.names(0), ["a C function called back by uvloop.Loop"]);
+    assert!(s.episodes[0].stack[0].is_c_call);
+    assert_eq!(s.episodes[0].duration_ns, 60);
+    // One under the threshold is nothing.
+    let (start, units) = s.c_loop_enters();
+    s.advance(5).c_loop_callback(start, units);
+    assert_eq!(s.episodes.len(), 1);
+}
+
+#[test]
+fn a_c_loop_callback_that_ran_python_is_judged_by_its_frames_only() {
+    let mut s = Sim::new();
+    s.py.loop_running = true;
+    s.call(MODULE, Tag::PLAIN).call(RUNNER, Tag::PLAIN);
+    let (start, units) = s.c_loop_enters();
+    s.call(A, Tag::PLAIN).advance(60).ret(A);
+    s.c_loop_callback(start, units);
+    assert_eq!(s.episodes.len(), 1, "the frame's report, not a second one");
+    assert_eq!(s.names(0), ["app.a"]);
+    assert_eq!(
+        s.episodes[0].kind,
+        EpisodeKind::Callback,
+        "a protocol's callback, no task yet"
+    );
+    // A short Python callback leaves the C loop's callback unreported too, however long the
+    // context was entered (the rest is the loop's own bookkeeping).
+    let (start, units) = s.c_loop_enters();
+    s.call(A, Tag::PLAIN).advance(5).ret(A).advance(60);
+    s.c_loop_callback(start, units);
+    assert_eq!(s.episodes.len(), 1);
+}
+
+#[test]
 fn a_c_loop_hosting_task_steps_is_found_from_the_first_step() {
     let mut s = Sim::new();
     s.py.loop_running = true;

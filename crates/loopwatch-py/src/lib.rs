@@ -1,6 +1,8 @@
 //! `loopwatch._native`: the thin binding between CPython's profile hook and loopwatch-core.
 //! It translates events and names frames; every decision is the core's.
 
+#[cfg(Py_3_14)]
+mod c_loops;
 mod codes;
 mod courier;
 mod errors;
@@ -10,6 +12,8 @@ mod gcwatch;
 mod hook;
 mod locals;
 mod monitor;
+#[cfg(Py_3_14)]
+mod monitor_c_loops;
 #[cfg(Py_3_12)]
 mod monitoring;
 mod recording;

@@ -75,6 +75,10 @@ pub struct State {
     /// The thread's slot with the watchdog, which reports a stall while it runs; `None` when
     /// not installed (or every slot was taken).
     pub watch: Option<WatchHandle>,
+    /// The callbacks of a C-implemented loop (uvloop) as their contexts tell them (3.14+):
+    /// those that run no Python frame are seen only so (see `monitor_c_loops`).
+    #[cfg(Py_3_14)]
+    pub c_loops: crate::c_loops::CLoops,
 }
 
 /// The two ways of seeing a thread's calls; chosen at install, in `Backend::choose`.
@@ -135,6 +139,11 @@ impl State {
         } else {
             profile_hook
         }
+    }
+
+    /// How this thread's frames are keyed by the way it is seen.
+    pub fn frame_keys(&self) -> FrameKeys {
+        self.backend.frame_keys()
     }
 
     /// Takes the finished episodes with what is needed to deliver them.
@@ -350,6 +359,8 @@ impl ThreadMonitor {
                 backend: Backend::Legacy,
                 fallback: None,
                 watch: None,
+                #[cfg(Py_3_14)]
+                c_loops: crate::c_loops::CLoops::default(),
             }),
         }
     }
@@ -397,10 +408,16 @@ impl ThreadMonitor {
         }
         state.fallback = fallback;
         let tracker = match backend {
-            Backend::Monitoring => match Self::install_monitoring(py, me, state, tracker, &sink)? {
-                Some(tracker) => tracker,
-                None => return Ok(()),
-            },
+            Backend::Monitoring => {
+                let Some(tracker) = Self::install_monitoring(py, me, state, tracker, &sink)? else {
+                    #[cfg(Py_3_14)]
+                    unsafe {
+                        crate::c_loops::watch_exact(py, me);
+                    }
+                    return Ok(());
+                };
+                tracker
+            }
             Backend::Legacy => tracker,
         };
         state.backend = Backend::Legacy;
@@ -442,6 +459,8 @@ impl ThreadMonitor {
                     ));
                 }
             }
+            #[cfg(Py_3_14)]
+            crate::c_loops::watch_exact(py, me);
         }
         Ok(())
     }
@@ -519,6 +538,11 @@ impl ThreadMonitor {
         state.sink = None;
         state.chained = None;
         state.watch = None;
+        #[cfg(Py_3_14)]
+        unsafe {
+            state.c_loops.unit = None;
+            crate::c_loops::stop_exact(me);
+        }
         #[cfg(Py_3_12)]
         if state.backend == Backend::Monitoring {
             unsafe { crate::monitoring::detach(py, me)? };
@@ -558,6 +582,10 @@ impl ThreadMonitor {
         let state = self.state()?;
         if let Some(tracker) = state.tracker.as_mut() {
             tracker.forget_the_parent();
+        }
+        #[cfg(Py_3_14)]
+        {
+            state.c_loops.unit = None;
         }
         if let Some(watch) = state.watch.as_mut() {
             watch.after_fork_in_child();

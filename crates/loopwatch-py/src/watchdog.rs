@@ -60,9 +60,10 @@ struct Watch {
     /// it reads one once a unit has run half the threshold, and at each report, stall reports
     /// or not; a stack without the unit's boundary frame is not the unit's and is dropped.
     sampling: AtomicBool,
-    /// Where the running unit's frames end, in the always-on mode: 0 for asyncio's own loops
-    /// (inside `Handle._run`); else the address of the frame a C-implemented loop (uvloop) was
-    /// called from, which calls each unit from C. A stack without it is not the unit's.
+    /// Where the running unit's frames end: 0 for asyncio's own loops (the whole stack; in the
+    /// always-on mode, inside `Handle._run`); else the address of the frame a C-implemented loop
+    /// (uvloop) was called from, which calls each unit from C. A stack without it is not the
+    /// unit's.
     boundary: AtomicU64,
     /// The last stack read of a running unit, for its report when it ends. Only tried by the
     /// watchdog; locked by the thread when its unit ends.
@@ -631,7 +632,7 @@ fn read_unit_stack(
     let tstate = watch.tstate.load(Ordering::Relaxed) as usize;
     let sampling = watch.sampling.load(Ordering::Relaxed);
     let boundary = watch.boundary.load(Ordering::Acquire) as usize;
-    let stack = if sampling && boundary != 0 {
+    let stack = if boundary != 0 {
         // Not from where the unit was called: it has ended, or the stack was read amiss.
         read_stack_within(tstate, activity, boundary)?
     } else {
@@ -702,9 +703,7 @@ fn report(
     watch.reported_seq.store(seq, Ordering::Release);
     let ms = |ticks: Ticks| ticks as f64 * clock.nanos_per_tick() / 1e6;
     // A unit of a C loop is read from where the loop was called: nothing above it is C code.
-    let in_c_code = stack.is_empty()
-        && watch.sampling.load(Ordering::Relaxed)
-        && watch.boundary.load(Ordering::Acquire) != 0;
+    let in_c_code = stack.is_empty() && watch.boundary.load(Ordering::Acquire) != 0;
     let stall = RunningStall {
         pid: own_pid(),
         thread_name: watch.name(),

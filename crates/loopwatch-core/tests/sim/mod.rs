@@ -243,6 +243,28 @@ impl Sim {
         self.c_ret(CONTEXT_RUN).ret(HANDLE_RUN)
     }
 
+    /// A loop implemented in C (uvloop) enters a callback's context (as the binding sees it):
+    /// when and how many units had started, for `c_loop_callback`.
+    pub fn c_loop_enters(&mut self) -> (Ticks, u64) {
+        self.tracker.hosts_a_c_loop();
+        (self.now, self.tracker.units_started())
+    }
+
+    /// The C loop leaves the callback's context entered at `start`, with `units_before` units
+    /// started before it (`c_loop_enters`).
+    pub fn c_loop_callback(&mut self, start: Ticks, units_before: u64) -> &mut Self {
+        if self.tracker.units_started() == units_before {
+            let info = FrameInfo {
+                name: "a C function called back by uvloop.Loop".into(),
+                module: String::new(),
+                ..FrameInfo::default()
+            };
+            self.tracker
+                .c_loop_callback_ran(info, start, self.now, &mut self.py);
+        }
+        self.collect()
+    }
+
     pub fn names(&self, episode: usize) -> Vec<&str> {
         self.episodes[episode]
             .stack

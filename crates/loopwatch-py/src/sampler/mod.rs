@@ -89,7 +89,7 @@ struct State {
     open_handle: Option<Py<PyAny>>,
     /// The running unit of a C-implemented loop, if that is what runs (see `contexts`).
     #[cfg(Py_3_14)]
-    contexts: contexts::Contexts,
+    contexts: crate::c_loops::CLoops,
 }
 
 /// One thread's always-on watch. Touched only on the thread that installed it, with the GIL.
@@ -144,7 +144,7 @@ impl ThreadSampler {
                 #[cfg(not(Py_3_12))]
                 open_handle: None,
                 #[cfg(Py_3_14)]
-                contexts: contexts::Contexts::default(),
+                contexts: crate::c_loops::CLoops::default(),
             }),
         }
     }
@@ -386,7 +386,7 @@ impl ThreadSampler {
     #[staticmethod]
     fn sees_c_loops(py: Python<'_>) -> bool {
         #[cfg(Py_3_14)]
-        return contexts::trusted(py);
+        return crate::c_loops::trusted(py);
         #[cfg(not(Py_3_14))]
         {
             let _ = py;
@@ -513,7 +513,7 @@ fn register(py: Python<'_>) -> PyResult<()> {
                 threads: 1,
             });
             #[cfg(Py_3_14)]
-            contexts::register(py);
+            crate::c_loops::add_user(py);
             Ok(())
         }
         Err(error) => {
@@ -535,7 +535,11 @@ fn last_thread_leaves() -> Option<Registration> {
 #[cfg(Py_3_12)]
 fn unregister(py: Python<'_>) -> PyResult<()> {
     match last_thread_leaves() {
-        Some(ended) => release(py, ended.tool, &ended.codes),
+        Some(ended) => {
+            #[cfg(Py_3_14)]
+            crate::c_loops::remove_user();
+            release(py, ended.tool, &ended.codes)
+        }
         None => Ok(()),
     }
 }
@@ -543,8 +547,6 @@ fn unregister(py: Python<'_>) -> PyResult<()> {
 #[cfg(Py_3_12)]
 fn release(py: Python<'_>, tool: u8, codes: &[Py<PyAny>]) -> PyResult<()> {
     HANDLE_RUN.store(0, Ordering::Relaxed);
-    #[cfg(Py_3_14)]
-    contexts::unregister();
     if !holds_tool_id(py, tool, TOOL_NAME)? {
         return Ok(());
     }
@@ -759,3 +761,5 @@ mod legacy;
 
 #[cfg(Py_3_14)]
 mod contexts;
+#[cfg(Py_3_14)]
+pub use contexts::on_context_switch;
