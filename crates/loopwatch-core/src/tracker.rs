@@ -275,6 +275,12 @@ impl Tracker {
         }
     }
 
+    /// Whether a Python loop's dispatcher (`Handle._run`, `Context.run`) is about to run a
+    /// callback: the context it enters is its own business, not a C loop's.
+    pub fn dispatching(&self) -> bool {
+        self.unit_root.is_none() && self.top_role() == Role::Dispatcher
+    }
+
     /// How many units have started so far (wrapping): the same before and after a stretch of
     /// time means no Python frame ran in it as a callback or task step.
     pub fn units_started(&self) -> u64 {

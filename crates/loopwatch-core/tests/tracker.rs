@@ -350,6 +350,18 @@ fn a_c_loop_callback_that_ran_python_is_judged_by_its_frames_only() {
 }
 
 #[test]
+fn a_python_loops_dispatch_is_told_from_a_c_loops_callback() {
+    let mut s = Sim::new();
+    assert!(!s.tracker.dispatching());
+    s.enter_dispatch();
+    // asyncio's `Context.run` is about to run the callback: the context it enters is its own.
+    assert!(s.tracker.dispatching());
+    s.call(A, Tag::PLAIN);
+    assert!(!s.tracker.dispatching(), "inside the callback's unit");
+    s.ret(A).leave_dispatch();
+}
+
+#[test]
 fn a_c_loop_hosting_task_steps_is_found_from_the_first_step() {
     let mut s = Sim::new();
     s.py.loop_running = true;

@@ -25,8 +25,10 @@ pub unsafe fn on_context_switch(obj: *mut ffi::PyObject, context: *mut ffi::PyOb
     let Some(tracker) = state.tracker.as_ref() else {
         return;
     };
-    if state.paused || (state.c_loops.unit.is_none() && tracker.in_unit()) {
-        // loopwatch's own code, or a unit the tracker sees whole (asyncio's own loop).
+    if state.paused
+        || (state.c_loops.unit.is_none() && (tracker.in_unit() || tracker.dispatching()))
+    {
+        // loopwatch's own code, or a callback the tracker sees whole (asyncio's own loop).
         return;
     }
     let py = Python::assume_attached();
