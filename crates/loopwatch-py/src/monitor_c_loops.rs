@@ -6,7 +6,7 @@
 //! runs callbacks from, so a Python callback is a unit from the first, task step or not. The
 //! watchdog times such a callback too, and reads only what runs above the loop's frame.
 
-use loopwatch_core::FrameInfo;
+use loopwatch_core::{FrameInfo, Ticks};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
@@ -34,23 +34,23 @@ pub unsafe fn on_context_switch(obj: *mut ffi::PyObject, context: *mut ffi::PyOb
     let py = Python::assume_attached();
     match state.c_loops.switched(py, context) {
         Switch::Nothing => {}
-        Switch::Start(starting) => start(state, starting),
-        Switch::End => end(obj, state),
+        Switch::Start(starting) => start(state, starting, state.clock.now()),
+        Switch::End => end(obj, state, state.clock.now()),
         Switch::Restart(starting) => {
-            end(obj, state);
+            let now = state.clock.now();
+            end(obj, state, now);
             if state.tracker.is_some() {
-                start(state, starting);
+                start(state, starting, now);
             }
         }
     }
 }
 
-fn start(state: &mut State, starting: Starting) {
+fn start(state: &mut State, starting: Starting, now: Ticks) {
     let Some(tracker) = state.tracker.as_mut() else {
         return;
     };
     tracker.hosts_a_c_loop();
-    let now = state.clock.now();
     if let Some(watch) = state.watch.as_mut() {
         watch.set_boundary(starting.boundary);
         if !tracker.in_unit() {
@@ -60,12 +60,11 @@ fn start(state: &mut State, starting: Starting) {
     state.c_loops.unit = Some(starting.at(now, tracker.units_started()));
 }
 
-/// The running callback ends: reported if it ran no Python frame and past the threshold.
-unsafe fn end(obj: *mut ffi::PyObject, state: &mut State) {
+/// The running callback ends at `now`: reported if it ran no Python frame and past the threshold.
+unsafe fn end(obj: *mut ffi::PyObject, state: &mut State, now: Ticks) {
     let Some(unit) = state.c_loops.unit.take() else {
         return;
     };
-    let now = state.clock.now();
     // No Python frame ran as a callback in it (the tracker started no unit), and it ran long.
     let c_code_over = state.tracker.as_ref().is_some_and(|tracker| {
         tracker.units_started() == unit.mark

@@ -3,6 +3,7 @@
 //! was called from, and blamed like a unit of asyncio's own loops. asyncio's own loops keep
 //! `Handle._run`'s events: a switch inside a unit they started is theirs.
 
+use loopwatch_core::Ticks;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
@@ -24,28 +25,31 @@ pub unsafe fn on_context_switch(context: *mut ffi::PyObject) {
     let py = Python::assume_attached();
     match state.contexts.switched(py, context) {
         Switch::Nothing => {}
-        Switch::Start(starting) => start(state, starting),
-        Switch::End => end(obj, state),
+        Switch::Start(starting) => start(state, starting, state.clock.now()),
+        Switch::End => end(obj, state, state.clock.now(), true),
         Switch::Restart(starting) => {
-            end(obj, state);
+            // The next unit starts as this one ends: one clock read, and the watchdog told once
+            // unless this one is reported.
+            let now = state.clock.now();
+            end(obj, state, now, false);
             if state.installed && state.unit.is_none() {
-                start(state, starting);
+                start(state, starting, now);
             }
         }
     }
 }
 
-/// The running unit ends now; reported if it ran past the threshold. Its context is alive: the
-/// loop holds it until its call that switched away returns.
-unsafe fn end(obj: *mut ffi::PyObject, state: &mut State) {
+/// The running unit ends at `now`; reported if it ran past the threshold. Its context is alive:
+/// the loop holds it until its call that switched away returns. `idle`: no unit follows (the
+/// watchdog is told; else the next unit's start tells it).
+unsafe fn end(obj: *mut ffi::PyObject, state: &mut State, now: Ticks, idle: bool) {
     let Some(started) = state.unit else {
         state.contexts.unit = None;
         return;
     };
     state.unit = None;
-    let now = state.clock.now();
     if now.saturating_sub(started) < state.threshold {
-        if let Some(watch) = state.watch.as_mut() {
+        if let (true, Some(watch)) = (idle, state.watch.as_mut()) {
             watch.publish(None);
         }
     } else {
@@ -55,9 +59,8 @@ unsafe fn end(obj: *mut ffi::PyObject, state: &mut State) {
     state.contexts.unit = None;
 }
 
-/// A unit starts.
-fn start(state: &mut State, starting: Starting) {
-    let now = state.clock.now();
+/// A unit starts at `now`.
+fn start(state: &mut State, starting: Starting, now: Ticks) {
     state.unit = Some(now);
     if let Some(watch) = state.watch.as_mut() {
         watch.set_boundary(starting.boundary);
