@@ -218,13 +218,6 @@ def running_unit() -> Optional[tuple[contextvars.Context, types.FrameType]]:
     return context, caller
 
 
-def _c_loop_callback() -> Name:
-    """A unit of a loop implemented in C that ran no Python frame: a C function it called back
-    (its handle cannot be read from outside the loop, so the function has no name here)."""
-    kind = type(asyncio._get_running_loop())
-    return (f"a C function called back by {kind.__module__}.{kind.__qualname__}", "")
-
-
 def describe_unit(
     ran: Optional[Any], sampled: Optional[list[Frame]], c_callback: bool
 ) -> tuple[list[Frame], list[Name], Optional[Name], Optional[str], Optional[int]]:
@@ -234,7 +227,8 @@ def describe_unit(
     the running `Handle._run`'s frame, or for a loop implemented in C the context the unit ran in
     (None when the unit has not ended); `sampled` the unit's
     frames as the watchdog read them (None: no stack was read while the unit ran; empty: the unit
-    had no Python frame of its own then, and `c_callback` says the callback is a C function).
+    had no Python frame of its own then, and `c_callback` says the callback is a C function, named
+    here from asyncio's handle; a C loop's has none, and the caller names it).
     Without frames, a task's report shows where the task waits now."""
     handle = _handle_of(ran) if isinstance(ran, types.FrameType) else ran
     if isinstance(ran, contextvars.Context):
@@ -253,8 +247,6 @@ def describe_unit(
     if sampled:
         frames = sampled
         callee = callee_at(frames[0])
-    elif c_callback and task is None and isinstance(ran, contextvars.Context):
-        callee = _c_loop_callback()
     elif c_callback and task is None:
         function = getattr(handle, "_callback", None)
         if isinstance(function, (types.BuiltinFunctionType, types.BuiltinMethodType)):

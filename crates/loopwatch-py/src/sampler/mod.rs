@@ -740,6 +740,14 @@ fn report(
     let name = |(name, module): (String, String)| FrameName { name, module };
     let names: Vec<FrameName> = names.into_iter().map(name).collect();
     let callee = callee.map(name);
+    // C code a C loop called, with no handle to name it by: named as the exact mode names it.
+    #[cfg(Py_3_14)]
+    let callee = callee.or_else(|| {
+        (within && c_callback && frames.is_empty() && task_name.is_none()).then(|| FrameName {
+            name: state.contexts.c_callback_name(),
+            module: String::new(),
+        })
+    });
     unit.task_name = task_name;
     unit.scope = scope;
     let Some(episode) = sampled_episode(&unit, &frames, &names, callee.as_ref(), filters) else {
