@@ -207,10 +207,13 @@ def test_loopwatchs_own_callbacks_are_not_the_programs_stall() -> None:
 
 @needs_sampling
 @needs_stack_reads
-def test_each_loop_in_each_thread_reports_its_own_culprit() -> None:
+@pytest.mark.parametrize("loop_kinds", [("asyncio",) * 3, ("uvloop",) * 3, ("asyncio", "uvloop", "asyncio")])
+def test_each_loop_in_each_thread_reports_its_own_culprit(loop_kinds: tuple[str, ...]) -> None:
+    if "uvloop" in loop_kinds and ("uvloop" not in LOOPS or not C_LOOPS_BY_CONTEXT):
+        pytest.skip("the always-on mode sees uvloop from 3.14")
     found: dict[str, list[str]] = {}
 
-    def serve(name: str, seconds: float) -> None:
+    def serve(name: str, seconds: float, loop_kind: str) -> None:
         monitor, reports = sampling_monitor()
 
         async def main() -> None:
@@ -219,10 +222,17 @@ def test_each_loop_in_each_thread_reports_its_own_culprit() -> None:
                     time.sleep(seconds)
                     await asyncio.sleep(0.01)
 
-        asyncio.run(main())
+        loop = new_loop(loop_kind)
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
         found[name] = [f"{info.method_name}@{info.thread_id == threading.get_ident()}" for info in reports]
 
-    threads = [threading.Thread(target=serve, args=(f"t{i}", 0.05 + 0.01 * i)) for i in range(3)]
+    threads = [
+        threading.Thread(target=serve, args=(f"t{i}", 0.05 + 0.01 * i, kind))
+        for i, kind in enumerate(loop_kinds)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
