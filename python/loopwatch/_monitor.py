@@ -420,12 +420,13 @@ class EventLoopMonitor(_AlsoAsync):
             (``reports_while_running``). ``False``: only that final report.
         mode: ``"exact"`` (the default) times every call on the loop's thread with a profile hook:
             the exact culprit and its own duration, at the cost of any profile hook. ``"sampling"``
-            (the always-on mode, CPython 3.11+, asyncio's own loops) installs no hook: each
-            callback or task step is timed from its start and end, and one that runs past the
-            threshold is blamed from the loop thread's stack as loopwatch's watchdog read it while
-            it ran (at half the threshold, at the threshold, then at 10x, 100x...): its duration
-            is exact, its culprit is what the stack showed then (for a C call, the function named
-            at its call site), and every frame is given the whole duration.
+            (the always-on mode, CPython 3.11+; asyncio's own loops, and uvloop's from 3.14)
+            installs no hook: each callback or task step is timed from its start and end, and one
+            that runs past the threshold is blamed from the loop thread's stack as loopwatch's
+            watchdog read it while it ran (at half the threshold, at the threshold, then at 10x,
+            100x...): its duration is exact, its culprit is what the stack showed then (for a C
+            call, the function named at its call site), and every frame is given the whole
+            duration.
 
     A pattern is a module name (``myapp``, ``myapp.db``: the module and everything in it), or a
     file path if it contains a ``/`` (a directory and everything under it). ``*``, ``?`` and
