@@ -92,6 +92,22 @@ struct State {
     contexts: crate::c_loops::CLoops,
 }
 
+impl State {
+    /// No unit runs from now on, whatever the way it was told (uninstalled, forked, thread gone).
+    fn forget_running_unit(&mut self) {
+        self.unit = None;
+        #[cfg(not(Py_3_12))]
+        {
+            self.end_unseen = false;
+            self.open_handle = None;
+        }
+        #[cfg(Py_3_14)]
+        {
+            self.contexts.unit = None;
+        }
+    }
+}
+
 /// One thread's always-on watch. Touched only on the thread that installed it, with the GIL.
 #[pyclass(frozen, module = "loopwatch._native")]
 pub struct ThreadSampler {
@@ -280,16 +296,7 @@ impl ThreadSampler {
         state.installed = false;
         state.watch = None;
         state.sink = None;
-        state.unit = None;
-        #[cfg(not(Py_3_12))]
-        {
-            state.end_unseen = false;
-            state.open_handle = None;
-        }
-        #[cfg(Py_3_14)]
-        {
-            state.contexts.unit = None;
-        }
+        state.forget_running_unit();
         let mine = SAMPLER.with(|s| {
             if s.get() == me {
                 s.set(std::ptr::null_mut());
@@ -322,17 +329,8 @@ impl ThreadSampler {
     /// child's.
     fn after_fork(&self) -> PyResult<()> {
         let state = self.state()?;
-        state.unit = None;
+        state.forget_running_unit();
         state.paused_since = None;
-        #[cfg(not(Py_3_12))]
-        {
-            state.end_unseen = false;
-            state.open_handle = None;
-        }
-        #[cfg(Py_3_14)]
-        {
-            state.contexts.unit = None;
-        }
         if let Some(watch) = state.watch.as_mut() {
             watch.after_fork_in_child();
         }
@@ -456,10 +454,7 @@ unsafe fn end_of_thread(token: usize) {
     state.installed = false;
     state.watch = None; // the thread state is about to go: no more reads of it
     state.sink = None;
-    #[cfg(Py_3_14)]
-    {
-        state.contexts.unit = None;
-    }
+    state.forget_running_unit();
     if let Err(error) = unregister(py) {
         error.write_unraisable(py, None);
     }
