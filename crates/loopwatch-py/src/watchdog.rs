@@ -622,13 +622,15 @@ struct Unit {
 }
 
 /// Reads the running unit's stack; `None` if the unit ended (or the thread stopped being
-/// watched) while it was read, or, in the always-on mode, if the stack is not the unit's.
+/// watched) while it was read, or, in the always-on mode, if the stack is not the unit's. With
+/// it, whether it was read during a garbage collection, and whether it holds the unit's own
+/// frames only (read from a C loop's frame, see `Watch::boundary`).
 fn read_unit_stack(
     watch: &Watch,
     generation: u64,
     seq: u64,
     activity: Option<&ThreadActivity>,
-) -> Option<(Vec<SampledFrame>, bool)> {
+) -> Option<(Vec<SampledFrame>, bool, bool)> {
     let tstate = watch.tstate.load(Ordering::Relaxed) as usize;
     let sampling = watch.sampling.load(Ordering::Relaxed);
     let boundary = watch.boundary.load(Ordering::Acquire) as usize;
@@ -648,12 +650,12 @@ fn read_unit_stack(
         // The unit's end was missed (an exception the loop lets through): nothing runs in it.
         return None;
     }
-    Some((stack, in_gc))
+    Some((stack, in_gc, boundary != 0))
 }
 
 /// Keeps a stack of the running unit for its report when it ends (always-on mode).
 fn keep_sample(watch: &Watch, unit: &Unit, activity: Option<&ThreadActivity>) {
-    if let Some((stack, in_gc)) = read_unit_stack(watch, unit.generation, unit.seq, activity) {
+    if let Some((stack, in_gc, _)) = read_unit_stack(watch, unit.generation, unit.seq, activity) {
         store_sample(watch, unit, stack, in_gc);
     }
 }
@@ -689,7 +691,8 @@ fn report(
     number: u32,
     clock: &Clock,
 ) {
-    let Some((stack, in_gc)) = read_unit_stack(watch, unit.generation, unit.seq, activity) else {
+    let Some((stack, in_gc, within)) = read_unit_stack(watch, unit.generation, unit.seq, activity)
+    else {
         return;
     };
     if watch.sampling.load(Ordering::Relaxed) {
@@ -703,7 +706,7 @@ fn report(
     watch.reported_seq.store(seq, Ordering::Release);
     let ms = |ticks: Ticks| ticks as f64 * clock.nanos_per_tick() / 1e6;
     // A unit of a C loop is read from where the loop was called: nothing above it is C code.
-    let in_c_code = stack.is_empty() && watch.boundary.load(Ordering::Acquire) != 0;
+    let in_c_code = within && stack.is_empty();
     let stall = RunningStall {
         pid: own_pid(),
         thread_name: watch.name(),

@@ -8,7 +8,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use super::{attached, sampling, unit_over_threshold, State, ThreadSampler};
-use crate::c_loops::{entered_from, watches_c_loops, ContextUnit, Starting, Switch};
+use crate::c_loops::{entered_from, watches_c_loops, ContextUnit, Switch};
 
 /// A switch of the calling thread's context (`c_loops`' watcher).
 ///
@@ -25,7 +25,7 @@ pub unsafe fn on_context_switch(context: *mut ffi::PyObject) {
     let py = Python::assume_attached();
     match state.contexts.switched(py, context) {
         Switch::Nothing => {}
-        Switch::Start(starting) => start(state, starting, state.clock.now()),
+        Switch::Start(starting) => start(state, starting.at(state.clock.now(), 0)),
         Switch::End => end(obj, state, state.clock.now(), true),
         Switch::Restart(starting) => {
             // The next unit starts as this one ends: one clock read, and the watchdog told once
@@ -33,7 +33,7 @@ pub unsafe fn on_context_switch(context: *mut ffi::PyObject) {
             let now = state.clock.now();
             end(obj, state, now, false);
             if state.installed && state.unit.is_none() {
-                start(state, starting, now);
+                start(state, starting.at(now, 0));
             }
         }
     }
@@ -59,14 +59,14 @@ unsafe fn end(obj: *mut ffi::PyObject, state: &mut State, now: Ticks, idle: bool
     state.contexts.unit = None;
 }
 
-/// A unit starts at `now`.
-fn start(state: &mut State, starting: Starting, now: Ticks) {
-    state.unit = Some(now);
+/// A unit starts (at `unit.started`).
+fn start(state: &mut State, unit: ContextUnit) {
+    state.unit = Some(unit.started);
     if let Some(watch) = state.watch.as_mut() {
-        watch.set_boundary(starting.boundary);
-        watch.publish(Some(now));
+        watch.set_boundary(unit.boundary);
+        watch.publish(Some(unit.started));
     }
-    state.contexts.unit = Some(starting.at(now, 0));
+    state.contexts.unit = Some(unit);
 }
 
 /// The running unit's context (borrowed), for its report; null if none runs.
@@ -98,17 +98,8 @@ pub(super) fn adopt_running_unit(py: Python<'_>, state: &mut State) -> PyResult<
     if let (true, Some(boundary)) = (entered, boundary) {
         // The task holds its context for as long as the step runs.
         let now = state.clock.now();
-        state.unit = Some(now);
-        if let Some(watch) = state.watch.as_mut() {
-            watch.set_boundary(boundary);
-            watch.publish(Some(now));
-        }
-        state.contexts.unit = Some(ContextUnit::adopted(
-            context.as_ptr() as usize,
-            base,
-            boundary,
-            now,
-        ));
+        let unit = ContextUnit::adopted(context.as_ptr() as usize, base, boundary, now);
+        start(state, unit);
     }
     Ok(())
 }
