@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from loopwatch._monitor import DEFAULT_EXCLUDES, EventLoopMonitor, event_loop_monitor_ctx
     from loopwatch._recording import Recording, RecordingError, Session, read_recording
-    from loopwatch._report import BlockingCallCallback, BlockingCallInfo, StackFrame
+    from loopwatch._report import BlockingCallCallback, BlockingCallInfo, GilHolder, StackFrame
     from loopwatch._scope import TaskScope, monitor_current_task
     from loopwatch._stalls import StallInfo
 
@@ -42,6 +42,7 @@ _HOME = {
     "read_recording": "loopwatch._recording",
     "BlockingCallCallback": "loopwatch._report",
     "BlockingCallInfo": "loopwatch._report",
+    "GilHolder": "loopwatch._report",
     "StackFrame": "loopwatch._report",
     "StallInfo": "loopwatch._stalls",
     "TaskScope": "loopwatch._scope",
@@ -56,6 +57,7 @@ __all__ = [
     "Recording",
     "RecordingError",
     "Session",
+    "GilHolder",
     "StackFrame",
     "StallInfo",
     "TaskScope",

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import gc
 import inspect
+import json
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, cast
 
@@ -350,17 +351,34 @@ def _watch_gc(hub: _ThreadHub, watching: bool) -> None:
 
 def _judged_at(raw: dict[str, Any], threshold_ns: int) -> dict[str, Any]:
     """An episode the hook judged at a lower threshold (another monitor's), judged at this one:
-    over it only for want of a CPU, it is starved; only because of garbage collections, the
-    collection is the culprit (as the hook decides, see `loopwatch_core::tracker`)."""
+    over it only for want of a CPU, it is starved; only because of garbage collections or waits
+    for the GIL, those are the culprit (as the hook decides, see `loopwatch_core::gil`)."""
     own_ns = raw["duration_ns"] - raw["cpu_wait_ns"]
     raw = {**raw, "threshold_ns": threshold_ns, "starved": own_ns < threshold_ns}
     gc_ns = raw.get("gc_ns", 0)
-    if raw["kind"] != "gc" and gc_ns and own_ns >= threshold_ns and own_ns - gc_ns < threshold_ns:
-        generation = raw.get("gc_generation")
-        name = "garbage collection" if generation is None else f"garbage collection (generation {generation})"
-        stack = [*raw["stack"][: raw["culprit"] + 1], (name, None, None, None, gc_ns, False, False, True)]
-        raw.update(kind="gc", stack=stack, culprit=len(stack) - 1)
+    gil_ns = raw.get("gil_wait_ns", 0)
+    waited = gc_ns + gil_ns
+    if raw["kind"] not in ("gc", "gil") and waited and own_ns >= threshold_ns and own_ns - waited < threshold_ns:
+        if gil_ns > gc_ns:
+            kind, name, took = "gil", _gil_culprit_name(raw.get("gil_holders", ())), gil_ns
+        else:
+            generation = raw.get("gc_generation")
+            kind, took = "gc", gc_ns
+            name = "garbage collection" if generation is None else f"garbage collection (generation {generation})"
+        stack = [*raw["stack"][: raw["culprit"] + 1], (name, None, None, None, took, False, False, True)]
+        raw.update(kind=kind, stack=stack, culprit=len(stack) - 1)
     return raw
+
+
+def _gil_culprit_name(holders: Sequence[tuple[int, Optional[str], int, Optional[str]]]) -> str:
+    """As `loopwatch_core::gil::gil_culprit_name` names a wait for the GIL."""
+    if not holders:
+        return "waiting for the GIL"
+    ident, name, _, _ = holders[0]
+    thread = f"thread {json.dumps(name, ensure_ascii=False)}" if name is not None else f"thread {ident}" if ident else "another thread"
+    others = len(holders) - 1
+    more = "" if not others else " and 1 other" if others == 1 else f" and {others} others"
+    return f"waiting for the GIL (held by {thread}{more})"
 
 
 class _StarvedSteps:

@@ -19,6 +19,7 @@ __all__ = [
     "_code_reads",
     "_dropped_stalls",
     "_gc_callback",
+    "_gil_waits_measured",
     "_local_variable",
     "_read_stack",
     "_release_stalls",
@@ -128,6 +129,10 @@ def _bench_uninstall_hook() -> None:
 
 def _gc_callback(phase: Any, info: Any) -> None:
     """For `gc.callbacks`: times each garbage collection on the thread that runs it."""
+
+def _gil_waits_measured() -> bool:
+    """Whether waits for the GIL are measured in this process (learning where the GIL is, the
+    first time: a thread of loopwatch's own waits for it a few milliseconds)."""
 
 def _local_variable(frame: Any, name: str) -> Any:
     """A local variable of a frame (None if it has none such, or is no frame), read without

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["BlockingCallCallback", "BlockingCallInfo", "StackFrame"]
+__all__ = ["BlockingCallCallback", "BlockingCallInfo", "GilHolder", "StackFrame"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,26 @@ class StackFrame:
 
 
 @dataclass(frozen=True)
+class GilHolder:
+    """A thread that held the GIL while the event loop's thread waited for it."""
+
+    thread_id: int
+    """Its ``threading`` ident (0 when it could not be read)."""
+    thread_name: Optional[str]
+    """Its ``threading`` name, if ``threading`` knows the thread."""
+    wait_ms: float
+    """How long the loop's thread waited while this thread held the GIL."""
+    running: Optional[str]
+    """What it was running when loopwatch looked: ``function (file.py:line)``, if its stack
+    could be read."""
+
+    def describe(self) -> str:
+        who = f"thread {self.thread_name!r}" if self.thread_name else f"thread {self.thread_id}"
+        doing = f", running {self.running}" if self.running else ""
+        return f"{who}: {self.wait_ms:.1f} ms{doing}"
+
+
+@dataclass(frozen=True)
 class BlockingCallInfo:
     """One blocking episode: one continuous stall of the event loop, reported once; a step in
     which several calls side by side each ran over the threshold is reported once per culprit
@@ -72,7 +92,10 @@ class BlockingCallInfo:
     call over the threshold (an inline loop, many small calls, a call invisible to the hook);
     ``"gc"``: a callback or step over the threshold only because a garbage collection ran inside
     it: the culprit is the collection (``garbage collection (generation 2)``), and the stack ends
-    with the frames it interrupted."""
+    with the frames it interrupted; ``"gil"``: a callback or step over the threshold only because
+    the loop's thread waited for the GIL while other threads held it: the culprit is the wait
+    (``waiting for the GIL (held by thread 'worker')``), `gil_holders` says who held it and what
+    they ran, and the stack ends with the frames it interrupted."""
     filename: Optional[str] = None
     """Where to look: the culprit's file, or for a C function the file of the code that called it."""
     lineno: Optional[int] = None
@@ -95,6 +118,13 @@ class BlockingCallInfo:
     gc_ms: float = 0.0
     """Of ``duration_ms``, how long the loop's thread spent in garbage collections (each
     collection's wall time). Code is blamed only for what it ran besides them."""
+    gil_wait_ms: float = 0.0
+    """Of ``duration_ms``, how long (at least) the loop's thread waited for the GIL while other
+    threads held it. Code is blamed only for what it ran besides. 0.0 where it is not measured
+    (outside Linux, a free-threaded build)."""
+    gil_holders: tuple[GilHolder, ...] = ()
+    """The threads that held the GIL while the loop's thread waited for it, longest first. Not
+    kept in recordings (a ``"gil"`` report's culprit names the first)."""
     context: Optional[Mapping[str, Any]] = None
     """What the monitoring scope the episode happened in says about itself: for a request
     monitored by ``LoopwatchMiddleware``, its ``method``, ``path`` and ``request_id``."""
@@ -154,6 +184,11 @@ class BlockingCallInfo:
             culprit_duration_ms=culprit.duration_ms,
             cpu_wait_ms=raw["cpu_wait_ns"] / 1e6,
             gc_ms=raw.get("gc_ns", 0) / 1e6,
+            gil_wait_ms=raw.get("gil_wait_ns", 0) / 1e6,
+            gil_holders=tuple(
+                GilHolder(thread_id=ident, thread_name=name, wait_ms=wait_ns / 1e6, running=running)
+                for ident, name, wait_ns, running in raw.get("gil_holders", ())
+            ),
             reports_while_running=raw.get("reports_while_running", 0),
             episode_id=raw.get("episode_id", 0),
             culprits_in_episode=raw.get("culprits", 1),
@@ -175,6 +210,7 @@ class BlockingCallInfo:
             "threshold_ms": self.threshold_ms,
             "cpu_wait_ms": self.cpu_wait_ms,
             "gc_ms": self.gc_ms,
+            "gil_wait_ms": self.gil_wait_ms,
             "is_c_call": self.is_c_call,
             "filename": self.filename,
             "lineno": self.lineno,
@@ -258,6 +294,14 @@ class BlockingCallInfo:
                 f"{self.duration_ms:.1f} ms{task}{scope}{during}, at {self.where}; no code is to "
                 f"blame{held_back}"
             )
+        if self.kind == "gil":
+            interrupted = self.stack[-2].name if len(self.stack) >= 2 else None
+            during = f" while {interrupted} ran" if interrupted else ""
+            return (
+                f"{self.method_name}: the event loop was blocked for {self.duration_ms:.1f} ms"
+                f"{task}{scope}{during}, {self.gil_wait_ms:.1f} ms of it waiting for the GIL, at "
+                f"{self.where}; no code of the loop's is to blame{held_back}"
+            )
         what = {
             "call": "blocked the event loop",
             "callback": "(a loop callback) blocked the event loop",
@@ -281,8 +325,8 @@ class BlockingCallInfo:
         lines.append(where)
         if self.sampled:
             lines.append("  (always-on mode: the stack as read while it ran)")
-        elif self.kind == "gc":
-            pass  # the headline says how long the collection took
+        elif self.kind in ("gc", "gil"):
+            pass  # the headline says how long the collection or the wait took
         elif self.culprit_duration_ms < 0.9 * self.blamed_ms:
             lines.append(f"  {self.method_name} itself ran {self.culprit_duration_ms:.1f} ms of it")
         if self.cpu_wait_ms >= 0.1 * self.duration_ms:
@@ -291,6 +335,14 @@ class BlockingCallInfo:
             )
         if self.kind != "gc" and self.gc_ms >= 0.1 * self.duration_ms:
             lines.append(f"  {self.gc_ms:.1f} ms of it was garbage collection (not counted against the code)")
+        if self.kind != "gil" and self.gil_wait_ms >= 0.1 * self.duration_ms:
+            lines.append(
+                f"  {self.gil_wait_ms:.1f} ms of it the loop's thread waited for the GIL held by other "
+                "threads (not counted against the code)"
+            )
+        if self.gil_holders and (self.kind == "gil" or self.gil_wait_ms >= 0.1 * self.duration_ms):
+            lines.append("  the GIL was held by:")
+            lines.extend(f"    {holder.describe()}" for holder in self.gil_holders)
         innermost_first = list(reversed(self.stack))
         groups = [
             ("your code", [f for f in innermost_first if f.is_user_code]),

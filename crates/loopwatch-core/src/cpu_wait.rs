@@ -158,6 +158,35 @@ pub fn parse_stat_state(text: &[u8]) -> Option<u8> {
     text.get(name_end + 2).copied()
 }
 
+/// What `/proc/<pid>/task/<tid>/syscall` says a thread is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syscall {
+    /// It runs, or waits for a CPU.
+    Running,
+    /// It is blocked in system call `number` (`u64::MAX`: blocked outside one), whose first
+    /// argument is `first_arg`.
+    Call { number: u64, first_arg: u64 },
+}
+
+/// Reads a `syscall` line: `running`, `<number> <arg1> ... <sp> <pc>` (hexadecimal arguments), or
+/// `-1 <sp> <pc>` for a thread blocked outside a system call.
+pub fn parse_syscall(text: &[u8]) -> Option<Syscall> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut fields = text.split_ascii_whitespace();
+    let first = fields.next()?;
+    if first == "running" {
+        return Some(Syscall::Running);
+    }
+    let number = if first == "-1" {
+        u64::MAX
+    } else {
+        first.parse().ok()?
+    };
+    let arg = fields.next()?;
+    let first_arg = u64::from_str_radix(arg.strip_prefix("0x")?, 16).ok()?;
+    Some(Syscall::Call { number, first_arg })
+}
+
 /// The run-queue wait out of a `schedstat` line: `<on-cpu ns> <waiting ns> <timeslices>`.
 pub fn parse_schedstat(text: &[u8]) -> Option<u64> {
     std::str::from_utf8(text)
@@ -178,6 +207,27 @@ mod tests {
         assert_eq!(parse_schedstat(b"19529712\n"), None);
         assert_eq!(parse_schedstat(b"1 x 2\n"), None);
         assert_eq!(parse_schedstat(b""), None);
+    }
+
+    #[test]
+    fn reads_what_a_thread_is_blocked_in() {
+        assert_eq!(parse_syscall(b"running\n"), Some(Syscall::Running));
+        assert_eq!(
+            parse_syscall(b"202 0x7fc943c56204 0x89 0x0 0x7fc9428dbbf0 0x0 0xffffffff 0x7fc9428dbac0 0x7fc9434a3f16\n"),
+            Some(Syscall::Call {
+                number: 202,
+                first_arg: 0x7fc9_43c5_6204
+            })
+        );
+        assert_eq!(
+            parse_syscall(b"-1 0x7ffc1 0x7f2\n"),
+            Some(Syscall::Call {
+                number: u64::MAX,
+                first_arg: 0x7ffc1
+            })
+        );
+        assert_eq!(parse_syscall(b""), None);
+        assert_eq!(parse_syscall(b"202 zz"), None);
     }
 
     #[test]

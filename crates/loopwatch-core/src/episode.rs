@@ -20,6 +20,9 @@ pub enum EpisodeKind {
     /// A callback or step ran over the threshold only because a garbage collection ran inside
     /// it: the collection is the culprit, not the frame it interrupted.
     Gc,
+    /// A callback or step ran over the threshold only because its thread waited for the GIL
+    /// while other threads held it: the wait is the culprit, naming those threads.
+    Gil,
 }
 
 impl EpisodeKind {
@@ -29,6 +32,7 @@ impl EpisodeKind {
             EpisodeKind::Callback => "callback",
             EpisodeKind::Step => "step",
             EpisodeKind::Gc => "gc",
+            EpisodeKind::Gil => "gil",
         }
     }
 }
@@ -95,6 +99,13 @@ pub struct Episode {
     /// The oldest generation among those collections; `None` when none ran.
     #[serde(default)]
     pub gc_generation: Option<u8>,
+    /// Of `duration_ns`, how long (at least) the loop's thread waited for the GIL while other
+    /// threads held it. 0 where it is not known.
+    #[serde(default)]
+    pub gil_wait_ns: u64,
+    /// The threads that held the GIL meanwhile, longest first.
+    #[serde(default)]
+    pub gil_holders: Vec<GilHolder>,
     /// The task's await chain, then the sync chain down to (at least) the culprit.
     pub stack: Vec<StackFrame>,
     /// Index of the culprit in `stack`.
@@ -139,6 +150,18 @@ pub fn next_episode_id() -> u64 {
         (ms << 16).max(1)
     });
     first.wrapping_add(EPISODES_NUMBERED.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A thread that held the GIL while the loop's thread waited for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GilHolder {
+    /// Its `threading` ident, 0 when unknown.
+    pub thread_id: u64,
+    pub thread_name: Option<String>,
+    /// How long the loop's thread waited while it held the GIL.
+    pub wait_ns: u64,
+    /// What it was running, where its stack could be read: `function (file:line)`.
+    pub running: Option<String>,
 }
 
 /// What the tracker learns about the task that runs a unit, asked once at its first slow frame.

@@ -30,14 +30,6 @@ pub struct GcTime {
     pub generation: Option<u8>,
 }
 
-/// Whether a callback or step of `duration_ns`, of which the thread waited `cpu_wait_ns` for a
-/// CPU and spent `gc_ns` in collections, is over the threshold only because of the collections:
-/// over it without the wait for a CPU (else it is starved), under it without the collections.
-pub fn only_collected(duration_ns: u64, cpu_wait_ns: u64, gc_ns: u64, threshold_ns: u64) -> bool {
-    let own_ns = duration_ns.saturating_sub(cpu_wait_ns);
-    gc_ns > 0 && own_ns >= threshold_ns && own_ns.saturating_sub(gc_ns) < threshold_ns
-}
-
 /// A thread's latest collections, oldest first, and the one running now.
 #[derive(Debug, Default)]
 pub struct GcLog {

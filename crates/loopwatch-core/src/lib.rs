@@ -6,6 +6,7 @@ pub mod cpu_wait;
 pub mod episode;
 pub mod filter;
 pub mod gc;
+pub mod gil;
 pub mod linetable;
 pub mod recording;
 pub mod sampled;

@@ -83,6 +83,10 @@ pub struct RecordedEpisode {
     /// loopwatch before it timed them.
     #[serde(default)]
     pub gc_ms: f64,
+    /// Of `duration_ms`, how long the loop's thread waited for the GIL; absent (0) in recordings
+    /// of loopwatch before it measured those waits, and when there were none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gil_wait_ms: f64,
     #[serde(default)]
     pub is_c_call: bool,
     pub filename: Option<String>,
@@ -134,6 +138,7 @@ impl RecordedEpisode {
             self.threshold_ms,
             self.cpu_wait_ms,
             self.gc_ms,
+            self.gil_wait_ms,
             self.share_ms.unwrap_or(0.0),
         ];
         if !self.timestamp.is_finite() || times.iter().any(|t| !t.is_finite() || *t < 0.0) {
@@ -468,6 +473,7 @@ mod tests {
             threshold_ms: 10.0,
             cpu_wait_ms: 0.0,
             gc_ms: 0.0,
+            gil_wait_ms: 0.0,
             is_c_call: true,
             filename: Some("/app/main.py".to_owned()),
             lineno: Some(12),

@@ -3,11 +3,10 @@
 //! shows is all there is: the frames it held, and for a call in progress the C function named
 //! from its call site.
 
-use crate::episode::{next_episode_id, Episode, EpisodeKind, StackFrame};
+use crate::episode::{next_episode_id, Episode, EpisodeKind, GilHolder, StackFrame};
 use crate::filter::FilterSet;
-use crate::gc::only_collected;
+use crate::gil::{not_the_code, waited_frame};
 use crate::stall::SampledFrame;
-use crate::tracker::gc_frame;
 
 /// The frames of a sampled stack (innermost first) that belong to the unit: those inside its
 /// boundary frame (the loop's `Handle._run`), which is left out with everything outside it.
@@ -87,6 +86,9 @@ pub struct SampledUnit {
     /// generation among them.
     pub gc_ns: u64,
     pub gc_generation: Option<u8>,
+    /// Of the duration, how long the thread waited for the GIL, and who held it meanwhile.
+    pub gil_wait_ns: u64,
+    pub gil_holders: Vec<GilHolder>,
     pub reports_while_running: u32,
     pub task_name: Option<String>,
     pub scope: Option<u64>,
@@ -142,17 +144,26 @@ pub fn sampled_episode(
     let mut culprit = stack.iter().rposition(|frame| frame.included)?;
     // As in the exact mode, the stack ends at the culprit.
     stack.truncate(culprit + 1);
-    let kind = if only_collected(
+    let waited = not_the_code(
         unit.duration_ns,
         unit.cpu_wait_ns,
         unit.gc_ns,
+        unit.gil_wait_ns,
         unit.threshold_ns,
-    ) {
-        // Over the threshold only because of a collection: the collection is the culprit, below
-        // the frame it interrupted.
-        stack.push(gc_frame(unit.gc_generation, unit.gc_ns));
+    );
+    let kind = if let Some(cause) = waited {
+        // Over the threshold only because of collections or waits for the GIL: those are the
+        // culprit, below the frame they interrupted.
+        let (kind, frame) = waited_frame(
+            cause,
+            unit.gc_generation,
+            unit.gc_ns,
+            &unit.gil_holders,
+            unit.gil_wait_ns,
+        );
+        stack.push(frame);
         culprit += 1;
-        EpisodeKind::Gc
+        kind
     } else if stack[culprit].is_coroutine {
         EpisodeKind::Step
     } else if stack[..culprit].iter().any(|frame| frame.is_coroutine) {
@@ -167,6 +178,8 @@ pub fn sampled_episode(
         cpu_wait_ns: unit.cpu_wait_ns.min(unit.duration_ns),
         gc_ns: unit.gc_ns.min(unit.duration_ns),
         gc_generation: unit.gc_generation,
+        gil_wait_ns: unit.gil_wait_ns.min(unit.duration_ns),
+        gil_holders: unit.gil_holders.clone(),
         stack,
         culprit,
         task_name: unit.task_name.clone(),

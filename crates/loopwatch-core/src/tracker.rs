@@ -12,12 +12,13 @@
 //! frame of the branch as its culprit: nested calls make one report, sibling calls one each.
 
 use crate::episode::{
-    gc_culprit_name, next_episode_id, Episode, EpisodeKind, FrameInfo, StackFrame, TaskInfo,
+    next_episode_id, Episode, EpisodeKind, FrameInfo, GilHolder, StackFrame, TaskInfo,
 };
 use std::collections::{HashMap, HashSet};
 
 use crate::filter::FilterSet;
-use crate::gc::{only_collected, GcTime};
+use crate::gc::GcTime;
+use crate::gil::{gil_holders, not_the_code, waited_frame, GilTime};
 
 /// A raw clock reading; only differences are meaningful.
 pub type Ticks = u64;
@@ -120,6 +121,8 @@ struct Node {
     duration: Ticks,
     /// Of `duration`, what garbage collections took.
     gc: GcTime,
+    /// Of `duration`, how long the thread waited for the GIL.
+    gil: GilTime,
     /// The latest over-threshold child; its `sibling`s are the earlier ones.
     child: u32,
     /// The previous over-threshold child of the same parent.
@@ -173,6 +176,16 @@ pub trait Resolver {
     fn gc_within(&mut self, from: Ticks, to: Ticks) -> GcTime {
         let _ = (from, to);
         GcTime::default()
+    }
+    /// How much of `[from, to)` this thread waited for the GIL, and which threads held it. Asked
+    /// on the slow path only, once per frame of an episode.
+    fn gil_within(&mut self, from: Ticks, to: Ticks) -> GilTime {
+        let _ = (from, to);
+        GilTime::default()
+    }
+    /// The names of the threads with these `threading` idents, where known, in the same order.
+    fn thread_names(&mut self, idents: &[u64]) -> Vec<Option<String>> {
+        vec![None; idents.len()]
     }
 }
 
@@ -593,10 +606,12 @@ impl Tracker {
             .children(entry.blame)
             .any(|child| self.arena[child as usize].has_culprit);
         let gc = r.gc_within(entry.start, entry.start.saturating_add(duration));
+        let gil = r.gil_within(entry.start, entry.start.saturating_add(duration));
         self.arena.push(Node {
             info,
             duration,
             gc,
+            gil,
             child: entry.blame,
             sibling: NO_NODE,
             called_from: NO_LINE,
@@ -744,7 +759,8 @@ impl Tracker {
         if root_node != NO_NODE && (!self.unit_hosted || r.loop_is_running()) {
             let duration = now.saturating_sub(root.start);
             let cpu_wait_ns = self.cpu_wait_between(root.start, now, r);
-            let episodes = self.build_episodes(root_node, duration, cpu_wait_ns);
+            let holders = self.gil_holders(&self.arena[root_node as usize].gil, r);
+            let episodes = self.build_episodes(root_node, duration, cpu_wait_ns, holders);
             self.finished.extend(episodes);
         }
         self.end_unit();
@@ -752,20 +768,29 @@ impl Tracker {
 
     /// The unit's reports: one per culprit, in the order they ran (see `culprit_paths`); one
     /// naming the collection if the unit is over the threshold only because of collections.
-    fn build_episodes(&self, root_node: u32, duration: Ticks, cpu_wait_ns: u64) -> Vec<Episode> {
+    fn build_episodes(
+        &self,
+        root_node: u32,
+        duration: Ticks,
+        cpu_wait_ns: u64,
+        gil_holders: Vec<GilHolder>,
+    ) -> Vec<Episode> {
         let threshold_ns = self.nanos(self.threshold);
         // A frame is blamed only if it is over the threshold even with all of the unit's wait
-        // for a CPU inside it, and without the collections that ran inside it: a tiny call
-        // preempted on a busy machine, or interrupted by a collection, is not a culprit.
+        // for a CPU inside it, and without the collections that ran inside it and its waits for
+        // the GIL: a tiny call preempted on a busy machine, interrupted by a collection or made
+        // to wait while another thread held the GIL, is not a culprit.
         let blameable = |node: &Node| {
             self.nanos(node.duration)
                 .saturating_sub(cpu_wait_ns)
                 .saturating_sub(self.nanos(node.gc.ticks))
+                .saturating_sub(self.nanos(node.gil.ticks))
                 >= threshold_ns
         };
         // The root's are the unit's.
         let unit_gc = self.arena[root_node as usize].gc;
         let gc_ns = self.nanos(unit_gc.ticks);
+        let gil_wait_ns = self.nanos(self.arena[root_node as usize].gil.ticks);
         let episode = |kind, stack, culprit| Episode {
             kind,
             duration_ns: self.nanos(duration),
@@ -773,6 +798,8 @@ impl Tracker {
             cpu_wait_ns,
             gc_ns,
             gc_generation: unit_gc.generation,
+            gil_wait_ns,
+            gil_holders: gil_holders.clone(),
             stack,
             culprit,
             task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
@@ -783,17 +810,26 @@ impl Tracker {
             share_ns: self.nanos(duration),
         };
         let mut episodes = Vec::new();
-        if only_collected(self.nanos(duration), cpu_wait_ns, gc_ns, threshold_ns) {
-            // Over the threshold only because of a collection: the collection is the culprit,
-            // and the frames it interrupted say where, if the filters watch any.
+        let waited = not_the_code(
+            self.nanos(duration),
+            cpu_wait_ns,
+            gc_ns,
+            gil_wait_ns,
+            threshold_ns,
+        );
+        if let Some(cause) = waited {
+            // Over the threshold only because of collections or waits for the GIL: those are
+            // the culprit, and the frames they interrupted say where, if the filters watch any.
             let chain = self.best_chain(root_node);
             if chain.iter().any(|&node| self.arena[node as usize].included) {
                 let mut stack: Vec<StackFrame> = (0..chain.len())
                     .map(|i| self.stack_frame(&chain, i, i + 1 == chain.len()))
                     .collect();
-                stack.push(gc_frame(unit_gc.generation, gc_ns));
+                let (kind, frame) =
+                    waited_frame(cause, unit_gc.generation, gc_ns, &gil_holders, gil_wait_ns);
+                stack.push(frame);
                 let culprit = stack.len() - 1;
-                episodes.push(episode(EpisodeKind::Gc, stack, culprit));
+                episodes.push(episode(kind, stack, culprit));
             }
         } else {
             let paths = if blameable(&self.arena[root_node as usize]) {
@@ -964,6 +1000,9 @@ impl Tracker {
         let cpu_wait_ns = self.cpu_wait_between(start, end, r);
         let gc = r.gc_within(start, end);
         let gc_ns = self.nanos(gc.ticks);
+        let gil = r.gil_within(start, end);
+        let gil_wait_ns = self.nanos(gil.ticks);
+        let gil_holders = self.gil_holders(&gil, r);
         let mut stack = vec![StackFrame {
             name: info.name,
             filename: info.filename,
@@ -975,10 +1014,20 @@ impl Tracker {
             included,
         }];
         let threshold_ns = self.nanos(self.threshold);
-        let kind = if only_collected(self.nanos(unseen), cpu_wait_ns, gc_ns, threshold_ns) {
-            // The callback ran over the threshold only because a collection ran inside it.
-            stack.push(gc_frame(gc.generation, gc_ns));
-            EpisodeKind::Gc
+        let waited = not_the_code(
+            self.nanos(unseen),
+            cpu_wait_ns,
+            gc_ns,
+            gil_wait_ns,
+            threshold_ns,
+        );
+        let kind = if let Some(cause) = waited {
+            // The callback ran over the threshold only because a collection ran inside it, or
+            // it waited for the GIL.
+            let (kind, frame) =
+                waited_frame(cause, gc.generation, gc_ns, &gil_holders, gil_wait_ns);
+            stack.push(frame);
+            kind
         } else {
             EpisodeKind::Callback
         };
@@ -989,6 +1038,8 @@ impl Tracker {
             cpu_wait_ns,
             gc_ns,
             gc_generation: gc.generation,
+            gil_wait_ns,
+            gil_holders,
             culprit: stack.len() - 1,
             stack,
             // The callback's context has been left: no task or scope.
@@ -1004,18 +1055,13 @@ impl Tracker {
     fn nanos(&self, ticks: Ticks) -> u64 {
         (ticks as f64 * self.nanos_per_tick).round() as u64
     }
-}
 
-/// The frame a garbage collection is reported as, below the frame it interrupted.
-pub(crate) fn gc_frame(generation: Option<u8>, gc_ns: u64) -> StackFrame {
-    StackFrame {
-        name: gc_culprit_name(generation),
-        filename: None,
-        lineno: None,
-        end_lineno: None,
-        duration_ns: gc_ns,
-        is_c_call: false,
-        is_coroutine: false,
-        included: true,
+    /// The threads that held the GIL while the unit waited for it, named.
+    fn gil_holders<R: Resolver>(&self, gil: &GilTime, r: &mut R) -> Vec<GilHolder> {
+        if gil.holders.is_empty() {
+            return Vec::new();
+        }
+        let idents: Vec<u64> = gil.holders.iter().map(|held| held.ident).collect();
+        gil_holders(gil, &r.thread_names(&idents), self.nanos_per_tick)
     }
 }

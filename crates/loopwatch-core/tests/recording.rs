@@ -62,6 +62,7 @@ fn record() -> impl Strategy<Value = Record> {
                 threshold_ms: 10.0,
                 cpu_wait_ms: 0.0,
                 gc_ms: 0.0,
+                gil_wait_ms: 0.0,
                 is_c_call: false,
                 filename: None,
                 lineno: Some(3),

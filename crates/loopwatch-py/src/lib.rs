@@ -9,6 +9,7 @@ mod errors;
 mod events;
 mod floor;
 mod gcwatch;
+mod gil;
 mod hook;
 mod locals;
 mod monitor;
@@ -53,6 +54,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<recording::RecordingWriter>()?;
     m.add_class::<recording::RecordingReader>()?;
     m.add_function(wrap_pyfunction!(gcwatch::_gc_callback, m)?)?;
+    m.add_function(wrap_pyfunction!(gil::_gil_waits_measured, m)?)?;
     m.add_function(wrap_pyfunction!(locals::_local_variable, m)?)?;
     m.add_function(wrap_pyfunction!(codes::_code_reads, m)?)?;
     m.add_function(wrap_pyfunction!(monitor::_watched, m)?)?;

@@ -395,6 +395,7 @@ impl ThreadMonitor {
         let threshold = threshold_ticks(threshold_ms)?;
         let tracker = Tracker::new(threshold, clock.nanos_per_tick(), filters.set.clone());
         let (backend, fallback) = Backend::choose()?;
+        crate::gil::learn(py);
         state.watch = WatchHandle::register(
             crate::stackread::current_thread_state(),
             current_thread(),

@@ -231,6 +231,7 @@ fn episode_from_python(dict: &Bound<'_, PyDict>) -> PyResult<RecordedEpisode> {
         "callback" => EpisodeKind::Callback,
         "step" => EpisodeKind::Step,
         "gc" => EpisodeKind::Gc,
+        "gil" => EpisodeKind::Gil,
         other => {
             return Err(PyValueError::new_err(format!(
                 "unknown episode kind {other:?}"
@@ -251,6 +252,9 @@ fn episode_from_python(dict: &Bound<'_, PyDict>) -> PyResult<RecordedEpisode> {
         cpu_wait_ms: item(dict, "cpu_wait_ms")?,
         gc_ms: dict
             .get_item("gc_ms")?
+            .map_or(Ok(0.0), |value| value.extract())?,
+        gil_wait_ms: dict
+            .get_item("gil_wait_ms")?
             .map_or(Ok(0.0), |value| value.extract())?,
         is_c_call: item(dict, "is_c_call")?,
         filename: item(dict, "filename")?,
@@ -316,6 +320,7 @@ fn episode_to_python<'py>(
     dict.set_item("threshold_ms", episode.threshold_ms)?;
     dict.set_item("cpu_wait_ms", episode.cpu_wait_ms)?;
     dict.set_item("gc_ms", episode.gc_ms)?;
+    dict.set_item("gil_wait_ms", episode.gil_wait_ms)?;
     dict.set_item("is_c_call", episode.is_c_call)?;
     dict.set_item("filename", episode.filename.as_deref())?;
     dict.set_item("lineno", episode.lineno)?;

@@ -12,6 +12,21 @@ pub fn episode_to_python<'py>(py: Python<'py>, episode: &Episode) -> PyResult<Bo
     report.set_item("cpu_wait_ns", episode.cpu_wait_ns)?;
     report.set_item("gc_ns", episode.gc_ns)?;
     report.set_item("gc_generation", episode.gc_generation)?;
+    report.set_item("gil_wait_ns", episode.gil_wait_ns)?;
+    let holders = episode
+        .gil_holders
+        .iter()
+        .map(|held| {
+            (
+                held.thread_id,
+                held.thread_name.as_deref(),
+                held.wait_ns,
+                held.running.as_deref(),
+            )
+                .into_pyobject(py)
+        })
+        .collect::<PyResult<Vec<Bound<'py, PyTuple>>>>()?;
+    report.set_item("gil_holders", holders)?;
     report.set_item("starved", episode.starved())?;
     report.set_item("culprit", episode.culprit)?;
     report.set_item("task_name", episode.task_name.as_deref())?;

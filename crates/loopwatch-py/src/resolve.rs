@@ -4,6 +4,7 @@
 use std::ffi::CStr;
 use std::sync::OnceLock;
 
+use loopwatch_core::gil::GilTime;
 use loopwatch_core::tracker::FrameRef;
 use loopwatch_core::{FrameInfo, GcTime, Resolver, TaskInfo, Ticks};
 use pyo3::ffi;
@@ -121,6 +122,14 @@ impl Resolver for PyResolver<'_> {
 
     fn gc_within(&mut self, from: Ticks, to: Ticks) -> GcTime {
         loopwatch_core::gc::thread_gc_within(from, to)
+    }
+
+    fn gil_within(&mut self, from: Ticks, to: Ticks) -> GilTime {
+        crate::watchdog::thread_gil_within(from, to)
+    }
+
+    fn thread_names(&mut self, idents: &[u64]) -> Vec<Option<String>> {
+        crate::gil::thread_names(self.py, idents)
     }
 }
 

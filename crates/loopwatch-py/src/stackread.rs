@@ -246,7 +246,7 @@ static UNAVAILABLE: OnceLock<Option<&'static str>> = OnceLock::new();
 static TYPES: OnceLock<Types> = OnceLock::new();
 
 /// Memory of our own process, read so that an unmapped address is an error, not a fault.
-struct Memory {
+pub(crate) struct Memory {
     pid: i32,
 }
 
@@ -274,7 +274,7 @@ mod sys {
 }
 
 impl Memory {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         #[cfg(target_os = "linux")]
         let pid = unsafe { sys::getpid() };
         #[cfg(not(target_os = "linux"))]
@@ -309,7 +309,7 @@ impl Memory {
         }
     }
 
-    fn word(&self, address: usize) -> Option<usize> {
+    pub(crate) fn word(&self, address: usize) -> Option<usize> {
         let mut buf = [0u8; 8];
         self.read(address, &mut buf)
             .then(|| usize::from_ne_bytes(buf))
@@ -550,7 +550,14 @@ fn name_frames(memory: &Memory, raw: &[RawFrame], types: &Types) -> Vec<SampledF
 /// so every frame given was on the stack. `None`: the reader is off, or nothing could be read.
 /// `activity` says what the OS sees the thread do, where known (see `stands_still`).
 pub fn read_stack(tstate: usize, activity: Option<&ThreadActivity>) -> Option<Vec<SampledFrame>> {
-    read_frames(tstate, activity, None)
+    read_frames(tstate, activity, None, true)
+}
+
+/// The innermost frame of the thread whose `PyThreadState` is at `tstate`, read as `read_stack`
+/// does but without watching whether it stands still: what another thread is running, in a
+/// glance (the holder of the GIL, see `gil`).
+pub fn innermost_frame(tstate: usize) -> Option<SampledFrame> {
+    read_frames(tstate, None, None, false)?.into_iter().next()
 }
 
 /// As `read_stack`, only the frames inside `boundary` (the address of a frame further out on the
@@ -562,13 +569,14 @@ pub fn read_stack_within(
     activity: Option<&ThreadActivity>,
     boundary: usize,
 ) -> Option<Vec<SampledFrame>> {
-    read_frames(tstate, activity, Some(boundary))
+    read_frames(tstate, activity, Some(boundary), true)
 }
 
 fn read_frames(
     tstate: usize,
     activity: Option<&ThreadActivity>,
     boundary: Option<usize>,
+    watch_still: bool,
 ) -> Option<Vec<SampledFrame>> {
     if unavailable().is_some() {
         return None;
@@ -596,7 +604,7 @@ fn read_frames(
             None => second.len(),
         };
         let mut named = name_frames(&memory, &second[agreed..end], types);
-        if agreed == 0 {
+        if agreed == 0 && watch_still {
             if let Some(innermost) = named.first_mut() {
                 innermost.still = stands_still(&memory, tstate, types, second[0], activity);
             }

@@ -17,16 +17,23 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use loopwatch_core::cpu_wait::{OtherThreadCpuWait, ThreadActivity};
+use loopwatch_core::gil::{waited_between, Doing, GilLog, GilLook, GilTime, GilWait};
 use loopwatch_core::recording::{append, Record, RecordedSample, RecordedStall};
 use loopwatch_core::sampled::is_unit_boundary;
 use loopwatch_core::{Clock, Look, RunningStall, SampledFrame, StallTimer, Ticks};
 
-use crate::stackread::{read_stack, read_stack_within};
+use crate::gil::{Blocked, GilLayout, ThreadSyscall};
+use crate::stackread::{innermost_frame, read_stack, read_stack_within, Memory};
 
 /// The most threads watched at once; a thread beyond them is watched without stall reports.
 const SLOTS: usize = 64;
 /// How often the watchdog looks while a loop is busy: the most a unit can run before it is seen.
 const POLL: Duration = Duration::from_millis(5);
+/// How often the watchdog looks while a loop is busy and other threads take the GIL: how close
+/// to its start and end a wait for the GIL is seen.
+const GIL_POLL: Duration = Duration::from_millis(1);
+/// How long after the GIL last changed hands the watchdog goes on looking every `GIL_POLL`.
+const GIL_CONTENDED_FOR: Duration = Duration::from_millis(200);
 /// Looks with nothing new (no unit started or ended anywhere) before the watchdog parks.
 const IDLE_LOOKS_BEFORE_PARKING: u32 = 200;
 /// Bytes of a thread name kept for the report.
@@ -71,6 +78,9 @@ struct Watch {
     /// Set by the thread while it runs a garbage collection (see `note_collecting`): a stack
     /// read then shows the frame the collection interrupted, not what the unit was doing.
     collecting: AtomicBool,
+    /// The waits for the GIL the watchdog saw the thread make. Only tried by the watchdog;
+    /// locked by the thread on its slow path (see `thread_gil_within`).
+    gil_waits: Mutex<GilLog>,
 }
 
 /// A stack the watchdog read while a unit ran (always-on mode).
@@ -107,6 +117,7 @@ impl Watch {
             boundary: AtomicU64::new(0),
             sample: Mutex::new(None),
             collecting: AtomicBool::new(false),
+            gil_waits: Mutex::new(GilLog::new()),
         }
     }
 
@@ -161,6 +172,27 @@ pub fn note_collecting(collecting: bool) {
         }
     }
 }
+/// How much of `[from, to)` the calling thread waited for the GIL, as the watchdog saw it (see
+/// `gil`): nothing unless the thread is watched and the GIL's layout is known.
+pub fn thread_gil_within(from: Ticks, to: Ticks) -> GilTime {
+    let mut slots = MY_SLOTS.with(std::cell::Cell::get);
+    if slots == 0 || crate::gil::layout().is_none() {
+        return GilTime::default();
+    }
+    let tid = current_tid();
+    while slots != 0 {
+        let index = slots.trailing_zeros() as usize;
+        slots &= slots - 1;
+        let watch = &WATCHES[index];
+        if watch.in_use.load(Ordering::Relaxed) && watch.tid.load(Ordering::Relaxed) == tid {
+            if let Ok(waits) = watch.gil_waits.lock() {
+                return waits.within(from, to);
+            }
+        }
+    }
+    GilTime::default()
+}
+
 /// Set by the watchdog before it parks; a thread whose unit starts then wakes it.
 static PARKED: AtomicBool = AtomicBool::new(false);
 /// The watchdog thread of this process (a leaked handle), and the process it was started in: the
@@ -236,6 +268,9 @@ impl WatchHandle {
         watch.sampling.store(sampling, Ordering::Relaxed);
         watch.boundary.store(0, Ordering::Relaxed);
         watch.collecting.store(false, Ordering::Relaxed);
+        if let Ok(mut waits) = watch.gil_waits.lock() {
+            waits.clear();
+        }
         MY_SLOTS.with(|slots| slots.set(slots.get() | (1 << index)));
         if let Ok(mut sample) = watch.sample.lock() {
             *sample = None;
@@ -281,8 +316,12 @@ impl WatchHandle {
         self.published = running_since;
         let watch = self.watch();
         let seq = watch.seq.load(Ordering::Relaxed);
-        if !watch.enabled.load(Ordering::Relaxed) && !watch.sampling.load(Ordering::Relaxed) {
-            // Neither reported nor sampled while running: the watchdog is neither told nor woken.
+        if !watch.enabled.load(Ordering::Relaxed)
+            && !watch.sampling.load(Ordering::Relaxed)
+            && crate::gil::layout().is_none()
+        {
+            // Neither reported nor sampled while running, nor its waits for the GIL measured:
+            // the watchdog is neither told nor woken.
             if seq % 2 == 1 {
                 watch.seq.store(seq + 1, Ordering::SeqCst);
             }
@@ -478,6 +517,14 @@ struct Seen {
     activity: Option<ThreadActivity>,
     /// The last unit a stack was read in for the always-on mode.
     sampled_seq: u64,
+    /// What the thread is blocked in (for its waits for the GIL).
+    syscall: Option<ThreadSyscall>,
+    /// The last look at the thread for its waits for the GIL, and the unit it was taken in.
+    gil_look: Option<(u64, GilLook)>,
+    /// The GIL's holder at that look: its thread state, ident and what it was running.
+    holder: Option<(usize, u64, Option<String>)>,
+    /// Waits not yet handed to the thread's log (it was locked).
+    pending: Vec<GilWait>,
 }
 
 fn run() {
@@ -490,12 +537,14 @@ fn run() {
     let mut seen: Vec<Seen> = (0..SLOTS).map(|_| Seen::default()).collect();
     let mut last_seqs = [0u64; SLOTS];
     let mut idle_looks = 0u32;
+    let mut gil = GilWatch::new(&clock);
     loop {
         if STOP.load(Ordering::SeqCst) {
             RUNNING.store(false, Ordering::SeqCst);
             return;
         }
         let now = clock.now();
+        let contended = gil.contended(now);
         let mut next: Option<Ticks> = None;
         let mut busy = false;
         let mut changed = false;
@@ -512,10 +561,15 @@ fn run() {
                     cpu_wait: Some(OtherThreadCpuWait::open(watch.tid.load(Ordering::Relaxed))),
                     activity: Some(ThreadActivity::open(watch.tid.load(Ordering::Relaxed))),
                     sampled_seq: 0,
+                    syscall: Some(ThreadSyscall::open(watch.tid.load(Ordering::Relaxed))),
+                    ..Seen::default()
                 };
             }
             let seq = watch.seq.load(Ordering::Acquire);
             changed |= std::mem::replace(&mut last_seqs[index], seq) != seq;
+            if contended {
+                gil.look(watch, mine, seq, &clock);
+            }
             if let Some(at) = look_at(watch, mine, generation, seq, now, &clock) {
                 busy = true;
                 if let Some(at) = at {
@@ -539,11 +593,131 @@ fn run() {
             idle_looks = 0;
             continue;
         }
-        let sleep = next.map_or(POLL, |at| {
+        let poll = if contended && busy { GIL_POLL } else { POLL };
+        let sleep = next.map_or(poll, |at| {
             let ticks = at.saturating_sub(clock.now());
-            Duration::from_nanos((ticks as f64 * clock.nanos_per_tick()) as u64).min(POLL)
+            Duration::from_nanos((ticks as f64 * clock.nanos_per_tick()) as u64).min(poll)
         });
         std::thread::park_timeout(sleep);
+    }
+}
+
+/// What the watchdog keeps to see waits for the GIL (see `gil`).
+struct GilWatch {
+    layout: Option<&'static GilLayout>,
+    memory: Memory,
+    /// The GIL's holder at the last look, and until when the GIL counts as contended.
+    last_holder: usize,
+    contended_until: Ticks,
+    contended_for: Ticks,
+    nanos_per_tick: f64,
+}
+
+impl GilWatch {
+    fn new(clock: &Clock) -> Self {
+        GilWatch {
+            layout: None,
+            memory: Memory::new(),
+            last_holder: 0,
+            contended_until: 0,
+            contended_for: (GIL_CONTENDED_FOR.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
+            nanos_per_tick: clock.nanos_per_tick(),
+        }
+    }
+
+    /// Whether the GIL has changed hands lately: only then can a watched thread wait for it.
+    fn contended(&mut self, now: Ticks) -> bool {
+        if self.layout.is_none() {
+            self.layout = crate::gil::layout();
+        }
+        let Some(layout) = self.layout else {
+            return false;
+        };
+        let holder = self.memory.word(layout.last_holder).unwrap_or(0);
+        if holder != self.last_holder {
+            self.last_holder = holder;
+            self.contended_until = now.saturating_add(self.contended_for);
+        }
+        now < self.contended_until
+    }
+
+    /// Looks at what the thread does, if a unit runs there, and logs the wait for the GIL it
+    /// made since the last look, if it made one.
+    fn look(&mut self, watch: &Watch, mine: &mut Seen, seq: u64, clock: &Clock) {
+        let Some(layout) = self.layout else { return };
+        if seq % 2 == 0 {
+            mine.gil_look = None;
+            return;
+        }
+        let blocked = mine.syscall.as_ref().and_then(ThreadSyscall::blocked);
+        let at = clock.now();
+        let cpu_ns = mine.activity.as_ref().and_then(ThreadActivity::cpu_ns);
+        let cpu_wait_ns = mine.cpu_wait.as_ref().and_then(OtherThreadCpuWait::wait_ns);
+        let (Some(blocked), Some(cpu_ns), Some(cpu_wait_ns)) = (blocked, cpu_ns, cpu_wait_ns)
+        else {
+            mine.gil_look = None;
+            return;
+        };
+        let doing = match blocked {
+            Blocked::Running => Doing::Running,
+            Blocked::Futex(address) if layout.is_gil(address) => {
+                let holder = crate::gil::holder_of(layout, &self.memory);
+                let known = mine.holder.as_ref().map(|(tstate, _, _)| *tstate);
+                match holder {
+                    Some((tstate, ident)) => {
+                        let waited_before = matches!(mine.gil_look, Some((_, look)) if matches!(look.doing, Doing::Gil { .. }));
+                        if known != Some(tstate) || !waited_before {
+                            let running = innermost_frame(tstate).map(|frame| {
+                                let file = frame.filename.rsplit('/').next().unwrap_or_default();
+                                match frame.line {
+                                    Some(line) => format!("{} ({file}:{line})", frame.function),
+                                    None => format!("{} ({file})", frame.function),
+                                }
+                            });
+                            mine.holder = Some((tstate, ident, running));
+                        }
+                        Doing::Gil { holder: ident }
+                    }
+                    None => Doing::Gil { holder: 0 },
+                }
+            }
+            Blocked::Futex(_) | Blocked::Other => Doing::Sleeping,
+        };
+        let look = GilLook {
+            at,
+            cpu_ns,
+            cpu_wait_ns,
+            doing,
+        };
+        if let Some((looked_in, previous)) = mine.gil_look {
+            if looked_in == seq {
+                if let Some((waited_ns, holder)) =
+                    waited_between(&previous, &look, self.nanos_per_tick)
+                {
+                    let running = mine
+                        .holder
+                        .as_ref()
+                        .filter(|(_, ident, _)| *ident == holder)
+                        .and_then(|(_, _, running)| running.clone());
+                    mine.pending.push(GilWait {
+                        start: previous.at,
+                        end: at,
+                        waited: (waited_ns as f64 / self.nanos_per_tick) as Ticks,
+                        holder,
+                        holder_running: running,
+                    });
+                }
+            }
+        }
+        mine.gil_look = Some((seq, look));
+        if !mine.pending.is_empty() {
+            // Never waits: the thread holds the lock only while it reads its waits.
+            if let Ok(mut waits) = watch.gil_waits.try_lock() {
+                for wait in mine.pending.drain(..) {
+                    waits.add(wait);
+                }
+            }
+        }
     }
 }
 
@@ -560,8 +734,12 @@ fn look_at(
 ) -> Option<Option<Ticks>> {
     let enabled = watch.enabled.load(Ordering::Relaxed);
     let sampling = watch.sampling.load(Ordering::Relaxed);
-    if seq % 2 == 0 || !(enabled || sampling) {
+    if seq % 2 == 0 {
         return None;
+    }
+    if !(enabled || sampling) {
+        // Busy, for its waits for the GIL only.
+        return crate::gil::layout().is_some().then_some(None);
     }
     let started = watch.started.load(Ordering::Relaxed);
     fence(Ordering::Acquire);

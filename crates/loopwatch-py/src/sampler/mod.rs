@@ -201,6 +201,7 @@ impl ThreadSampler {
         }
         let threshold = threshold_ticks(threshold_ms)?;
         register(py)?;
+        crate::gil::learn(py);
         state.watch = WatchHandle::register(
             crate::stackread::current_thread_state(),
             current_thread(),
@@ -662,12 +663,17 @@ unsafe fn unit_over_threshold(
     let stack = sample.map(|sample| sample.stack);
     let nanos = |ticks: Ticks| (ticks as f64 * state.clock.nanos_per_tick()) as u64;
     let gc = thread_gc_within(started, now);
+    let gil = crate::watchdog::thread_gil_within(started, now);
+    let idents: Vec<u64> = gil.holders.iter().map(|held| held.ident).collect();
+    let names = crate::gil::thread_names(py, &idents);
     let unit = SampledUnit {
         duration_ns: nanos(ran),
         threshold_ns: nanos(state.threshold),
         cpu_wait_ns,
         gc_ns: nanos(gc.ticks),
         gc_generation: gc.generation,
+        gil_wait_ns: nanos(gil.ticks),
+        gil_holders: loopwatch_core::gil::gil_holders(&gil, &names, state.clock.nanos_per_tick()),
         reports_while_running: reported,
         task_name: None,
         scope: None,
