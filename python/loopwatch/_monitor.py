@@ -358,13 +358,16 @@ def _judged_at(raw: dict[str, Any], threshold_ns: int) -> dict[str, Any]:
     gc_ns = raw.get("gc_ns", 0)
     gil_ns = raw.get("gil_wait_ns", 0)
     waited = gc_ns + gil_ns
-    if raw["kind"] not in ("gc", "gil") and waited and own_ns >= threshold_ns and own_ns - waited < threshold_ns:
+    judged = raw["kind"] not in ("gc", "gil")
+    if judged and waited and own_ns >= threshold_ns and own_ns - waited < threshold_ns:
         if gil_ns > gc_ns:
             kind, name, took = "gil", _gil_culprit_name(raw.get("gil_holders", ())), gil_ns
         else:
             generation = raw.get("gc_generation")
             kind, took = "gc", gc_ns
-            name = "garbage collection" if generation is None else f"garbage collection (generation {generation})"
+            name = "garbage collection"
+            if generation is not None:
+                name += f" (generation {generation})"
         stack = [*raw["stack"][: raw["culprit"] + 1], (name, None, None, None, took, False, False, True)]
         raw.update(kind=kind, stack=stack, culprit=len(stack) - 1)
     return raw
@@ -375,7 +378,10 @@ def _gil_culprit_name(holders: Sequence[tuple[int, Optional[str], int, Optional[
     if not holders:
         return "waiting for the GIL"
     ident, name, _, _ = holders[0]
-    thread = f"thread {json.dumps(name, ensure_ascii=False)}" if name is not None else f"thread {ident}" if ident else "another thread"
+    if name is not None:
+        thread = f"thread {json.dumps(name, ensure_ascii=False)}"
+    else:
+        thread = f"thread {ident}" if ident else "another thread"
     others = len(holders) - 1
     more = "" if not others else " and 1 other" if others == 1 else f" and {others} others"
     return f"waiting for the GIL (held by {thread}{more})"

@@ -151,6 +151,9 @@ pub struct RunningStall {
     /// Python frame: the loop runs C code (a C function as a callback), not that nothing could
     /// be read.
     pub in_c_code: bool,
+    /// The thread was waiting for the GIL when it was last looked at: what the thread that held
+    /// it was running, if that could be read (`Some("")` when not).
+    pub waiting_for_gil: Option<String>,
 }
 
 impl RunningStall {
@@ -163,6 +166,16 @@ impl RunningStall {
         );
         if self.in_gc {
             text.push_str(", in a garbage collection");
+        }
+        match self.waiting_for_gil.as_deref() {
+            Some("") => text.push_str(", waiting for the GIL held by another thread"),
+            Some(running) => {
+                let _ = write!(
+                    text,
+                    ", waiting for the GIL held by another thread (running {running})"
+                );
+            }
+            None => {}
         }
         match self.stack.first() {
             Some(top) => {
@@ -299,6 +312,7 @@ mod tests {
                 .collect(),
             in_gc: false,
             in_c_code: false,
+            waiting_for_gil: None,
         };
         let text = stall.to_text();
         let lines: Vec<&str> = text.lines().collect();
@@ -320,6 +334,7 @@ mod tests {
             stack: vec![],
             in_gc: false,
             in_c_code: false,
+            waiting_for_gil: None,
         };
         assert!(stall
             .to_text()
@@ -340,11 +355,28 @@ mod tests {
             stack: vec![],
             in_gc: false,
             in_c_code: true,
+            waiting_for_gil: None,
         };
         assert_eq!(
             stall.to_text(),
             "loopwatch[7]: the event loop of thread 't' has been blocked for 50 ms so far, still running, in C code the loop called (no Python frame of its own)\n"
         );
+    }
+
+    #[test]
+    fn a_stall_waiting_for_the_gil_says_so_and_what_its_holder_runs() {
+        let stall = RunningStall {
+            pid: 7,
+            thread_name: "t".into(),
+            so_far_ms: 40.0,
+            stack: vec![frame("handler", Some(3))],
+            in_gc: false,
+            in_c_code: false,
+            waiting_for_gil: Some("spin (worker.py:9)".into()),
+        };
+        assert!(stall.to_text().starts_with(
+            "loopwatch[7]: the event loop of thread 't' has been blocked for 40 ms so far, still running, waiting for the GIL held by another thread (running spin (worker.py:9)), at app.py:3 in handler\n"
+        ));
     }
 
     #[test]
@@ -356,6 +388,7 @@ mod tests {
             stack: vec![frame("allocate", Some(3))],
             in_gc: true,
             in_c_code: false,
+            waiting_for_gil: None,
         };
         assert!(stall.to_text().starts_with(
             "loopwatch[7]: the event loop of thread 't' has been blocked for 500 ms so far, still running, in a garbage collection, at app.py:3 in allocate\n"

@@ -664,6 +664,15 @@ impl GilWatch {
                 let holder = crate::gil::holder_of(layout, &self.memory);
                 let known = mine.holder.as_ref().map(|(tstate, _, _)| *tstate);
                 match holder {
+                    // The thread itself, letting go: it waits for another to take the GIL (the
+                    // one it waited on before, if it did).
+                    Some((tstate, _))
+                        if tstate == watch.tstate.load(Ordering::Relaxed) as usize =>
+                    {
+                        Doing::Gil {
+                            holder: mine.holder.as_ref().map_or(0, |(_, ident, _)| *ident),
+                        }
+                    }
                     Some((tstate, ident)) => {
                         let waited_before = matches!(mine.gil_look, Some((_, look)) if matches!(look.doing, Doing::Gil { .. }));
                         if known != Some(tstate) || !waited_before {
@@ -774,7 +783,28 @@ fn look_at(
             if sampling {
                 mine.sampled_seq = seq;
             }
-            report(watch, &unit, activity, so_far, number, clock);
+            let waiting_for_gil = match mine.gil_look {
+                Some((looked_in, look))
+                    if looked_in == seq && matches!(look.doing, Doing::Gil { .. }) =>
+                {
+                    Some(
+                        mine.holder
+                            .as_ref()
+                            .and_then(|(_, _, running)| running.clone())
+                            .unwrap_or_default(),
+                    )
+                }
+                _ => None,
+            };
+            report(
+                watch,
+                &unit,
+                activity,
+                so_far,
+                number,
+                clock,
+                waiting_for_gil,
+            );
             wake_at(at);
         }
     }
@@ -868,6 +898,7 @@ fn report(
     so_far: Ticks,
     number: u32,
     clock: &Clock,
+    waiting_for_gil: Option<String>,
 ) {
     let Some((stack, in_gc, within)) = read_unit_stack(watch, unit.generation, unit.seq, activity)
     else {
@@ -892,6 +923,7 @@ fn report(
         stack,
         in_gc,
         in_c_code,
+        waiting_for_gil,
     };
     write_stderr(stall.to_text().as_bytes());
     let recordings = watch
