@@ -28,6 +28,8 @@ use crate::stackread::Memory;
 pub struct GilLayout {
     /// The address of `last_holder`: the `PyThreadState *` that holds (or last held) the GIL.
     pub last_holder: usize,
+    /// The address of `switch_number`: how many times the GIL has changed hands.
+    pub switch_number: usize,
     /// A thread asleep in `futex` on an address in `[lo, hi)` waits for the GIL (its condition
     /// variables and mutexes).
     pub futex_lo: usize,
@@ -146,20 +148,30 @@ fn learn_now(py: Python<'_>) -> Option<GilLayout> {
         )
     });
     last_holder.store(holder.unwrap_or(0), Ordering::Release);
+    // `switch_number` two words on: the helper takes the GIL, then this thread again.
+    let switches = holder.and_then(|holder| memory.word(holder + SWITCH_NUMBER));
     // Let the helper have the GIL, and wait for it.
     py.detach(|| {
         let _ = helper.join();
     });
     let last_holder = holder?;
-    (confirmed.load(Ordering::Acquire) && memory.word(last_holder) == Some(me)).then_some(
-        GilLayout {
+    let switched = memory
+        .word(last_holder + SWITCH_NUMBER)
+        .zip(switches)
+        .is_some_and(|(after, before)| after.wrapping_sub(before) >= 2);
+    (confirmed.load(Ordering::Acquire) && switched && memory.word(last_holder) == Some(me))
+        .then_some(GilLayout {
             last_holder,
+            switch_number: last_holder + SWITCH_NUMBER,
             futex_lo: last_holder + 24,
             futex_hi: last_holder + GIL_TAIL,
             thread_id_offset,
-        },
-    )
+        })
 }
+
+/// Where `switch_number` is from `last_holder`: past `last_holder` and `locked` (an `int`,
+/// padded).
+const SWITCH_NUMBER: usize = 16;
 
 /// The one item of `items`, or `None` when there are none or several.
 fn only<T>(mut items: impl Iterator<Item = T>) -> Option<T> {

@@ -32,6 +32,8 @@ const POLL: Duration = Duration::from_millis(5);
 /// How often the watchdog looks while a loop is busy and other threads take the GIL: how close
 /// to its start and end a wait for the GIL is seen.
 const GIL_POLL: Duration = Duration::from_millis(1);
+/// The longest stretch between two looks that is judged a wait for the GIL (see `GilWatch`).
+const GIL_JUDGED_WITHIN: Duration = Duration::from_millis(4);
 /// How long after the GIL last changed hands the watchdog goes on looking every `GIL_POLL`.
 const GIL_CONTENDED_FOR: Duration = Duration::from_millis(200);
 /// Looks with nothing new (no unit started or ended anywhere) before the watchdog parks.
@@ -92,8 +94,9 @@ pub struct Sample {
     pub stack: Vec<SampledFrame>,
     /// The thread's CPU wait (ns) the watchdog took as the stall's baseline, if any.
     pub cpu_wait_base: Option<u64>,
-    /// Read while the thread ran a garbage collection.
-    pub in_gc: bool,
+    /// Read while the thread ran a garbage collection, or waited for the GIL: not what the
+    /// unit's own code was doing.
+    pub aside: bool,
 }
 
 impl Watch {
@@ -519,8 +522,8 @@ struct Seen {
     sampled_seq: u64,
     /// What the thread is blocked in (for its waits for the GIL).
     syscall: Option<ThreadSyscall>,
-    /// The last look at the thread for its waits for the GIL, and the unit it was taken in.
-    gil_look: Option<(u64, GilLook)>,
+    /// The last look at the thread for its waits for the GIL.
+    gil_look: Option<GilLook>,
     /// The GIL's holder at that look: its thread state, ident and what it was running.
     holder: Option<(usize, u64, Option<String>)>,
     /// Waits not yet handed to the thread's log (it was locked).
@@ -568,7 +571,7 @@ fn run() {
             let seq = watch.seq.load(Ordering::Acquire);
             changed |= std::mem::replace(&mut last_seqs[index], seq) != seq;
             if contended {
-                gil.look(watch, mine, seq, &clock);
+                gil.look(watch, mine, &clock);
             }
             if let Some(at) = look_at(watch, mine, generation, seq, now, &clock) {
                 busy = true;
@@ -593,7 +596,7 @@ fn run() {
             idle_looks = 0;
             continue;
         }
-        let poll = if contended && busy { GIL_POLL } else { POLL };
+        let poll = if contended { GIL_POLL } else { POLL };
         let sleep = next.map_or(poll, |at| {
             let ticks = at.saturating_sub(clock.now());
             Duration::from_nanos((ticks as f64 * clock.nanos_per_tick()) as u64).min(poll)
@@ -606,10 +609,12 @@ fn run() {
 struct GilWatch {
     layout: Option<&'static GilLayout>,
     memory: Memory,
-    /// The GIL's holder at the last look, and until when the GIL counts as contended.
-    last_holder: usize,
+    /// The GIL's switch count at the last look, and until when the GIL counts as contended.
+    switches: usize,
     contended_until: Ticks,
     contended_for: Ticks,
+    /// How far apart two looks may be for the stretch between them to be judged.
+    judged_within: Ticks,
     nanos_per_tick: f64,
 }
 
@@ -618,9 +623,10 @@ impl GilWatch {
         GilWatch {
             layout: None,
             memory: Memory::new(),
-            last_holder: 0,
+            switches: 0,
             contended_until: 0,
             contended_for: (GIL_CONTENDED_FOR.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
+            judged_within: (GIL_JUDGED_WITHIN.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
             nanos_per_tick: clock.nanos_per_tick(),
         }
     }
@@ -633,22 +639,21 @@ impl GilWatch {
         let Some(layout) = self.layout else {
             return false;
         };
-        let holder = self.memory.word(layout.last_holder).unwrap_or(0);
-        if holder != self.last_holder {
-            self.last_holder = holder;
+        // Any change of hands since the last look: a thread that holds the GIL for a moment
+        // between long holds of another still counts.
+        let switches = self.memory.word(layout.switch_number).unwrap_or(0);
+        if switches != self.switches {
+            self.switches = switches;
             self.contended_until = now.saturating_add(self.contended_for);
         }
         now < self.contended_until
     }
 
-    /// Looks at what the thread does, if a unit runs there, and logs the wait for the GIL it
-    /// made since the last look, if it made one.
-    fn look(&mut self, watch: &Watch, mine: &mut Seen, seq: u64, clock: &Clock) {
+    /// Looks at what the thread does, and logs the wait for the GIL it made since the last
+    /// look, if it made one. Waits are logged by time, in or out of a unit: a unit takes off
+    /// those that fall inside it.
+    fn look(&mut self, watch: &Watch, mine: &mut Seen, clock: &Clock) {
         let Some(layout) = self.layout else { return };
-        if seq % 2 == 0 {
-            mine.gil_look = None;
-            return;
-        }
         let blocked = mine.syscall.as_ref().and_then(ThreadSyscall::blocked);
         let at = clock.now();
         let cpu_ns = mine.activity.as_ref().and_then(ThreadActivity::cpu_ns);
@@ -674,7 +679,7 @@ impl GilWatch {
                         }
                     }
                     Some((tstate, ident)) => {
-                        let waited_before = matches!(mine.gil_look, Some((_, look)) if matches!(look.doing, Doing::Gil { .. }));
+                        let waited_before = matches!(mine.gil_look, Some(look) if matches!(look.doing, Doing::Gil { .. }));
                         if known != Some(tstate) || !waited_before {
                             let running = innermost_frame(tstate).map(|frame| {
                                 let file = frame.filename.rsplit('/').next().unwrap_or_default();
@@ -698,27 +703,27 @@ impl GilWatch {
             cpu_wait_ns,
             doing,
         };
-        if let Some((looked_in, previous)) = mine.gil_look {
-            if looked_in == seq {
-                if let Some((waited_ns, holder)) =
-                    waited_between(&previous, &look, self.nanos_per_tick)
-                {
-                    let running = mine
-                        .holder
-                        .as_ref()
-                        .filter(|(_, ident, _)| *ident == holder)
-                        .and_then(|(_, _, running)| running.clone());
-                    mine.pending.push(GilWait {
-                        start: previous.at,
-                        end: at,
-                        waited: (waited_ns as f64 / self.nanos_per_tick) as Ticks,
-                        holder,
-                        holder_running: running,
-                    });
-                }
+        if let Some(previous) = mine.gil_look {
+            // Looks further apart than the watchdog looks while the GIL changes hands may hold
+            // anything (it was late, or had stopped looking): only close ones are judged.
+            let close = at.saturating_sub(previous.at) <= self.judged_within;
+            let waited = waited_between(&previous, &look, self.nanos_per_tick).filter(|_| close);
+            if let Some((waited_ns, holder)) = waited {
+                let running = mine
+                    .holder
+                    .as_ref()
+                    .filter(|(_, ident, _)| *ident == holder)
+                    .and_then(|(_, _, running)| running.clone());
+                mine.pending.push(GilWait {
+                    start: previous.at,
+                    end: at,
+                    waited: (waited_ns as f64 / self.nanos_per_tick) as Ticks,
+                    holder,
+                    holder_running: running,
+                });
             }
         }
-        mine.gil_look = Some((seq, look));
+        mine.gil_look = Some(look);
         if !mine.pending.is_empty() {
             // Never waits: the thread holds the lock only while it reads its waits.
             if let Ok(mut waits) = watch.gil_waits.try_lock() {
@@ -770,6 +775,11 @@ fn look_at(
         generation,
         seq,
         cpu_wait_base: mine.timer.cpu_wait_base(),
+        waiting_for_gil: matches!(
+            mine.gil_look,
+            // Taken in this round of looks, after `now` was read.
+            Some(look) if look.at >= now && matches!(look.doing, Doing::Gil { .. })
+        ),
     };
     let activity = mine.activity.as_ref();
     match look {
@@ -783,19 +793,12 @@ fn look_at(
             if sampling {
                 mine.sampled_seq = seq;
             }
-            let waiting_for_gil = match mine.gil_look {
-                Some((looked_in, look))
-                    if looked_in == seq && matches!(look.doing, Doing::Gil { .. }) =>
-                {
-                    Some(
-                        mine.holder
-                            .as_ref()
-                            .and_then(|(_, _, running)| running.clone())
-                            .unwrap_or_default(),
-                    )
-                }
-                _ => None,
-            };
+            let waiting_for_gil = unit.waiting_for_gil.then(|| {
+                mine.holder
+                    .as_ref()
+                    .and_then(|(_, _, running)| running.clone())
+                    .unwrap_or_default()
+            });
             report(
                 watch,
                 &unit,
@@ -827,6 +830,8 @@ struct Unit {
     generation: u64,
     seq: u64,
     cpu_wait_base: Option<u64>,
+    /// The thread waited for the GIL at the watchdog's look just now.
+    waiting_for_gil: bool,
 }
 
 /// Reads the running unit's stack; `None` if the unit ended (or the thread stopped being
@@ -868,21 +873,23 @@ fn keep_sample(watch: &Watch, unit: &Unit, activity: Option<&ThreadActivity>) {
     }
 }
 
-/// Keeps the latest stack of the unit, unless it was read during a garbage collection and an
-/// earlier one of the same unit was not: that one says what the unit's own code was doing.
+/// Keeps the latest stack of the unit, unless it was read during a garbage collection or a wait
+/// for the GIL and an earlier one of the same unit was not: that one says what the unit's own
+/// code was doing.
 fn store_sample(watch: &Watch, unit: &Unit, stack: Vec<SampledFrame>, in_gc: bool) {
+    let aside = in_gc || unit.waiting_for_gil;
     // Never waits: the thread holds the lock only while it takes the sample at a unit's end.
     if let Ok(mut held) = watch.sample.try_lock() {
-        let keep_earlier = in_gc
+        let keep_earlier = aside
             && held
                 .as_ref()
-                .is_some_and(|earlier| earlier.seq == unit.seq && !earlier.in_gc);
+                .is_some_and(|earlier| earlier.seq == unit.seq && !earlier.aside);
         if !keep_earlier {
             *held = Some(Sample {
                 seq: unit.seq,
                 stack,
                 cpu_wait_base: unit.cpu_wait_base,
-                in_gc,
+                aside,
             });
         }
     }
