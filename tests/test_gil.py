@@ -203,9 +203,12 @@ def test_each_thread_that_held_the_gil_is_named_with_its_share_of_the_wait(run, 
             await asyncio.sleep(0)
 
     run(main)
-    assert [r.kind for r in reports] == ["gil"], [r.format() for r in reports]
-    holders = {h.thread_name for h in reports[0].gil_holders}
+    waits = [(r.kind, r.duration_ms, r.gil_wait_ms, r.cpu_wait_ms) for r in reports]
+    assert [r.kind for r in reports] == ["gil"], waits
+    # A moment of the wait may come before the holder is seen: "another thread" (no name).
+    holders = {h.thread_name for h in reports[0].gil_holders if h.thread_id}
     assert holders and holders <= {"hog-1", "hog-2", "hog-3"}, reports[0].gil_holders
+    assert sum(h.wait_ms for h in reports[0].gil_holders if not h.thread_id) < 5, reports[0].gil_holders
     # The holders' shares add up to the wait.
     assert sum(h.wait_ms for h in reports[0].gil_holders) == pytest.approx(reports[0].gil_wait_ms, rel=0.01)
 

@@ -42,6 +42,8 @@ pub struct GilLook {
 /// waited on; `None` when the stretch cannot be told to be a wait for the GIL.
 pub fn waited_between(a: &GilLook, b: &GilLook, nanos_per_tick: f64) -> Option<(u64, u64)> {
     let holder = match (a.doing, b.doing) {
+        // A holder that could not be told (0) gives way to one that could.
+        (Doing::Gil { holder: 0 }, Doing::Gil { holder }) => holder,
         (Doing::Gil { holder }, Doing::Gil { .. } | Doing::Running)
         | (Doing::Running, Doing::Gil { holder }) => holder,
         _ => return None,
@@ -284,6 +286,10 @@ mod tests {
         );
         assert_eq!(
             waited_between(&a(GIL), &b(Doing::Gil { holder: 9 }), 1.0),
+            Some((600_000, 7))
+        );
+        assert_eq!(
+            waited_between(&a(Doing::Gil { holder: 0 }), &b(GIL), 1.0),
             Some((600_000, 7))
         );
         // A sleep of another kind at either end: the stretch may be that sleep, the code's.

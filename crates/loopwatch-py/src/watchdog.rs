@@ -33,7 +33,7 @@ const POLL: Duration = Duration::from_millis(5);
 /// to its start and end a wait for the GIL is seen.
 const GIL_POLL: Duration = Duration::from_millis(1);
 /// The longest stretch between two looks that is judged a wait for the GIL (see `GilWatch`).
-const GIL_JUDGED_WITHIN: Duration = Duration::from_millis(4);
+const GIL_JUDGED_WITHIN: Duration = Duration::from_millis(20);
 /// How long after the GIL last changed hands the watchdog goes on looking every `GIL_POLL`.
 const GIL_CONTENDED_FOR: Duration = Duration::from_millis(200);
 /// Looks with nothing new (no unit started or ended anywhere) before the watchdog parks.
