@@ -34,6 +34,9 @@ const POLL: Duration = Duration::from_millis(5);
 const GIL_POLL: Duration = Duration::from_millis(1);
 /// The longest stretch between two looks that is judged a wait for the GIL (see `GilWatch`).
 const GIL_JUDGED_WITHIN: Duration = Duration::from_millis(20);
+/// How often at most the stack of one holder of the GIL is read, and how many holders' are kept.
+const HOLDER_READ_EVERY: Duration = Duration::from_millis(200);
+const HOLDERS_KEPT: usize = 8;
 /// How long after the GIL last changed hands the watchdog goes on looking every `GIL_POLL`.
 const GIL_CONTENDED_FOR: Duration = Duration::from_millis(200);
 /// Looks with nothing new (no unit started or ended anywhere) before the watchdog parks.
@@ -526,6 +529,9 @@ struct Seen {
     gil_look: Option<GilLook>,
     /// The GIL's holder at that look: its thread state, ident and what it was running.
     holder: Option<(usize, u64, Option<String>)>,
+    /// What the latest holders were running, and when that was read (a stack read costs tens
+    /// of system calls: each holder's is read again only after `HOLDER_READ_EVERY`).
+    holders_read: Vec<(usize, Ticks, Option<String>)>,
     /// Waits not yet handed to the thread's log (it was locked).
     pending: Vec<GilWait>,
 }
@@ -596,7 +602,7 @@ fn run() {
             idle_looks = 0;
             continue;
         }
-        let poll = if contended { GIL_POLL } else { POLL };
+        let poll = if contended && busy { GIL_POLL } else { POLL };
         let sleep = next.map_or(poll, |at| {
             let ticks = at.saturating_sub(clock.now());
             Duration::from_nanos((ticks as f64 * clock.nanos_per_tick()) as u64).min(poll)
@@ -615,6 +621,7 @@ struct GilWatch {
     contended_for: Ticks,
     /// How far apart two looks may be for the stretch between them to be judged.
     judged_within: Ticks,
+    holder_read_every: Ticks,
     nanos_per_tick: f64,
 }
 
@@ -627,6 +634,8 @@ impl GilWatch {
             contended_until: 0,
             contended_for: (GIL_CONTENDED_FOR.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
             judged_within: (GIL_JUDGED_WITHIN.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
+            holder_read_every: (HOLDER_READ_EVERY.as_nanos() as f64 / clock.nanos_per_tick())
+                as Ticks,
             nanos_per_tick: clock.nanos_per_tick(),
         }
     }
@@ -647,6 +656,30 @@ impl GilWatch {
             self.contended_until = now.saturating_add(self.contended_for);
         }
         now < self.contended_until
+    }
+
+    /// What the holder whose thread state is `tstate` is running: read from its stack, or as
+    /// read less than `HOLDER_READ_EVERY` ago.
+    fn holder_running(&self, mine: &mut Seen, tstate: usize, now: Ticks) -> Option<String> {
+        let fresh = mine.holders_read.iter().find(|(read, at, _)| {
+            *read == tstate && now.saturating_sub(*at) < self.holder_read_every
+        });
+        if let Some((_, _, running)) = fresh {
+            return running.clone();
+        }
+        let running = innermost_frame(tstate).map(|frame| {
+            let file = frame.filename.rsplit('/').next().unwrap_or_default();
+            match frame.line {
+                Some(line) => format!("{} ({file}:{line})", frame.function),
+                None => format!("{} ({file})", frame.function),
+            }
+        });
+        mine.holders_read.retain(|(read, _, _)| *read != tstate);
+        if mine.holders_read.len() >= HOLDERS_KEPT {
+            mine.holders_read.remove(0);
+        }
+        mine.holders_read.push((tstate, now, running.clone()));
+        running
     }
 
     /// Looks at what the thread does, and logs the wait for the GIL it made since the last
@@ -679,15 +712,8 @@ impl GilWatch {
                         }
                     }
                     Some((tstate, ident)) => {
-                        let waited_before = matches!(mine.gil_look, Some(look) if matches!(look.doing, Doing::Gil { .. }));
-                        if known != Some(tstate) || !waited_before {
-                            let running = innermost_frame(tstate).map(|frame| {
-                                let file = frame.filename.rsplit('/').next().unwrap_or_default();
-                                match frame.line {
-                                    Some(line) => format!("{} ({file}:{line})", frame.function),
-                                    None => format!("{} ({file})", frame.function),
-                                }
-                            });
+                        if known != Some(tstate) {
+                            let running = self.holder_running(mine, tstate, at);
                             mine.holder = Some((tstate, ident, running));
                         }
                         Doing::Gil { holder: ident }
