@@ -65,7 +65,10 @@ async def main():
         return await steps()
     from loopwatch import event_loop_monitor_ctx
     kwargs = {"mode": "sampling"} if mode == "sampling" else {}
-    with event_loop_monitor_ctx(threshold_ms=20, on_blocking_call=reports.append, report_stalls=False, **kwargs):
+    watch = event_loop_monitor_ctx(
+        threshold_ms=20, on_blocking_call=reports.append, report_stalls=False, **kwargs
+    )
+    with watch:
         return await steps()
 
 threads = [threading.Thread(target=hog, name=f"hog-{i}") for i in range(hogs)]
@@ -103,7 +106,9 @@ def run_one(tool: str, seconds: float, hogs: int, mode: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--hogs", type=int, default=3)
@@ -115,7 +120,8 @@ def main() -> None:
     for r in range(args.rounds):
         order = tools[r % len(tools) :] + tools[: r % len(tools)]
         rounds.append({tool: run_one(tool, args.seconds, args.hogs, args.mode) for tool in order})
-        print(f"round {r + 1}: " + ", ".join(f"{t} {rounds[-1][t]['steps']} steps" for t in tools), file=sys.stderr)
+        steps = ", ".join(f"{t} {rounds[-1][t]['steps']} steps" for t in tools)
+        print(f"round {r + 1}: {steps}", file=sys.stderr)
     summary: dict[str, Any] = {}
     for tool in tools:
         per_s = [rnd[tool]["steps"] / args.seconds for rnd in rounds]
@@ -127,8 +133,12 @@ def main() -> None:
         summary[tool] = {
             "steps_per_s": statistics.median(per_s),
             "ratio_to_none": statistics.median(ratio),
-            "watchdog_cpu_ms_per_s": statistics.median(rnd[tool]["watchdog_cpu_ms"] / args.seconds for rnd in rounds),
-            "reports_per_run": {kind: statistics.median(c + [0] * (args.rounds - len(c))) for kind, c in kinds.items()},
+            "watchdog_cpu_ms_per_s": statistics.median(
+                rnd[tool]["watchdog_cpu_ms"] / args.seconds for rnd in rounds
+            ),
+            "reports_per_run": {
+                kind: statistics.median(c + [0] * (args.rounds - len(c))) for kind, c in kinds.items()
+            },
         }
     print(f"{'tool':8} {'steps/s':>9} {'vs none':>8} {'watchdog CPU ms/s':>18}  reports per run (median)")
     for tool, s in summary.items():

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import platform
 import signal
 import socket
@@ -47,6 +48,8 @@ TOOLS = {
     "loopwatch-no-stalls": ("loopwatch", "loopwatch"),
     # The always-on mode (CPython 3.11+): no profile hook.
     "loopwatch-sampling": ("loopwatch", "loopwatch"),
+    # The same without measuring waits for the GIL (LOOPWATCH_NO_GIL_WAITS=1): what they cost.
+    "loopwatch-sampling-no-gil": ("loopwatch", "loopwatch"),
     "aelm": ("asyncio_event_loop_monitor", "asyncio-event-loop-monitor"),
     "pyleak": ("pyleak", "pyleak"),
 }
@@ -69,9 +72,14 @@ def get_json(port: int, path: str, timeout: float = 2.0) -> dict:
 def running_server(tool: str, loop: str):
     """A fresh server with `tool` as its monitor, ready to serve; always stopped on exit."""
     port = free_port()
+    env = dict(os.environ)
+    env.pop("LOOPWATCH_NO_GIL_WAITS", None)
+    if tool.endswith("-no-gil"):
+        env["LOOPWATCH_NO_GIL_WAITS"] = "1"
+        tool = tool.removesuffix("-no-gil")
     command = [sys.executable, str(HERE / "service_app.py"), "--port", str(port), "--monitor", tool]
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen([*command, "--loop", loop], stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen([*command, "--loop", loop], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_until_ready(server, port, log)
             yield server, port
@@ -131,7 +139,7 @@ def available_tools(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
     tools, skipped = [], {}
     for tool in wanted:
         module, distribution = TOOLS[tool]
-        if tool == "loopwatch-sampling" and sys.version_info < (3, 11):
+        if tool.startswith("loopwatch-sampling") and sys.version_info < (3, 11):
             skipped[tool] = "the always-on mode needs CPython 3.11+"
             print(f"skipping {tool}: {skipped[tool]}")
         elif module is not None and importlib.util.find_spec(module) is None:
@@ -262,6 +270,7 @@ def plot(results: dict, settings: dict, path: str) -> None:
         "floor": "#d0d0d0",
         "loopwatch": "#1f77b4",
         "loopwatch-sampling": "#2ca02c",
+        "loopwatch-sampling-no-gil": "#98df8a",
         "aelm": "#ff7f0e",
         "pyleak": "#9467bd",
     }
