@@ -217,14 +217,14 @@ def test_each_thread_that_held_the_gil_is_named_with_its_share_of_the_wait(run, 
 def test_a_stall_reported_while_it_runs_says_it_waits_for_the_gil(run, hog, capfd):
     ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
     interval = sys.getswitchinterval()
-    # The hog keeps the GIL 50 ms each time the loop lets it go: the stall is reported (at the
-    # threshold) while the loop waits.
-    sys.setswitchinterval(0.05)
+    # The hog keeps the GIL 200 ms each time the loop lets it go: the stall is reported (at the
+    # threshold, then at ten times it) while the loop waits.
+    sys.setswitchinterval(0.2)
 
     async def main():
         with ctx:
             await asyncio.sleep(0)
-            give_up_the_gil(3)
+            give_up_the_gil(2)
             await asyncio.sleep(0)
 
     try:
@@ -232,7 +232,11 @@ def test_a_stall_reported_while_it_runs_says_it_waits_for_the_gil(run, hog, capf
     finally:
         sys.setswitchinterval(interval)
     stderr = capfd.readouterr().err
-    assert "waiting for the GIL held by another thread (running hog_the_gil" in stderr, stderr
+    stalls = [line for line in stderr.splitlines() if "so far, still running" in line]
+    assert stalls, stderr
+    assert any(
+        "waiting for the GIL held by another thread (running hog_the_gil" in line for line in stalls
+    ), stderr
     assert [r.kind for r in reports] == ["gil"], [r.format() for r in reports]
 
 

@@ -31,7 +31,7 @@ Culprits are ordered by total blocked time, most first.
       "culprits_total": 5,              # before --top
       "culprits": [{                    # the --top N worst, by total blocked time
         "rank": 1, "culprit": "time.sleep", "is_c_call": true,
-        "kinds": {"call": 14},          # episodes by kind: call, callback, step, gc
+        "kinds": {"call": 14},          # episodes by kind: call, callback, step, gc, gil
         "count": 14, "total_ms": 420.1, "share": 0.82,   # share of blocked_ms, 0..1
                                         # (durations are each report's share_ms: the part of
                                         # its step that is this culprit's)

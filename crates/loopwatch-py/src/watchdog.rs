@@ -261,9 +261,11 @@ impl WatchHandle {
                 .is_ok()
         })?;
         let watch = &WATCHES[index];
-        watch.generation.fetch_add(1, Ordering::AcqRel);
         watch.tstate.store(tstate as u64, Ordering::Relaxed);
         watch.tid.store(current_tid(), Ordering::Relaxed);
+        // After the thread's ids: a watchdog that sees the new generation opens this thread's
+        // files, not those of the slot's last user.
+        watch.generation.fetch_add(1, Ordering::AcqRel);
         watch.ident.store(ident, Ordering::Relaxed);
         watch.set_name(name);
         if let Ok(mut recordings) = watch.recordings.lock() {
@@ -579,7 +581,7 @@ fn run() {
             if contended {
                 gil.look(watch, mine, &clock);
             }
-            if let Some(at) = look_at(watch, mine, generation, seq, now, &clock) {
+            if let Some(at) = look_at(watch, mine, (generation, seq), now, &clock, &mut gil) {
                 busy = true;
                 if let Some(at) = at {
                     next = Some(next.map_or(at, |n: Ticks| n.min(at)));
@@ -656,6 +658,26 @@ impl GilWatch {
             self.contended_until = now.saturating_add(self.contended_for);
         }
         now < self.contended_until
+    }
+
+    /// Whether the thread waits for the GIL now, read afresh: what its holder runs (empty when
+    /// not known), or `None` when it does not wait (or it cannot be told).
+    fn waiting_now(&self, watch: &Watch, mine: &mut Seen) -> Option<String> {
+        let layout = self.layout?;
+        match mine.syscall.as_ref().and_then(ThreadSyscall::blocked)? {
+            Blocked::Futex(address) if layout.is_gil(address) => {
+                let holder = crate::gil::holder_of(layout, &self.memory)
+                    .map(|(tstate, _)| tstate)
+                    .filter(|&tstate| tstate != watch.tstate.load(Ordering::Relaxed) as usize);
+                let now = mine.gil_look.map_or(0, |look| look.at);
+                Some(
+                    holder
+                        .and_then(|tstate| self.holder_running(mine, tstate, now))
+                        .unwrap_or_default(),
+                )
+            }
+            _ => None,
+        }
     }
 
     /// What the holder whose thread state is `tstate` is running: read from its stack, or as
@@ -767,10 +789,10 @@ impl GilWatch {
 fn look_at(
     watch: &Watch,
     mine: &mut Seen,
-    generation: u64,
-    seq: u64,
+    (generation, seq): (u64, u64),
     now: Ticks,
     clock: &Clock,
+    gil: &mut GilWatch,
 ) -> Option<Option<Ticks>> {
     let enabled = watch.enabled.load(Ordering::Relaxed);
     let sampling = watch.sampling.load(Ordering::Relaxed);
@@ -807,7 +829,6 @@ fn look_at(
             Some(look) if look.at >= now && matches!(look.doing, Doing::Gil { .. })
         ),
     };
-    let activity = mine.activity.as_ref();
     match look {
         Look::Idle => {}
         Look::Until(at) => wake_at(at),
@@ -819,16 +840,19 @@ fn look_at(
             if sampling {
                 mine.sampled_seq = seq;
             }
-            let waiting_for_gil = unit.waiting_for_gil.then(|| {
-                mine.holder
-                    .as_ref()
-                    .and_then(|(_, _, running)| running.clone())
-                    .unwrap_or_default()
+            // Asked afresh (the looks are taken only while the GIL changes hands).
+            let waiting_for_gil = gil.waiting_now(watch, mine).or_else(|| {
+                unit.waiting_for_gil.then(|| {
+                    mine.holder
+                        .as_ref()
+                        .and_then(|(_, _, running)| running.clone())
+                        .unwrap_or_default()
+                })
             });
             report(
                 watch,
                 &unit,
-                activity,
+                mine.activity.as_ref(),
                 so_far,
                 number,
                 clock,
@@ -843,7 +867,7 @@ fn look_at(
         let half = started.saturating_add(threshold / 2);
         if now >= half {
             mine.sampled_seq = seq;
-            keep_sample(watch, &unit, activity);
+            keep_sample(watch, &unit, mine.activity.as_ref());
         } else {
             wake_at(half);
         }
