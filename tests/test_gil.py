@@ -67,10 +67,10 @@ def give_up_the_gil(times: int) -> None:
 
 @pytest.fixture
 def long_switches() -> Iterator[None]:
-    """A switch interval of 20 ms: each wait for a hog to let go of the GIL is long next to the
-    millisecond a wait may begin before the watchdog sees it (waits are a lower bound)."""
+    """A switch interval of 50 ms: each wait for a hog to let go of the GIL is long next to the
+    few milliseconds a wait may begin before the watchdog sees it (waits are a lower bound)."""
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.02)
+    sys.setswitchinterval(0.05)
     try:
         yield
     finally:
@@ -93,7 +93,7 @@ def test_a_step_over_the_threshold_only_for_the_gil_names_the_thread_that_held_i
     async def main():
         with ctx:
             await asyncio.sleep(0)
-            give_up_the_gil(4)
+            give_up_the_gil(2)
             await asyncio.sleep(0)
 
     run(main)
@@ -199,7 +199,7 @@ def test_each_thread_that_held_the_gil_is_named_with_its_share_of_the_wait(run, 
     async def main():
         with ctx:
             await asyncio.sleep(0)
-            give_up_the_gil(4)
+            give_up_the_gil(2)
             await asyncio.sleep(0)
 
     run(main)

@@ -556,6 +556,7 @@ fn run() {
         }
         let now = clock.now();
         let contended = gil.contended(now);
+        gil.awake = false;
         let mut next: Option<Ticks> = None;
         let mut busy = false;
         let mut changed = false;
@@ -604,7 +605,14 @@ fn run() {
             idle_looks = 0;
             continue;
         }
-        let poll = if contended && busy { GIL_POLL } else { POLL };
+        // Every millisecond while the GIL changes hands and a watched loop runs a unit, or its
+        // thread was last seen running or waiting for the GIL (a unit the watchdog is not told
+        // of: one that was running when the thread began to be watched).
+        let poll = if contended && (busy || gil.awake) {
+            GIL_POLL
+        } else {
+            POLL
+        };
         let sleep = next.map_or(poll, |at| {
             let ticks = at.saturating_sub(clock.now());
             Duration::from_nanos((ticks as f64 * clock.nanos_per_tick()) as u64).min(poll)
@@ -623,6 +631,8 @@ struct GilWatch {
     contended_for: Ticks,
     /// How far apart two looks may be for the stretch between them to be judged.
     judged_within: Ticks,
+    /// Whether a look in this round saw a thread run or wait for the GIL.
+    awake: bool,
     holder_read_every: Ticks,
     nanos_per_tick: f64,
 }
@@ -634,6 +644,7 @@ impl GilWatch {
             memory: Memory::new(),
             switches: 0,
             contended_until: 0,
+            awake: false,
             contended_for: (GIL_CONTENDED_FOR.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
             judged_within: (GIL_JUDGED_WITHIN.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
             holder_read_every: (HOLDER_READ_EVERY.as_nanos() as f64 / clock.nanos_per_tick())
@@ -751,6 +762,7 @@ impl GilWatch {
             cpu_wait_ns,
             doing,
         };
+        self.awake |= doing != Doing::Sleeping;
         if let Some(previous) = mine.gil_look {
             // Looks further apart than the watchdog looks while the GIL changes hands may hold
             // anything (it was late, or had stopped looking): only close ones are judged.
