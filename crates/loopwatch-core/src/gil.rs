@@ -43,9 +43,14 @@ pub struct GilLook {
 pub fn waited_between(a: &GilLook, b: &GilLook, nanos_per_tick: f64) -> Option<(u64, u64)> {
     let holder = match (a.doing, b.doing) {
         // A holder that could not be told (0) gives way to one that could.
-        (Doing::Gil { holder: 0 }, Doing::Gil { holder }) => holder,
-        (Doing::Gil { holder }, Doing::Gil { .. } | Doing::Running)
-        | (Doing::Running, Doing::Gil { holder }) => holder,
+        (Doing::Gil { holder: first }, Doing::Gil { holder: then }) => {
+            if first == 0 {
+                then
+            } else {
+                first
+            }
+        }
+        (Doing::Gil { holder }, Doing::Running) | (Doing::Running, Doing::Gil { holder }) => holder,
         _ => return None,
     };
     let wall_ns = (b.at.saturating_sub(a.at) as f64 * nanos_per_tick) as u64;
@@ -149,7 +154,8 @@ impl GilLog {
                 }),
             }
         }
-        time.holders.sort_by(|a, b| b.ticks.cmp(&a.ticks));
+        time.holders
+            .sort_by_key(|held| std::cmp::Reverse(held.ticks));
         time
     }
 

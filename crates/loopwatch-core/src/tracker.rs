@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::filter::FilterSet;
 use crate::gc::GcTime;
-use crate::gil::{gil_holders, not_the_code, waited_frame, GilTime};
+use crate::gil::{gil_holders, not_the_code, waited_frame, GilTime, NotTheCode};
 
 /// A raw clock reading; only differences are meaningful.
 pub type Ticks = u64;
@@ -760,7 +760,7 @@ impl Tracker {
             let duration = now.saturating_sub(root.start);
             let cpu_wait_ns = self.cpu_wait_between(root.start, now, r);
             let holders = self.gil_holders(&self.arena[root_node as usize].gil, r);
-            let episodes = self.build_episodes(root_node, duration, cpu_wait_ns, holders);
+            let episodes = self.build_episodes(root_node, duration, cpu_wait_ns, &holders);
             self.finished.extend(episodes);
         }
         self.end_unit();
@@ -773,7 +773,7 @@ impl Tracker {
         root_node: u32,
         duration: Ticks,
         cpu_wait_ns: u64,
-        gil_holders: Vec<GilHolder>,
+        gil_holders: &[GilHolder],
     ) -> Vec<Episode> {
         let threshold_ns = self.nanos(self.threshold);
         // A frame is blamed only if it is over the threshold even with all of the unit's wait
@@ -799,7 +799,7 @@ impl Tracker {
             gc_ns,
             gc_generation: unit_gc.generation,
             gil_wait_ns,
-            gil_holders: gil_holders.clone(),
+            gil_holders: gil_holders.to_vec(),
             stack,
             culprit,
             task_name: self.unit_task.as_ref().and_then(|task| task.name.clone()),
@@ -818,17 +818,9 @@ impl Tracker {
             threshold_ns,
         );
         if let Some(cause) = waited {
-            // Over the threshold only because of collections or waits for the GIL: those are
-            // the culprit, and the frames they interrupted say where, if the filters watch any.
-            let chain = self.best_chain(root_node);
-            if chain.iter().any(|&node| self.arena[node as usize].included) {
-                let mut stack: Vec<StackFrame> = (0..chain.len())
-                    .map(|i| self.stack_frame(&chain, i, i + 1 == chain.len()))
-                    .collect();
-                let (kind, frame) =
-                    waited_frame(cause, unit_gc.generation, gc_ns, &gil_holders, gil_wait_ns);
-                stack.push(frame);
-                let culprit = stack.len() - 1;
+            let gc = (unit_gc.generation, gc_ns);
+            let waits = self.waited_report(root_node, cause, gc, (gil_holders, gil_wait_ns));
+            if let Some((kind, stack, culprit)) = waits {
                 episodes.push(episode(kind, stack, culprit));
             }
         } else {
@@ -840,23 +832,7 @@ impl Tracker {
                 // Starved (or nothing blameable): the best chain, judged as such by the reader.
                 vec![self.best_chain(root_node)]
             };
-            // Each path's culprit: the deepest included frame that is not a coroutine, else the
-            // deepest included one. Paths that end in excluded frames below the same culprit
-            // make one report.
-            let mut found: Vec<(usize, usize)> = Vec::new(); // (path, culprit index in it)
-            let mut culprits_seen: HashSet<u32> = HashSet::new();
-            for (p, path) in paths.iter().enumerate() {
-                let node = |i: usize| &self.arena[path[i] as usize];
-                let culprit = (0..path.len())
-                    .rev()
-                    .find(|&i| node(i).included && !node(i).is_coroutine)
-                    .or_else(|| (0..path.len()).rev().find(|&i| node(i).included));
-                if let Some(culprit) = culprit {
-                    if culprits_seen.insert(path[culprit]) {
-                        found.push((p, culprit));
-                    }
-                }
-            }
+            let found = self.culprits_of(&paths);
             // How many reports' paths each frame is on: a report's share is its shallowest
             // frame on no other's (the frames above it are shared with the unit's other culprits).
             let mut on_paths: HashMap<u32, usize> = HashMap::new();
@@ -903,6 +879,50 @@ impl Tracker {
     }
 
     /// Frame `i` of `path` as the report shows it; `is_last`: it ends the report's stack.
+    /// Each path's culprit, as (path, culprit's index in it): the deepest included frame that is
+    /// not a coroutine, else the deepest included one. Paths that end in excluded frames below
+    /// the same culprit make one report.
+    fn culprits_of(&self, paths: &[Vec<u32>]) -> Vec<(usize, usize)> {
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        let mut culprits_seen: HashSet<u32> = HashSet::new();
+        for (p, path) in paths.iter().enumerate() {
+            let node = |i: usize| &self.arena[path[i] as usize];
+            let culprit = (0..path.len())
+                .rev()
+                .find(|&i| node(i).included && !node(i).is_coroutine)
+                .or_else(|| (0..path.len()).rev().find(|&i| node(i).included));
+            if let Some(culprit) = culprit {
+                if culprits_seen.insert(path[culprit]) {
+                    found.push((p, culprit));
+                }
+            }
+        }
+        found
+    }
+
+    /// The report of a unit over the threshold only because of collections or waits for the GIL
+    /// (see `not_the_code`): those are the culprit, below the frames they interrupted, if the
+    /// filters watch any. Its kind, stack and culprit.
+    fn waited_report(
+        &self,
+        root_node: u32,
+        cause: NotTheCode,
+        (gc_generation, gc_ns): (Option<u8>, u64),
+        (gil_holders, gil_wait_ns): (&[GilHolder], u64),
+    ) -> Option<(EpisodeKind, Vec<StackFrame>, usize)> {
+        let chain = self.best_chain(root_node);
+        if !chain.iter().any(|&node| self.arena[node as usize].included) {
+            return None;
+        }
+        let mut stack: Vec<StackFrame> = (0..chain.len())
+            .map(|i| self.stack_frame(&chain, i, i + 1 == chain.len()))
+            .collect();
+        let (kind, frame) = waited_frame(cause, gc_generation, gc_ns, gil_holders, gil_wait_ns);
+        stack.push(frame);
+        let culprit = stack.len() - 1;
+        Some((kind, stack, culprit))
+    }
+
     fn stack_frame(&self, path: &[u32], i: usize, is_last: bool) -> StackFrame {
         let node = &self.arena[path[i] as usize];
         let line = |l: u32| (l != NO_LINE).then_some(l);

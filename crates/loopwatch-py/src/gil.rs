@@ -78,6 +78,7 @@ const LEARN_FOR: Duration = Duration::from_millis(200);
 /// (40 bytes) on 64-bit Linux.
 const GIL_TAIL: usize = 8 + 8 + 8 + 2 * 48 + 2 * 40;
 
+#[allow(clippy::useless_conversion)] // `c_ulong` (a thread's ident) is 32 bits on some platforms
 fn learn_now(py: Python<'_>) -> Option<GilLayout> {
     if cfg!(Py_GIL_DISABLED)
         || !cfg!(all(target_os = "linux", target_pointer_width = "64"))
@@ -149,17 +150,17 @@ fn learn_now(py: Python<'_>) -> Option<GilLayout> {
     });
     last_holder.store(holder.unwrap_or(0), Ordering::Release);
     // `switch_number` two words on: the helper takes the GIL, then this thread again.
-    let switches = holder.and_then(|holder| memory.word(holder + SWITCH_NUMBER));
+    let switches_before = holder.and_then(|holder| memory.word(holder + SWITCH_NUMBER));
     // Let the helper have the GIL, and wait for it.
     py.detach(|| {
         let _ = helper.join();
     });
     let last_holder = holder?;
-    let switched = memory
+    let handed_back = memory
         .word(last_holder + SWITCH_NUMBER)
-        .zip(switches)
+        .zip(switches_before)
         .is_some_and(|(after, before)| after.wrapping_sub(before) >= 2);
-    (confirmed.load(Ordering::Acquire) && switched && memory.word(last_holder) == Some(me))
+    (confirmed.load(Ordering::Acquire) && handed_back && memory.word(last_holder) == Some(me))
         .then_some(GilLayout {
             last_holder,
             switch_number: last_holder + SWITCH_NUMBER,
