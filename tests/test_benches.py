@@ -73,3 +73,24 @@ def test_overhead_runner_refuses_an_unknown_tool():
     )
     assert done.returncode == 2
     assert "unknown tool(s) nosuchtool" in done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="waits for the GIL are measured on Linux only")
+def test_the_gil_bench_runs_each_tool_in_its_own_process_and_says_what_they_blamed(tmp_path):
+    from loopwatch import _native
+
+    out = tmp_path / "gil.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHES / "gil.py"), "--rounds=1", "--seconds=0.5", "--hogs=2", f"--json={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"none", "gil", "no-gil"}
+    assert summary["none"]["ratio_to_none"] == 1.0
+    if _native._gil_waits_measured():
+        # Measured, no report blames the loop's code; the watchdog looked (it used some CPU).
+        assert set(summary["gil"]["reports_per_run"]) <= {"gil"}, summary["gil"]
+        assert summary["gil"]["watchdog_cpu_ms_per_s"] > 0
