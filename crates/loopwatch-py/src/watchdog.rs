@@ -37,6 +37,8 @@ const GIL_JUDGED_WITHIN: Duration = Duration::from_millis(20);
 /// How often at most the stack of one holder of the GIL is read, and how many holders' are kept.
 const HOLDER_READ_EVERY: Duration = Duration::from_millis(200);
 const HOLDERS_KEPT: usize = 8;
+/// How many waits the watchdog keeps for a thread whose log it could not lock.
+const PENDING_KEPT: usize = 256;
 /// How long after the GIL last changed hands the watchdog goes on looking every `GIL_POLL`.
 const GIL_CONTENDED_FOR: Duration = Duration::from_millis(200);
 /// Looks with nothing new (no unit started or ended anywhere) before the watchdog parks.
@@ -579,7 +581,7 @@ fn run() {
             }
             let seq = watch.seq.load(Ordering::Acquire);
             changed |= std::mem::replace(&mut last_seqs[index], seq) != seq;
-            if contended {
+            if contended && gil.due(mine, seq, now) {
                 gil.look(watch, mine, &clock);
             }
             if let Some(at) = look_at(watch, mine, (generation, seq), now, &clock, &mut gil) {
@@ -634,6 +636,8 @@ struct GilWatch {
     /// Whether a look in this round saw a thread run or wait for the GIL.
     awake: bool,
     holder_read_every: Ticks,
+    /// How often a thread whose loop waits for work is looked at (`POLL`).
+    idle_every: Ticks,
     nanos_per_tick: f64,
 }
 
@@ -649,6 +653,7 @@ impl GilWatch {
             judged_within: (GIL_JUDGED_WITHIN.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
             holder_read_every: (HOLDER_READ_EVERY.as_nanos() as f64 / clock.nanos_per_tick())
                 as Ticks,
+            idle_every: (POLL.as_nanos() as f64 / clock.nanos_per_tick()) as Ticks,
             nanos_per_tick: clock.nanos_per_tick(),
         }
     }
@@ -669,6 +674,16 @@ impl GilWatch {
             self.contended_until = now.saturating_add(self.contended_for);
         }
         now < self.contended_until
+    }
+
+    /// Whether to look at a thread now: every round while it runs a unit, or was last seen
+    /// running or waiting for the GIL; else (its loop waits for work) every `POLL`, so that many
+    /// idle loops cost little.
+    fn due(&self, mine: &Seen, seq: u64, now: Ticks) -> bool {
+        seq % 2 == 1
+            || mine.gil_look.is_none_or(|look| {
+                look.doing != Doing::Sleeping || now.saturating_sub(look.at) >= self.idle_every
+            })
     }
 
     /// Whether the thread waits for the GIL now, read afresh: what its holder runs (empty when
@@ -733,7 +748,6 @@ impl GilWatch {
             Blocked::Running => Doing::Running,
             Blocked::Futex(address) if layout.is_gil(address) => {
                 let holder = crate::gil::holder_of(layout, &self.memory);
-                let known = mine.holder.as_ref().map(|(tstate, _, _)| *tstate);
                 match holder {
                     // The thread itself, letting go: it waits for another to take the GIL (the
                     // one it waited on before, if it did).
@@ -745,10 +759,9 @@ impl GilWatch {
                         }
                     }
                     Some((tstate, ident)) => {
-                        if known != Some(tstate) {
-                            let running = self.holder_running(mine, tstate, at);
-                            mine.holder = Some((tstate, ident, running));
-                        }
+                        // Read again at most every `HOLDER_READ_EVERY`, while it holds on.
+                        let running = self.holder_running(mine, tstate, at);
+                        mine.holder = Some((tstate, ident, running));
                         Doing::Gil { holder: ident }
                     }
                     None => Doing::Gil { holder: 0 },
@@ -774,6 +787,9 @@ impl GilWatch {
                     .as_ref()
                     .filter(|(_, ident, _)| *ident == holder)
                     .and_then(|(_, _, running)| running.clone());
+                if mine.pending.len() >= PENDING_KEPT {
+                    mine.pending.remove(0);
+                }
                 mine.pending.push(GilWait {
                     start: previous.at,
                     end: at,
