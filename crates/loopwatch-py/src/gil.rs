@@ -119,7 +119,7 @@ fn learn_now(py: Python<'_>) -> Option<GilLayout> {
         std::thread::Builder::new()
             .name("loopwatch-gil".into())
             .spawn(move || {
-                helper_tid.store(current_tid(), Ordering::Release);
+                helper_tid.store(crate::watchdog::current_tid(), Ordering::Release);
                 // Waits here for the GIL, which the learning thread holds.
                 let state = unsafe { ffi::PyGILState_Ensure() };
                 let memory = Memory::new();
@@ -191,21 +191,6 @@ const SWITCH_NUMBER: usize = 16;
 fn only<T>(mut items: impl Iterator<Item = T>) -> Option<T> {
     let first = items.next()?;
     items.next().is_none().then_some(first)
-}
-
-/// The kernel's id of the calling thread.
-fn current_tid() -> i64 {
-    #[cfg(target_os = "linux")]
-    {
-        extern "C" {
-            fn gettid() -> i32;
-        }
-        i64::from(unsafe { gettid() })
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        0
-    }
 }
 
 /// What a thread of this process is blocked in, from `/proc/self/task/<tid>/syscall`.

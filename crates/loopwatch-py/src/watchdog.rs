@@ -231,7 +231,7 @@ pub struct WatchHandle {
 }
 
 /// The kernel's id of the calling thread (`/proc/self/task/<tid>`), 0 where there is none.
-fn current_tid() -> i64 {
+pub(crate) fn current_tid() -> i64 {
     #[cfg(target_os = "linux")]
     {
         extern "C" {
