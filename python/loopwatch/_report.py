@@ -94,7 +94,7 @@ class BlockingCallInfo:
     it: the culprit is the collection (``garbage collection (generation 2)``), and the stack ends
     with the frames it interrupted; ``"gil"``: a callback or step over the threshold only because
     the loop's thread waited for the GIL while other threads held it: the culprit is the wait
-    (``waiting for the GIL (held by thread 'worker')``), `gil_holders` says who held it and what
+    (``waiting for the GIL (held by thread "worker")``), `gil_holders` says who held it and what
     they ran, and the stack ends with the frames it interrupted."""
     filename: Optional[str] = None
     """Where to look: the culprit's file, or for a C function the file of the code that called it."""
