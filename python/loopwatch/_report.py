@@ -286,17 +286,16 @@ class BlockingCallInfo:
         if self.context:
             scope = " (" + ", ".join(f"{key}={value}" for key, value in self.context.items()) + ")"
         held_back = f"; {self.suppressed} more like it held back" if self.suppressed else ""
+        # A collection or a wait for the GIL is the last frame, below the one it interrupted.
+        interrupted = self.stack[-2].name if len(self.stack) >= 2 else None
+        during = f" while {interrupted} ran" if interrupted else ""
         if self.kind == "gc":
-            interrupted = self.stack[-2].name if len(self.stack) >= 2 else None
-            during = f" while {interrupted} ran" if interrupted else ""
             return (
                 f"{self.method_name}, {self.gc_ms:.1f} ms, blocked the event loop for "
                 f"{self.duration_ms:.1f} ms{task}{scope}{during}, at {self.where}; no code is to "
                 f"blame{held_back}"
             )
         if self.kind == "gil":
-            interrupted = self.stack[-2].name if len(self.stack) >= 2 else None
-            during = f" while {interrupted} ran" if interrupted else ""
             return (
                 f"{self.method_name}: the event loop was blocked for {self.duration_ms:.1f} ms"
                 f"{task}{scope}{during}, {self.gil_wait_ms:.1f} ms of it waiting for the GIL, at "

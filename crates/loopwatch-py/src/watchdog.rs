@@ -166,39 +166,43 @@ thread_local! {
 /// Tells the watchdog that the calling thread starts or stops a garbage collection (from
 /// `gc.callbacks`): what it reads of the thread's stack meanwhile is marked as such.
 pub fn note_collecting(collecting: bool) {
-    let mut slots = MY_SLOTS.with(std::cell::Cell::get);
-    if slots == 0 {
-        return;
-    }
-    let tid = current_tid();
-    while slots != 0 {
-        let index = slots.trailing_zeros() as usize;
-        slots &= slots - 1;
-        let watch = &WATCHES[index];
-        if watch.in_use.load(Ordering::Relaxed) && watch.tid.load(Ordering::Relaxed) == tid {
-            watch.collecting.store(collecting, Ordering::Release);
-        }
+    for watch in my_watches() {
+        watch.collecting.store(collecting, Ordering::Release);
     }
 }
+
+/// The slots the calling thread holds (see `MY_SLOTS`).
+fn my_watches() -> impl Iterator<Item = &'static Watch> {
+    let mut slots = MY_SLOTS.with(std::cell::Cell::get);
+    let tid = if slots == 0 { 0 } else { current_tid() };
+    std::iter::from_fn(move || {
+        while slots != 0 {
+            let index = slots.trailing_zeros() as usize;
+            slots &= slots - 1;
+            let watch = &WATCHES[index];
+            if watch.in_use.load(Ordering::Relaxed) && watch.tid.load(Ordering::Relaxed) == tid {
+                return Some(watch);
+            }
+        }
+        None
+    })
+}
+
 /// How much of `[from, to)` the calling thread waited for the GIL, as the watchdog saw it (see
 /// `gil`): nothing unless the thread is watched and the GIL's layout is known.
 pub fn thread_gil_within(from: Ticks, to: Ticks) -> GilTime {
-    let mut slots = MY_SLOTS.with(std::cell::Cell::get);
-    if slots == 0 || crate::gil::layout().is_none() {
+    if crate::gil::layout().is_none() {
         return GilTime::default();
     }
-    let tid = current_tid();
-    while slots != 0 {
-        let index = slots.trailing_zeros() as usize;
-        slots &= slots - 1;
-        let watch = &WATCHES[index];
-        if watch.in_use.load(Ordering::Relaxed) && watch.tid.load(Ordering::Relaxed) == tid {
-            if let Ok(waits) = watch.gil_waits.lock() {
-                return waits.within(from, to);
-            }
-        }
-    }
-    GilTime::default()
+    my_watches()
+        .find_map(|watch| {
+            watch
+                .gil_waits
+                .lock()
+                .ok()
+                .map(|waits| waits.within(from, to))
+        })
+        .unwrap_or_default()
 }
 
 /// Set by the watchdog before it parks; a thread whose unit starts then wakes it.
