@@ -65,6 +65,18 @@ def give_up_the_gil(times: int) -> None:
         time.sleep(0.001)
 
 
+def run_a_step_that_gives_up_the_gil(run, ctx, times: int = 2) -> None:
+    """Runs one monitored step that lets the GIL go `times` times (see `give_up_the_gil`)."""
+
+    async def main():
+        with ctx:
+            await asyncio.sleep(0)
+            give_up_the_gil(times)
+            await asyncio.sleep(0)
+
+    run(main)
+
+
 @pytest.fixture
 def long_switches() -> Iterator[None]:
     """A switch interval of 50 ms: each wait for a hog to let go of the GIL is long next to the
@@ -90,13 +102,7 @@ def test_a_step_over_the_threshold_only_for_the_gil_names_the_thread_that_held_i
     path = tmp_path / "gil.lwrec"
     ctx, reports = monitor(threshold_ms=THRESHOLD_MS, record_to=path, report_stalls=False)
 
-    async def main():
-        with ctx:
-            await asyncio.sleep(0)
-            give_up_the_gil(2)
-            await asyncio.sleep(0)
-
-    run(main)
+    run_a_step_that_gives_up_the_gil(run, ctx)
     expected = [("gil", 'waiting for the GIL (held by thread "hog")')]
     assert [(r.kind, r.method_name) for r in reports] == expected, [r.format() for r in reports]
     report = reports[0]
@@ -196,13 +202,7 @@ def test_threads_running_python_beside_short_steps_never_get_loop_code_blamed(th
 def test_each_thread_that_held_the_gil_is_named_with_its_share_of_the_wait(run, three_hogs, long_switches):
     ctx, reports = monitor(threshold_ms=THRESHOLD_MS, report_stalls=False)
 
-    async def main():
-        with ctx:
-            await asyncio.sleep(0)
-            give_up_the_gil(2)
-            await asyncio.sleep(0)
-
-    run(main)
+    run_a_step_that_gives_up_the_gil(run, ctx)
     waits = [(r.kind, r.duration_ms, r.gil_wait_ms, r.cpu_wait_ms) for r in reports]
     assert [r.kind for r in reports] == ["gil"], waits
     # A moment of the wait may come before the holder is seen: "another thread" (no name).
@@ -227,13 +227,7 @@ def test_a_stall_reported_while_it_runs_says_it_waits_for_the_gil(run, hog, capf
         for _ in range(3):
             ctx, reports = monitor(threshold_ms=THRESHOLD_MS)
 
-            async def main(ctx=ctx):
-                with ctx:
-                    await asyncio.sleep(0)
-                    give_up_the_gil(2)
-                    await asyncio.sleep(0)
-
-            run(main)
+            run_a_step_that_gives_up_the_gil(run, ctx)
             stderr = capfd.readouterr().err
             said.append([line for line in stderr.splitlines() if "so far, still running" in line])
             kinds.append([r.kind for r in reports])
